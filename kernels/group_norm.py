@@ -1,0 +1,41 @@
+"""GroupNorm, optionally followed by a per-(batch, channel) scale-shift and SiLU, in one pass.
+
+y = silu(((x - mean_g) * rstd_g * weight + bias) * (1 + scale) + shift), with the
+group statistics in float32 whatever x's dtype.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import use_triton
+
+
+def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float = 1e-5,
+                              scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None, silu: bool = True) -> torch.Tensor:
+    """PyTorch reference: x [B, C, *spatial], weight/bias [C], scale/shift [B, C] -> x's shape and dtype."""
+    h = F.group_norm(x.float(), num_groups, weight.float(), bias.float(), eps)
+    bshape = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+    if scale is not None:
+        h = h * (1 + scale.float().reshape(bshape))
+    if shift is not None:
+        h = h + shift.float().reshape(bshape)
+    if silu:
+        h = F.silu(h)
+    return h.to(x.dtype)
+
+
+def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float = 1e-5,
+                    scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None, silu: bool = True) -> torch.Tensor:
+    """silu(group_norm(x) * (1 + scale) + shift); see group_norm_silu_reference for shapes.
+
+    Differentiable in x, weight, bias, scale and shift.
+    """
+    if x.shape[1] % num_groups:
+        raise ValueError(f"num_groups={num_groups} does not divide the {x.shape[1]} channels")
+    if use_triton(x):
+        from .group_norm_triton import GroupNormSiLU
+
+        return GroupNormSiLU.apply(x, weight, bias, scale, shift, num_groups, eps, silu)
+    return group_norm_silu_reference(x, weight, bias, num_groups, eps, scale=scale, shift=shift, silu=silu)

@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="iddpm_ds",
+    version="0.1.0",
+    description="Improved DDPM (Nichol & Dhariwal 2021) training with DeepSpeed, Triton kernels and exact resume",
+    packages=find_packages(include=["iddpm_ds", "iddpm_ds.*", "kernels", "kernels.*"]),
+    python_requires=">=3.9",
+    # torch is not pinned: a machine with a CUDA torch keeps it; setup.sh installs
+    # the CPU build 2.13.0 from local disk where no torch is present.
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "deepspeed==0.19.8",
+        "mpi4py",
+        "webdataset",
+        "tensorboard",
+        "triton",
+        "pillow",
+        "tqdm",
+        "fonttools",
+        "ninja",
+    ],
+    extras_require={"test": ["pytest"]},
+)

@@ -1,0 +1,201 @@
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from iddpm_ds import gaussian_diffusion as gd
+from iddpm_ds.losses import discretized_gaussian_log_likelihood, normal_kl
+from iddpm_ds.respace import SpacedDiffusion, space_timesteps
+from iddpm_ds.script_util import create_gaussian_diffusion, create_model_and_diffusion
+
+from conftest import tiny_flags
+
+
+def make_diffusion(T=1000, schedule="linear", mean=gd.ModelMeanType.EPSILON, var=gd.ModelVarType.FIXED_LARGE, loss=gd.LossType.MSE):
+    return gd.GaussianDiffusion(betas=gd.get_named_beta_schedule(schedule, T), model_mean_type=mean, model_var_type=var, loss_type=loss)
+
+
+def test_linear_schedule_is_ddpm():
+    betas = gd.get_named_beta_schedule("linear", 1000)
+    assert betas.dtype == np.float64 and betas.shape == (1000,)
+    assert betas[0] == pytest.approx(1e-4) and betas[-1] == pytest.approx(0.02)
+    assert np.allclose(np.diff(betas), (0.02 - 1e-4) / 999)
+    # Fewer steps scale the betas so alpha_bar_T stays near zero.
+    short = gd.get_named_beta_schedule("linear", 100)
+    assert short[0] == pytest.approx(1e-3) and short[-1] == pytest.approx(0.2)
+
+
+def test_cosine_schedule_matches_alpha_bar_and_clips():
+    T = 1000
+    f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
+    d = make_diffusion(T, "cosine")
+    expected = np.array([f(t + 1) / f(0) for t in range(T)])
+    # Before the clip kicks in, alpha_bar_t is exactly f(t)/f(0).
+    assert np.allclose(d.alphas_cumprod[:-1], expected[:-1], rtol=1e-10)
+    assert d.betas.max() == pytest.approx(0.999)
+    assert (d.betas <= 0.999).all()
+
+
+def test_unknown_schedule_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown beta schedule"):
+        gd.get_named_beta_schedule("sigmoid", 10)
+
+
+def test_posterior_matches_bayes_rule():
+    d = make_diffusion(50)
+    rng = torch.Generator().manual_seed(0)
+    x0, xt = torch.randn(4, 3, generator=rng, dtype=torch.float64), torch.randn(4, 3, generator=rng, dtype=torch.float64)
+    t = torch.tensor([1, 7, 25, 49])
+    mean, var, logvar = d.q_posterior_mean_variance(x0, xt, t)
+    for i, ti in enumerate(t.tolist()):
+        ab_prev, a, b = d.alphas_cumprod[ti - 1], 1 - d.betas[ti], d.betas[ti]
+        # Product of N(x | sqrt(ab_prev) x0, 1 - ab_prev) and N(xt | sqrt(a) x, b) in x.
+        prec = 1 / (1 - ab_prev) + a / b
+        m = (np.sqrt(ab_prev) * x0[i].numpy() / (1 - ab_prev) + np.sqrt(a) * xt[i].numpy() / b) / prec
+        assert np.allclose(mean[i].numpy(), m, rtol=1e-5, atol=1e-6)
+        assert np.allclose(var[i].numpy(), 1 / prec, rtol=1e-5)
+        assert np.allclose(logvar[i].numpy(), np.log(1 / prec), rtol=1e-5)
+    # t = 0: variance 0, log-variance clipped to beta~_1.
+    _, var0, logvar0 = d.q_posterior_mean_variance(x0[:1], xt[:1], torch.tensor([0]))
+    assert float(var0[0, 0]) == 0.0 and float(logvar0[0, 0]) == pytest.approx(math.log(d.posterior_variance[1]), rel=1e-6)
+
+
+def test_q_sample_and_predictions_invert():
+    d = make_diffusion(100)
+    x0, eps = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    t = torch.tensor([0, 50, 99])
+    xt = d.q_sample(x0, t, noise=eps)
+    ab = torch.tensor(d.alphas_cumprod[t.numpy()], dtype=torch.float32).view(-1, 1, 1, 1)
+    assert torch.allclose(xt, ab.sqrt() * x0 + (1 - ab).sqrt() * eps, atol=1e-6)
+    assert torch.allclose(d._predict_xstart_from_eps(xt, t, eps), x0, atol=1e-3)
+    assert torch.allclose(d._predict_eps_from_xstart(xt, t, x0), eps, atol=1e-3)
+
+
+def test_normal_kl():
+    m, lv = torch.randn(10), torch.randn(10)
+    assert torch.allclose(normal_kl(m, lv, m, lv), torch.zeros(10), atol=1e-7)
+    m2, lv2 = torch.randn(10), torch.randn(10)
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(m, (0.5 * lv).exp()), torch.distributions.Normal(m2, (0.5 * lv2).exp()))
+    assert torch.allclose(normal_kl(m, lv, m2, lv2), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("mean,log_scale", [(0.0, -3.0), (0.3, -5.0), (-0.99, -1.0), (1.2, 0.5)])
+def test_discretized_likelihood_bins_sum_to_one(mean, log_scale):
+    bins = torch.arange(256, dtype=torch.float64) / 127.5 - 1.0
+    logp = discretized_gaussian_log_likelihood(bins, means=torch.full_like(bins, mean), log_scales=torch.full_like(bins, log_scale))
+    assert float(logp.exp().sum()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_space_timesteps():
+    assert space_timesteps(1000, "ddim50") == set(range(0, 1000, 20))
+    assert len(space_timesteps(1000, "250")) == 250
+    kept = space_timesteps(300, "10,15,20")
+    assert len(kept) == 45
+    assert sum(k < 100 for k in kept) == 10 and sum(100 <= k < 200 for k in kept) == 15
+    assert {0, 99, 100, 199, 200, 299} <= kept
+    with pytest.raises(ValueError):
+        space_timesteps(100, "ddim33")
+    with pytest.raises(ValueError):
+        space_timesteps(10, "20")
+
+
+def test_respacing_keeps_alphas_cumprod():
+    betas = gd.get_named_beta_schedule("cosine", 1000)
+    base = gd.GaussianDiffusion(betas=betas, model_mean_type=gd.ModelMeanType.EPSILON, model_var_type=gd.ModelVarType.FIXED_SMALL, loss_type=gd.LossType.MSE)
+    kept = space_timesteps(1000, "ddim25")
+    spaced = SpacedDiffusion(kept, betas=betas, model_mean_type=gd.ModelMeanType.EPSILON, model_var_type=gd.ModelVarType.FIXED_SMALL, loss_type=gd.LossType.MSE)
+    assert spaced.num_timesteps == 25
+    assert np.allclose(spaced.alphas_cumprod, base.alphas_cumprod[sorted(kept)], rtol=1e-12)
+
+    seen = []
+    model = lambda x, t, **kw: (seen.append(t.clone()), torch.zeros_like(x))[1]
+    spaced.p_mean_variance(model, torch.zeros(2, 1, 2, 2), torch.tensor([0, 24]))
+    assert seen[0].tolist() == [0, 960]  # original indices, not respaced ones
+
+
+def test_rescale_timesteps_feeds_the_model_0_to_1000():
+    d = create_gaussian_diffusion(steps=100, rescale_timesteps=True, timestep_respacing="10")
+    seen = []
+    model = lambda x, t, **kw: (seen.append(t.clone()), torch.zeros_like(x))[1]
+    d.training_losses(model, torch.zeros(2, 1, 2, 2), torch.tensor([0, 9]))
+    assert seen[0].dtype == torch.float32 and seen[0].tolist() == [0.0, 990.0]
+
+
+COMBOS = list(itertools.product(gd.ModelMeanType, gd.ModelVarType, gd.LossType))
+
+
+@pytest.mark.parametrize("mean,var,loss", COMBOS, ids=[f"{m.name}-{v.name}-{l.name}" for m, v, l in COMBOS])
+def test_every_objective_gives_finite_losses_and_gradients(mean, var, loss):
+    torch.manual_seed(0)
+    learned = var in (gd.ModelVarType.LEARNED, gd.ModelVarType.LEARNED_RANGE)
+    d = gd.GaussianDiffusion(betas=gd.get_named_beta_schedule("cosine", 20), model_mean_type=mean, model_var_type=var, loss_type=loss)
+    net = torch.nn.Conv2d(3, 6 if learned else 3, 3, padding=1)
+    model = lambda x, t, **kw: net(x) * (0.1 if learned else 1.0)
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    t = torch.tensor([0, 5, 10, 19])
+    terms = d.training_losses(model, x0, t)
+    assert terms["loss"].shape == (4,) and torch.isfinite(terms["loss"]).all()
+    if not loss.is_vb():
+        assert terms["mse"].shape == (4,)
+        assert ("vb" in terms) == learned
+    terms["loss"].mean().backward()
+    assert net.weight.grad is not None and net.weight.grad.abs().sum() > 0
+
+
+def test_hybrid_loss_stops_vb_gradient_into_the_mean():
+    d = create_gaussian_diffusion(steps=50, learn_sigma=True, rescale_learned_sigmas=True)
+    assert d.loss_type == gd.LossType.RESCALED_MSE and d.model_var_type == gd.ModelVarType.LEARNED_RANGE
+    out = (torch.randn(2, 6, 4, 4) * 0.1).requires_grad_()
+    model = lambda x, t, **kw: out
+    terms = d.training_losses(model, torch.rand(2, 3, 4, 4) * 2 - 1, torch.tensor([3, 30]))
+    (g_vb,) = torch.autograd.grad(terms["vb"].sum(), out, retain_graph=True)
+    assert g_vb[:, :3].abs().max() == 0 and g_vb[:, 3:].abs().max() > 0
+    (g_mse,) = torch.autograd.grad(terms["mse"].sum(), out)
+    assert g_mse[:, 3:].abs().max() == 0 and g_mse[:, :3].abs().max() > 0
+
+
+def test_rescaled_vb_weight_is_T_over_1000():
+    kwargs = dict(steps=50, learn_sigma=True)
+    mse = create_gaussian_diffusion(**kwargs, rescale_learned_sigmas=False)
+    rescaled = create_gaussian_diffusion(**kwargs, rescale_learned_sigmas=True)
+    out = torch.randn(2, 6, 4, 4) * 0.1
+    x0, t, noise = torch.rand(2, 3, 4, 4) * 2 - 1, torch.tensor([3, 30]), torch.randn(2, 3, 4, 4)
+    a = mse.training_losses(lambda x, t: out, x0, t, noise=noise)["vb"]
+    b = rescaled.training_losses(lambda x, t: out, x0, t, noise=noise)["vb"]
+    assert torch.allclose(b, a * 50 / 1000)
+
+
+def test_calc_bpd_loop_on_tiny_model():
+    torch.manual_seed(0)
+    model, diffusion = create_model_and_diffusion(**tiny_flags(learn_sigma=True, diffusion_steps=8))
+    x0 = (torch.randint(0, 256, (2, 3, 8, 8)).float() / 127.5) - 1
+    with torch.no_grad():
+        out = diffusion.calc_bpd_loop(model, x0, clip_denoised=True)
+    assert out["vb"].shape == out["mse"].shape == out["xstart_mse"].shape == (2, 8)
+    assert torch.isfinite(out["total_bpd"]).all() and (out["total_bpd"] > 0).all()
+    assert torch.allclose(out["total_bpd"], out["vb"].sum(1) + out["prior_bpd"])
+    # The prior term is the closed-form KL(q(x_T|x_0) || N(0, I)) per dimension, in bits.
+    abar = diffusion.alphas_cumprod[-1]
+    kl = 0.5 * (-1 - math.log(1 - abar) + (1 - abar) + abar * x0.double() ** 2) / math.log(2)
+    assert torch.allclose(out["prior_bpd"].double(), kl.mean(dim=(1, 2, 3)), rtol=1e-4)
+
+
+def test_samplers_produce_images_and_ddim_eta0_is_deterministic(tiny):
+    model, _ = tiny
+    _, d = create_model_and_diffusion(**tiny_flags(timestep_respacing="ddim5"))
+    shape = (2, 3, 8, 8)
+    noise = torch.randn(shape)
+    a = d.ddim_sample_loop(model, shape, noise=noise, eta=0.0)
+    b = d.ddim_sample_loop(model, shape, noise=noise, eta=0.0)
+    assert torch.equal(a, b) and a.shape == shape and a.abs().max() <= 1.0 + 1e-5
+    torch.manual_seed(1)
+    c = d.p_sample_loop(model, shape, noise=noise)
+    torch.manual_seed(1)
+    e = d.p_sample_loop(model, shape, noise=noise)
+    assert torch.equal(c, e) and torch.isfinite(c).all()
+    steps = list(d.p_sample_loop_progressive(model, shape, noise=noise))
+    assert len(steps) == 5
+    with pytest.raises(ValueError):
+        d.ddim_reverse_sample(model, noise, torch.zeros(2, dtype=torch.long), eta=0.5)

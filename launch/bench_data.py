@@ -1,0 +1,62 @@
+"""Loader throughput: images/s for decode + resize + batch at several resolutions.
+
+    python launch/bench_data.py [--data_dir DIR] [--sizes 32,64,256] [--batch_size 16] [--num_workers 1]
+
+Without --data_dir it writes a folder of 512x512 JPEGs (the expensive case:
+every image is decoded and downsampled) to a temporary folder. Prints a table
+and a JSON line.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from iddpm_ds.image_datasets import load_data  # noqa: E402
+
+
+def make_folder(root: str, n: int = 256, size: int = 512) -> str:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        base = rng.integers(0, 255, (size // 16, size // 16, 3), dtype=np.uint8)
+        Image.fromarray(base).resize((size, size), Image.BILINEAR).save(os.path.join(root, f"c{i % 10}_{i:05d}.jpg"), quality=90)
+    return root
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default="")
+    p.add_argument("--sizes", default="32,64,256")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--num_workers", type=int, default=1)
+    p.add_argument("--batches", type=int, default=20)
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = args.data_dir or make_folder(tmp)
+        rows = []
+        for size in (int(s) for s in args.sizes.split(",")):
+            stream = load_data(data_dir=data_dir, batch_size=args.batch_size, image_size=size, num_workers=args.num_workers)
+            next(stream)  # worker start-up is not throughput
+            t0 = time.perf_counter()
+            for _ in range(args.batches):
+                next(stream)
+            dt = time.perf_counter() - t0
+            stream.close()
+            rows.append({"image_size": size, "images_per_s": args.batches * args.batch_size / dt, "num_workers": args.num_workers,
+                         "batch_size": args.batch_size, "data": args.data_dir or "synthetic 512px jpeg folder"})
+    print(f"{'size':>6} {'workers':>8} {'images/s':>10}")
+    for r in rows:
+        print(f"{r['image_size']:>6} {r['num_workers']:>8} {r['images_per_s']:>10.1f}")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Pack an image folder into size-balanced WebDataset shards, resized once up front.
+
+    python launch/make_shards.py SRC OUT --image_size 64 --shard_size 1000
+
+Each sample is `KEY.png` (already resized/cropped as training does) and
+`KEY.cls` (the class index of its filename prefix). OUT/index.json records
+count, classes, resolution and the shards. An interrupted run resumes: shards
+already complete are kept, the rest are rewritten (each is written to a
+temporary name and renamed when complete).
+"""
+
+import argparse
+import io
+import json
+import os
+import sys
+import tarfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from iddpm_ds.image_datasets import DataError, FolderSource, center_crop_arr  # noqa: E402
+
+
+def add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def count_images(path: str) -> int:
+    with tarfile.open(path, "r:") as tar:
+        return sum(m.name.endswith(".png") for m in tar)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="image folder (labels from the filename prefix before '_')")
+    p.add_argument("out", help="output folder for shards and index.json")
+    p.add_argument("--image_size", type=int, required=True)
+    p.add_argument("--shard_size", type=int, default=1000, help="samples per shard (equal-size images make shards equal in bytes)")
+    args = p.parse_args()
+
+    try:
+        source = FolderSource(args.src)
+    except DataError as e:
+        sys.exit(f"make_shards: {e}")
+    os.makedirs(args.out, exist_ok=True)
+    n = len(source)
+    num_shards = (n + args.shard_size - 1) // args.shard_size
+    shards, written = [], 0
+    with tqdm(total=n, unit="img", desc="sharding") as bar:
+        for s in range(num_shards):
+            lo, hi = s * args.shard_size, min(n, (s + 1) * args.shard_size)
+            name = f"train-{s:06d}.tar"
+            path = os.path.join(args.out, name)
+            shards.append(name)
+            if os.path.exists(path):  # renamed into place only once complete
+                written += count_images(path)
+                bar.update(hi - lo)
+                continue
+            tmp = path + ".tmp"
+            with tarfile.open(tmp, "w") as tar:
+                for i in range(lo, hi):
+                    try:
+                        arr = center_crop_arr(source.image(i), args.image_size)
+                    except Exception as e:
+                        tqdm.write(f"skipping unreadable image {source.key(i)}: {e}")
+                        bar.update(1)
+                        continue
+                    buf = io.BytesIO()
+                    Image.fromarray(arr).save(buf, format="PNG")
+                    key = f"{i:08d}"
+                    add_bytes(tar, f"{key}.png", buf.getvalue())
+                    add_bytes(tar, f"{key}.cls", str(source.label(i)).encode())
+                    written += 1
+                    bar.update(1)
+            os.replace(tmp, path)
+    index = {"count": written, "skipped": n - written, "classes": source.classes, "resolution": args.image_size,
+             "shards": shards, "shard_size": args.shard_size}
+    with open(os.path.join(args.out, "index.json.tmp"), "w") as f:
+        json.dump(index, f, indent=1)
+    os.replace(os.path.join(args.out, "index.json.tmp"), os.path.join(args.out, "index.json"))
+    print(f"wrote {index['count']} samples in {num_shards} shards to {args.out} ({n - written} unreadable images skipped)")
+
+
+if __name__ == "__main__":
+    main()

@@ -448,7 +448,9 @@ class DataStream:
     def __next__(self) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         if self._it is None:
             ds = StreamBatches(self.source, self.image_size, self.batch_size, self.rank, self.world_size, self.seed, self.shuffle, self.position)
-            loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+            # Its own generator: creating the loader must not draw from the global RNG, or a resumed
+            # run (which creates it at another point) would see different noise.
+            loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers, generator=torch.Generator(),
                                                  persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
             self._it = iter(loader)
         batch = next(self._it)

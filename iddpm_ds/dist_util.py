@@ -1,0 +1,101 @@
+"""Process-group set-up for every launcher: deepspeed, mpirun (mpi4py), torchrun, or a bare python.
+
+Call `setup_dist` before building the engine. Rank and world size come from
+the launcher's environment (RANK/WORLD_SIZE) or, under mpirun, from MPI, as
+improved-diffusion's dist_util did.
+"""
+
+import os
+import socket
+import sys
+import time
+from typing import Optional
+
+import torch
+
+MPI_ENV_KEYS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID")
+
+
+def launched_by_mpi() -> bool:
+    return any(k in os.environ for k in MPI_ENV_KEYS) and "RANK" not in os.environ
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerator_is_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
+def setup_dist(master_port: Optional[int] = None) -> None:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU).
+
+    :param master_port: rendezvous port for mpirun and bare-python runs
+        (deepspeed/torchrun launchers set their own); default 29500 under
+        mpirun, a free port for a single process.
+    """
+    if accelerator_is_cpu():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.comm.torch  # noqa: F401  (the module object is needed below)
+
+    if torch.distributed.is_initialized():
+        return
+    if accelerator_is_cpu():
+        # The shm all-reduce op is JIT-built (~1 min, needs a compiler) but only serves inference.
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    backend = "gloo" if accelerator_is_cpu() else "nccl"
+    if "RANK" in os.environ:
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    elif launched_by_mpi():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, distributed_port=master_port or 29500)
+    else:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(master_port or _free_port()))
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def local_world_size() -> int:
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def set_threads_per_rank() -> int:
+    """Split the cores between this host's ranks, unless the user set OMP_NUM_THREADS."""
+    if "OMP_NUM_THREADS" in os.environ:
+        threads = int(os.environ["OMP_NUM_THREADS"])
+    else:
+        threads = max(1, (os.cpu_count() or 1) // max(1, local_world_size()))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def abort_all_ranks_on_error() -> None:
+    """Under mpirun, make an exception on one rank end the job at once instead of
+    leaving the other ranks blocked in a collective until its timeout."""
+    if not launched_by_mpi():
+        return
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        previous(exc_type, exc, tb)
+        rank = os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
+        print(f"rank {rank} failed ({exc_type.__name__}: {exc}); aborting all ranks", file=sys.stderr, flush=True)
+        time.sleep(1)  # let mpirun forward the message before the abort tears the job down
+        from mpi4py import MPI
+
+        MPI.COMM_WORLD.Abort(1)
+
+    sys.excepthook = hook
+
+
+def dev() -> torch.device:
+    """The device for this rank's tensors."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")

@@ -1,0 +1,150 @@
+"""The DeepSpeed JSON: loading, validation, and the few seed flags that may override it.
+
+The JSON is the single source of truth for micro-batch, accumulation,
+precision, ZeRO, optimizer and clipping. improved-diffusion's flags that map
+onto it (lr, weight_decay, batch_size/microbatch, use_fp16, fp16_scale_growth)
+override it only when given explicitly on the command line.
+"""
+
+import copy
+import json
+import os
+from typing import Dict, List, Set, Tuple
+
+
+class ConfigError(ValueError):
+    """A configuration the run cannot start with; the message is for the user as is."""
+
+
+# Top-level keys DeepSpeed 0.19 understands; anything else is most likely a typo.
+KNOWN_KEYS = {
+    "train_batch_size": int, "train_micro_batch_size_per_gpu": int, "gradient_accumulation_steps": int,
+    "optimizer": dict, "scheduler": dict, "fp16": dict, "bf16": dict, "zero_optimization": dict,
+    "gradient_clipping": (int, float), "steps_per_print": int, "wall_clock_breakdown": bool, "tensorboard": dict,
+    "csv_monitor": dict, "wandb": dict, "comet": dict, "checkpoint": dict, "activation_checkpointing": dict,
+    "data_types": dict, "zero_allow_untested_optimizer": bool, "zero_force_ds_cpu_optimizer": bool,
+    "communication_data_type": str, "prescale_gradients": bool, "gradient_predivide_factor": (int, float),
+    "sparse_gradients": bool, "flops_profiler": dict, "amp": dict, "dump_state": bool, "memory_breakdown": bool,
+    "torch_autocast": dict, "compile": dict, "elasticity": dict, "aio": dict, "comms_logger": dict,
+    "seq_parallel_communication_data_type": str, "timers": dict, "graph_harvesting": bool, "use_data_before_expert_parallelism": bool,
+}
+PRECISION_KEYS = {"enabled", "auto_cast", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis",
+                  "consecutive_hysteresis", "min_loss_scale", "fp16_master_weights_and_grads", "immediate_grad_update", "check_grad_overflow"}
+
+
+def _type_name(t) -> str:
+    return " or ".join(x.__name__ for x in t) if isinstance(t, tuple) else t.__name__
+
+
+def validate(cfg: Dict, path: str = "config") -> None:
+    """Reject unknown top-level keys and wrong types, naming the key."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: the DeepSpeed config must be a JSON object")
+    for key, value in cfg.items():
+        if key.startswith("_"):  # comments
+            continue
+        if key not in KNOWN_KEYS:
+            raise ConfigError(f"{path}: unknown key {key!r}")
+        want = KNOWN_KEYS[key]
+        if isinstance(value, bool) and want in (int, (int, float)) or not isinstance(value, want):
+            raise ConfigError(f"{path}: {key!r} must be {_type_name(want)}, got {type(value).__name__} {value!r}")
+    for section in ("fp16", "bf16"):
+        for key in cfg.get(section, {}):
+            if key not in PRECISION_KEYS:
+                raise ConfigError(f"{path}: unknown key {section}.{key!r}")
+        if "enabled" in cfg.get(section, {}) and not isinstance(cfg[section]["enabled"], bool):
+            raise ConfigError(f"{path}: {section}.enabled must be true or false")
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if key in cfg and cfg[key] <= 0:
+            raise ConfigError(f"{path}: {key!r} must be positive, got {cfg[key]}")
+
+
+def load(path: str) -> Dict:
+    """Read and validate a DeepSpeed JSON file."""
+    if not path:
+        raise ConfigError("no DeepSpeed config: pass --deepspeed_config ds_configs/<file>.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"DeepSpeed config not found: {path}")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    validate(cfg, path)
+    return cfg
+
+
+def explicit_flags(argv: List[str]) -> Set[str]:
+    """Names of the --flags present on a command line (with or without '=value')."""
+    return {tok[2:].split("=", 1)[0] for tok in argv if tok.startswith("--")}
+
+
+def resolve(cfg: Dict, args, explicit: Set[str], world_size: int, fp16_supported: bool) -> Tuple[Dict, List[str]]:
+    """Apply explicit seed flags to a validated config and fill in batch sizes.
+
+    :param args: namespace with lr, weight_decay, batch_size, microbatch, use_fp16, fp16_scale_growth.
+    :param explicit: flags given on the command line (explicit_flags).
+    :return: (resolved config, log lines saying what was overridden or changed).
+    """
+    cfg = copy.deepcopy(cfg)
+    notes = []
+
+    micro = cfg.get("train_micro_batch_size_per_gpu")
+    gas = cfg.get("gradient_accumulation_steps", 1)
+    if "batch_size" in explicit or "microbatch" in explicit:
+        batch = args.batch_size
+        micro_flag = args.microbatch if args.microbatch > 0 else batch
+        if batch % micro_flag:
+            raise ConfigError(f"--batch_size {batch} is not a multiple of --microbatch {micro_flag}")
+        micro, gas = micro_flag, batch // micro_flag
+        cfg.pop("train_batch_size", None)
+        notes.append(f"--batch_size/--microbatch override the JSON: micro-batch {micro} x accumulation {gas} per rank")
+    if micro is None:
+        if "train_batch_size" not in cfg:
+            raise ConfigError("the DeepSpeed config sets no batch size: add train_micro_batch_size_per_gpu (or pass --batch_size)")
+        total = cfg["train_batch_size"]
+        if total % (gas * world_size):
+            raise ConfigError(f"train_batch_size {total} is not divisible by gradient_accumulation_steps {gas} x {world_size} ranks")
+        micro = total // (gas * world_size)
+    if "train_batch_size" in cfg and cfg["train_batch_size"] != micro * gas * world_size:
+        raise ConfigError(
+            f"train_batch_size {cfg['train_batch_size']} != micro-batch {micro} x accumulation {gas} x {world_size} ranks; "
+            "remove train_batch_size or make them agree"
+        )
+    cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=gas, train_batch_size=micro * gas * world_size)
+
+    for flag in ("lr", "weight_decay"):
+        if flag in explicit:
+            opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
+            opt.setdefault("params", {})[flag] = getattr(args, flag)
+            notes.append(f"--{flag} {getattr(args, flag)} overrides the JSON optimizer")
+
+    if "use_fp16" in explicit:
+        cfg.setdefault("fp16", {})["enabled"] = bool(args.use_fp16)
+        if args.use_fp16:
+            cfg.setdefault("bf16", {})["enabled"] = False
+        notes.append(f"--use_fp16 {args.use_fp16} overrides the JSON precision")
+    if "fp16_scale_growth" in explicit:
+        # improved-diffusion grows log2(scale) by this much per good step: doubling every 1/growth steps.
+        cfg.setdefault("fp16", {})["loss_scale_window"] = max(1, round(1 / args.fp16_scale_growth))
+        notes.append(f"--fp16_scale_growth {args.fp16_scale_growth} -> fp16.loss_scale_window {cfg['fp16']['loss_scale_window']}")
+
+    if cfg.get("fp16", {}).get("enabled") and not fp16_supported:
+        cfg["fp16"]["enabled"] = False
+        cfg.setdefault("bf16", {})["enabled"] = True
+        notes.append("WARNING: this accelerator cannot train in fp16 (CPU); running the fp16 config in bf16 instead")
+    if cfg.get("fp16", {}).get("enabled") and cfg.get("bf16", {}).get("enabled"):
+        raise ConfigError("fp16 and bf16 are both enabled in the DeepSpeed config; enable one")
+    cfg.setdefault("steps_per_print", 10**9)  # we log ourselves; keep DeepSpeed's per-step prints off
+    return cfg, notes
+
+
+def precision(cfg: Dict) -> str:
+    if cfg.get("fp16", {}).get("enabled"):
+        return "fp16"
+    if cfg.get("bf16", {}).get("enabled"):
+        return "bf16"
+    return "fp32"

@@ -1,0 +1,117 @@
+"""Exponential moving averages of the fp32 master weights, kept where DeepSpeed keeps the master.
+
+At ZeRO 1-3 each rank averages only its own shard of the fp32 master, so EMA
+memory per rank falls as 1/ranks and an update needs no communication. At
+ZeRO 0 the master (or DeepSpeed's fp32 copy under fp16/bf16) is replicated,
+and so is the EMA. Consolidating to a full state_dict is collective.
+"""
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
+
+
+def _fp16_master_map(engine) -> Dict[int, torch.Tensor]:
+    """id(module param) -> its fp32 copy for ZeRO-0 fp16/bf16 optimizers (FP16_UnfusedOptimizer)."""
+    opt = engine.optimizer
+    groups16, groups32 = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
+    if groups16 is None or groups32 is None:
+        return {}
+    return {id(p16): p32 for g16, g32 in zip(groups16, groups32) for p16, p32 in zip(g16, g32)}
+
+
+class MasterWeights:
+    """Per-parameter access to this rank's part of the fp32 master weights of a DeepSpeed engine."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.stage = engine.zero_optimization_stage()
+        self.named: List[Tuple[str, torch.nn.Parameter]] = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+        self._fp32_copy = _fp16_master_map(engine) if self.stage == 0 else {}
+        if self.stage == 0 and self.named and self.named[0][1].dtype != torch.float32 and not self._fp32_copy:
+            raise RuntimeError(f"cannot find the fp32 master weights of {type(engine.optimizer).__name__} at ZeRO stage 0")
+
+    @property
+    def sharded(self) -> bool:
+        return self.stage > 0
+
+    def local(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
+        """A view of this rank's fp32 master elements of p (all of them at ZeRO 0), or None if it holds none."""
+        if self.stage == 3:
+            return safe_get_local_fp32_param(p)
+        if self.stage > 0:
+            mapping = getattr(p, "_hp_mapping", None)
+            return None if mapping is None else mapping.get_hp_fragment()
+        return self._fp32_copy.get(id(p), p)
+
+    def shard_of(self, p: torch.nn.Parameter, full: torch.Tensor) -> Optional[torch.Tensor]:
+        """This rank's part of a full tensor shaped like p, laid out like local(p). No communication."""
+        local = self.local(p)
+        if local is None:
+            return None
+        flat = full.detach().to(torch.float32).flatten()
+        if self.stage == 3:
+            n = p.ds_tensor.numel()
+            r = dist.get_rank(group=p.ds_process_group)
+            flat = torch.nn.functional.pad(flat, (0, n * dist.get_world_size(group=p.ds_process_group) - flat.numel()))
+            return flat[n * r : n * (r + 1)].view_as(local).clone()
+        if self.stage > 0:
+            a = p._hp_mapping.lp_fragment_address
+            return flat[a.start : a.start + a.numel].view_as(local).clone()
+        return flat.view_as(local).clone()
+
+    @torch.no_grad()
+    def full_state_dict(self, replace: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """Full fp32 tensors by parameter name; with `replace` (name -> local shard), those
+        shards stand in for the master's. Collective at ZeRO 1-3: every rank must call it."""
+        out = {}
+        for name, p in self.named:
+            local = self.local(p)
+            swap = replace is not None and local is not None
+            if swap:
+                backup = local.clone()
+                local.copy_(replace[name])
+            if self.sharded:
+                out[name] = safe_get_full_fp32_param(p).detach().clone().cpu()
+            else:
+                out[name] = local.detach().clone().float().cpu()
+            if swap:
+                local.copy_(backup)
+        return out
+
+
+class EMA:
+    """One shadow copy of the master shard per rate; update() is theta_ema <- rate * theta_ema + (1 - rate) * theta."""
+
+    def __init__(self, master: MasterWeights, rates: Sequence[float]):
+        self.master = master
+        self.rates = list(rates)
+        self.shadow: Dict[float, Dict[str, torch.Tensor]] = {}
+        for rate in self.rates:
+            self.shadow[rate] = {}
+            for name, p in master.named:
+                local = master.local(p)
+                if local is not None:
+                    self.shadow[rate][name] = local.detach().clone()
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Call once per applied optimizer step; no communication."""
+        names = list(self.shadow[self.rates[0]])
+        params = dict(self.master.named)
+        current = [self.master.local(params[n]) for n in names]
+        for rate in self.rates:
+            torch._foreach_lerp_([self.shadow[rate][n] for n in names], current, 1.0 - rate)
+
+    def full_state_dicts(self) -> Dict[float, Dict[str, torch.Tensor]]:
+        """{rate: full fp32 state_dict}. Collective at ZeRO 1-3."""
+        return {rate: self.master.full_state_dict(replace=self.shadow[rate]) for rate in self.rates}
+
+    def load_full(self, rate: float, state_dict: Dict[str, torch.Tensor]) -> None:
+        """Set one rate's shadow from a full state_dict (any world size); no communication."""
+        for name, p in self.master.named:
+            shard = self.master.shard_of(p, state_dict[name])
+            if shard is not None:
+                self.shadow[rate][name] = shard

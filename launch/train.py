@@ -1,0 +1,160 @@
+"""Train an IDDPM UNet with DeepSpeed.
+
+    deepspeed --num_gpus 2 launch/train.py --deepspeed_config ds_configs/zero2.json [flags]
+    mpirun -n 2 python launch/train.py --deepspeed_config ds_configs/cpu.json [flags]
+    python launch/train.py [flags]                      (one process; ds_configs/cpu.json by default)
+
+Takes every flag of improved-diffusion's image_train.py. Batch size,
+accumulation, precision, ZeRO and the optimizer come from the DeepSpeed JSON;
+--lr, --weight_decay, --batch_size/--microbatch and --use_fp16 override it
+only when given. Everything lands in --log_dir (else $OPENAI_LOGDIR, else
+runs/<timestamp>), and a run resumes from its newest complete checkpoint.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+
+from iddpm_ds import dist_util  # noqa: E402
+from iddpm_ds.checkpoint import CheckpointError, load_official_state_dict, load_state_dict_file  # noqa: E402
+from iddpm_ds.ds_config import ConfigError, explicit_flags, precision, resolve  # noqa: E402
+from iddpm_ds.ds_config import load as load_ds_config  # noqa: E402
+from iddpm_ds.image_datasets import DataError, load_data  # noqa: E402
+from iddpm_ds.resample import create_named_schedule_sampler  # noqa: E402
+from iddpm_ds.script_util import NUM_CLASSES, add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
+from iddpm_ds.train_util import TrainLoop, atomic_write_text, create_engine, find_latest_checkpoint, seed_everything  # noqa: E402
+
+TRAIN_DEFAULTS = dict(
+    data_dir="",
+    schedule_sampler="uniform",
+    lr=1e-4,
+    weight_decay=0.0,
+    lr_anneal_steps=0,
+    batch_size=1,
+    microbatch=-1,
+    ema_rate="0.9999",
+    log_interval=10,
+    save_interval=10000,
+    resume_checkpoint="",
+    use_fp16=False,
+    fp16_scale_growth=1e-3,
+    # iddpm_ds additions
+    max_steps=0,
+    log_dir="",
+    seed=0,
+    num_workers=1,
+    master_port=0,
+)
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    import deepspeed
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dict_to_argparser(parser, {**TRAIN_DEFAULTS, **model_and_diffusion_defaults()})
+    parser.add_argument("--local_rank", type=int, default=-1)  # set by the deepspeed launcher
+    deepspeed.add_config_arguments(parser)
+    return parser
+
+
+def resolve_run_dir(log_dir: str) -> str:
+    run_dir = log_dir or os.environ.get("OPENAI_LOGDIR") or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    holder = [os.path.abspath(run_dir)]
+    torch.distributed.broadcast_object_list(holder, src=0)  # one timestamp for all ranks
+    return holder[0]
+
+
+def check_same_model_flags(run_dir: str, model_flags: dict) -> None:
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)["model_flags"]
+    for k, v in saved.items():
+        if k in model_flags and model_flags[k] != v and k not in ("timestep_respacing", "use_fused_kernels", "use_checkpoint"):
+            raise ConfigError(f"--{k} {model_flags[k]} contradicts {v!r} in {path}; use another --log_dir or the same flags")
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    args = create_argparser().parse_args(argv)
+    if not args.deepspeed_config:
+        args.deepspeed_config = os.path.join(REPO, "ds_configs", "cpu.json")
+    ds_cfg = load_ds_config(args.deepspeed_config)  # validated before any rank starts work
+
+    dist_util.abort_all_ranks_on_error()
+    dist_util.setup_dist(args.master_port or None)
+    threads = dist_util.set_threads_per_rank()
+    from deepspeed.accelerator import get_accelerator
+
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    ds_cfg, notes = resolve(ds_cfg, args, explicit_flags(argv), world, get_accelerator().is_fp16_supported())
+    run_dir = resolve_run_dir(args.log_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s",
+                        handlers=[logging.StreamHandler(sys.stdout)] + ([logging.FileHandler(os.path.join(run_dir, "log.txt"))] if rank == 0 else []))
+    log = logging.getLogger("iddpm_ds")
+    for line in notes:
+        log.warning(line) if line.startswith("WARNING") else log.info(line)
+
+    model_flags = args_to_dict(args, model_and_diffusion_defaults().keys())
+    check_same_model_flags(run_dir, model_flags)
+    seed_everything(args.seed)  # same initial weights on every rank
+    model, diffusion = create_model_and_diffusion(**model_flags)
+    resume_dir = find_latest_checkpoint(args.resume_checkpoint or run_dir) if (args.resume_checkpoint or os.path.isdir(run_dir)) else None
+    init_weights = None
+    if args.resume_checkpoint and resume_dir is None:
+        if not args.resume_checkpoint.endswith(".pt"):
+            raise CheckpointError(f"no complete checkpoint found at {args.resume_checkpoint}")
+        init_weights = args.resume_checkpoint  # an improved-diffusion style modelNNNNNN.pt: weights only
+        load_official_state_dict(model, load_state_dict_file(init_weights))
+    seed_everything(args.seed + rank)  # per-rank noise, timesteps and dropout
+
+    args.deepspeed_config = None  # the resolved dict replaces the file
+    engine = create_engine(model, ds_cfg, args=args, lr=args.lr, weight_decay=args.weight_decay, lr_anneal_steps=args.lr_anneal_steps)
+    if rank == 0:
+        log.info("run dir %s | %d ranks x %d threads | %s | ZeRO-%d | micro-batch %d x accumulation %d | %.2fM params",
+                 run_dir, world, threads, precision(ds_cfg), engine.zero_optimization_stage(), engine.train_micro_batch_size_per_gpu(),
+                 engine.gradient_accumulation_steps(), sum(p.numel() for p in model.parameters()) / 1e6)
+
+    data = load_data(data_dir=args.data_dir, batch_size=engine.train_micro_batch_size_per_gpu(), image_size=args.image_size,
+                     class_cond=args.class_cond, seed=args.seed, num_workers=args.num_workers,
+                     num_classes=NUM_CLASSES if args.class_cond else None)
+    if rank == 0:
+        config = {"model_flags": model_flags, "train_flags": {k: getattr(args, k) for k in TRAIN_DEFAULTS}, "deepspeed": ds_cfg,
+                  "world_size": world, "precision": precision(ds_cfg),
+                  "data_classes": len(data.source.classes) if data.source.classes else None}
+        atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(config, indent=1, default=str))
+    writer = None
+    if rank == 0:
+
+        writer = SummaryWriter(os.path.join(run_dir, "tb"))
+    loop = TrainLoop(engine=engine, diffusion=diffusion, data=data, schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
+                     ema_rate=args.ema_rate, run_dir=run_dir, log_interval=args.log_interval, save_interval=args.save_interval,
+                     max_steps=args.max_steps, lr_anneal_steps=args.lr_anneal_steps, writer=writer)
+    if resume_dir:
+        loop.resume(resume_dir)
+    elif init_weights:
+        log.info("initialised weights from %s", init_weights)
+    loop.run_loop()
+    data.close()
+    if writer is not None:
+        writer.close()
+    log.info("done at step %d; checkpoints in %s", loop.step, run_dir)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

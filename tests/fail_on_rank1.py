@@ -1,0 +1,16 @@
+"""Used by test_engine: under mpirun, rank 1 raises while rank 0 waits in a collective."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch.distributed as dist  # noqa: E402
+
+from iddpm_ds import dist_util  # noqa: E402
+
+dist_util.abort_all_ranks_on_error()
+dist_util.setup_dist(int(sys.argv[1]))
+if dist.get_rank() == 1:
+    raise RuntimeError("boom on rank 1")
+dist.barrier()  # would wait for the gloo timeout (30 min) without the abort

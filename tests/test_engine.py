@@ -1,0 +1,185 @@
+"""The DeepSpeed engine end to end on CPU ranks (gloo). Slow: each test starts processes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "launch", "train.py")
+TINY = ["--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2", "--attention_resolutions", "4",
+        "--num_heads", "2", "--diffusion_steps", "50", "--noise_schedule", "cosine", "--learn_sigma", "True", "--class_cond", "True",
+        "--schedule_sampler", "loss-second-moment", "--ema_rate", "0.9,0.99", "--log_interval", "1", "--num_workers", "1"]
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env():
+    e = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    e.pop("OPENAI_LOGDIR", None)
+    return e
+
+
+def run(cmd, timeout=300, check=True):
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def launch(ranks, log_dir, *flags, config="ds_configs/cpu.json"):
+    train = ["--deepspeed_config", config, "--log_dir", str(log_dir), *TINY, *flags]
+    if ranks == 1:
+        return run([sys.executable, TRAIN, *train])
+    return run(["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), TRAIN, *train])
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scenarios") / "out.json"
+    run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), os.path.join(ROOT, "tests", "ds_scenarios.py"), str(out)], timeout=600)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("prec", ["fp32", "bf16", "fp16"])
+def test_every_stage_and_precision_trains(scenarios, stage, prec):
+    r = scenarios[f"train_z{stage}_{prec}"]
+    assert r["after"] == r["after"] and r["after"] < 0.8 * r["before"]
+    assert r["skipped"] == 0
+
+
+def test_zero2_matches_zero0_in_fp32(scenarios):
+    assert scenarios["zero2_vs_zero0"] < 1e-6
+
+
+def test_accumulation_matches_the_big_batch(scenarios):
+    assert scenarios["accumulation_vs_batch"] < 1e-6
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_ema_formula_sharding_and_identical_sampler(scenarios, stage):
+    assert scenarios[f"ema_formula_z{stage}"] < 1e-5
+    assert scenarios[f"sampler_warm_z{stage}"] and scenarios[f"sampler_identical_z{stage}"]
+    assert scenarios[f"ema_shard_fraction_z{stage}"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_fp16_overflow_step_is_skipped_and_touches_nothing(scenarios):
+    r = scenarios["fp16_overflow"]
+    assert not r["applied"] and r["skipped_delta"] == 1 and r["scale_halved"]
+    assert r["master_diff"] == 0.0 and r["ema_diff"] == 0.0 and r["sampler_unchanged"]
+    assert r["next_step_applied"]
+
+
+def final_state(run_dir, step):
+    d = os.path.join(run_dir, "checkpoints", f"step{step:06d}")
+    model = torch.load(os.path.join(run_dir, f"model{step:06d}.pt"), weights_only=True)
+    emas = {r: torch.load(os.path.join(run_dir, f"ema_{r}_{step:06d}.pt"), weights_only=True) for r in ("0.9", "0.99")}
+    client = torch.load(os.path.join(d, "mp_rank_00_model_states.pt"), weights_only=False)
+    return model, emas, client
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_exact_resume(tmp_path, ranks):
+    K = 3
+    common = ["--batch_size", "8", "--microbatch", "4"]
+    launch(ranks, tmp_path / "straight", "--max_steps", str(2 * K), "--save_interval", "100", *common)
+    launch(ranks, tmp_path / "resumed", "--max_steps", str(K), *common)
+    launch(ranks, tmp_path / "resumed", "--max_steps", str(2 * K), *common)  # picks up step K by itself
+    a_model, a_ema, a_client = final_state(tmp_path / "straight", 2 * K)
+    b_model, b_ema, b_client = final_state(tmp_path / "resumed", 2 * K)
+    assert all(torch.equal(a_model[k], b_model[k]) for k in a_model)
+    for r in a_ema:
+        assert all(torch.equal(a_ema[r][k], b_ema[r][k]) for k in a_ema[r])
+    assert a_client["data"] == b_client["data"] and a_client["data"]["position"] == 2 * K * 8 * ranks
+    for k in ("loss_history", "loss_counts"):
+        assert torch.equal(a_client["sampler"][k], b_client["sampler"][k])
+    log = [json.loads(line) for line in open(tmp_path / "resumed" / "progress.jsonl")]
+    assert [r["step"] for r in log] == list(range(1, 2 * K + 1))
+
+
+def test_killed_save_is_never_resumed_from(tmp_path):
+    run_dir = tmp_path / "run"
+    launch(1, run_dir, "--max_steps", "2")
+    # A later save that died before COMPLETE: files present, marker absent, 'latest' not moved.
+    broken = run_dir / "checkpoints" / "step000004"
+    broken.mkdir()
+    (broken / "mp_rank_00_model_states.pt").write_bytes(b"\x00" * 12)
+    launch(1, run_dir, "--max_steps", "3")
+    log = [json.loads(line) for line in open(run_dir / "progress.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3]  # resumed at 2, not from the broken 4
+
+
+def test_run_dir_holds_config_logs_and_tensorboard(tmp_path):
+    run_dir = tmp_path / "run"
+    launch(2, run_dir, "--max_steps", "2", "--lr", "3e-4", config="ds_configs/zero2.json")
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["model_flags"]["image_size"] == 8 and config["world_size"] == 2
+    assert config["deepspeed"]["fp16"]["enabled"] is False and config["precision"] == "bf16"  # fp16 -> bf16 on CPU
+    assert config["deepspeed"]["optimizer"]["params"]["lr"] == 3e-4
+    record = json.loads((run_dir / "progress.jsonl").read_text().splitlines()[-1])
+    for key in ("loss", "mse", "vb", "loss_q0", "grad_norm", "lr", "skipped_steps", "images_per_s", "data_skipped"):
+        assert key in record, key
+    assert os.listdir(run_dir / "tb")
+    assert (run_dir / "model000002.pt").exists() and (run_dir / "ema_0.9_000002.pt").exists()
+    # Sampling-ready: the consolidated EMA loads into a fresh model with the saved flags.
+    from iddpm_ds.checkpoint import load_official_state_dict, load_state_dict_file
+    from iddpm_ds.script_util import create_model_and_diffusion
+
+    model, _ = create_model_and_diffusion(**config["model_flags"])
+    load_official_state_dict(model, load_state_dict_file(str(run_dir / "ema_0.9_000002.pt")))
+    # Contradicting the saved model flags in the same run dir is a one-line error.
+    proc = run([sys.executable, TRAIN, "--log_dir", str(run_dir), *TINY, "--num_channels", "64", "--max_steps", "3"], check=False)
+    assert proc.returncode == 2 and "num_channels" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def hostfile(tmp_path):
+    path = tmp_path / "hosts"
+    path.write_text("localhost slots=2\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("launcher", ["hostfile", "mpich", "mpirun"])
+def test_launchers(tmp_path, launcher):
+    run_dir = tmp_path / "run"
+    args = [TRAIN, "--deepspeed_config", "ds_configs/cpu.json", "--log_dir", str(run_dir), *TINY, "--max_steps", "2"]
+    port = str(free_port())
+    if launcher == "hostfile":
+        cmd = ["deepspeed", "--hostfile", hostfile(tmp_path), "--no_ssh_check", "--master_addr", "127.0.0.1", "--master_port", port, *args]
+    elif launcher == "mpich":
+        cmd = ["deepspeed", "--launcher", "mpich", "--force_multi", "--hostfile", hostfile(tmp_path), "--no_ssh_check",
+               "--master_addr", "127.0.0.1", "--master_port", port, *args]
+    else:
+        cmd = ["mpirun", "-n", "2", sys.executable, *args, "--master_port", port]
+    run(cmd)
+    assert json.loads((run_dir / "config.json").read_text())["world_size"] == 2
+    assert (run_dir / "checkpoints" / "step000002" / "COMPLETE").exists()
+
+
+def test_mpirun_failure_on_one_rank_ends_the_job_fast():
+    script = os.path.join(ROOT, "tests", "fail_on_rank1.py")
+    t0 = time.time()
+    proc = run(["mpirun", "-n", "2", sys.executable, script, str(free_port())], timeout=120, check=False)
+    assert proc.returncode != 0
+    assert time.time() - t0 < 30
+    assert "rank 1" in proc.stderr + proc.stdout  # MPI names the rank that aborted
+
+
+def test_config_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimisation": {"stage": 2}}))
+    proc = run([sys.executable, TRAIN, "--deepspeed_config", str(bad), "--log_dir", str(tmp_path / "r")], check=False)
+    assert proc.returncode == 2 and "zero_optimisation" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run([sys.executable, TRAIN, "--log_dir", str(tmp_path / "r"), *TINY, "--batch_size", "6", "--microbatch", "4"], check=False)
+    assert proc.returncode == 2 and "multiple" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,145 @@
+"""Training throughput and per-rank memory: the DeepSpeed engine against a plain PyTorch loop.
+
+    deepspeed --num_gpus 2 launch/bench_train.py --deepspeed_config ds_configs/cpu.json [model flags] [--steps 20]
+
+Both loops train the same model on the same micro-batch with the same
+diffusion loss and a fused AdamW; the plain loop uses torch DDP when there is
+more than one rank. Reports images/s (all ranks), the engine's overhead, and
+per-rank bytes of parameters, fp32 master + optimizer state, and EMA, as
+measured from the tensors each rank holds. Prints a table, then one JSON line.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from iddpm_ds import dist_util  # noqa: E402
+from iddpm_ds.ds_config import load as load_ds_config  # noqa: E402
+from iddpm_ds.ds_config import precision, resolve  # noqa: E402
+from iddpm_ds.resample import UniformSampler  # noqa: E402
+from iddpm_ds.script_util import add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
+from iddpm_ds.train_util import TrainLoop, create_engine, seed_everything  # noqa: E402
+
+DEFAULTS = dict(steps=20, warmup=3, ema_rate="0.9999", lr=1e-4, weight_decay=0.0, batch_size=1, microbatch=-1, use_fp16=False,
+                fp16_scale_growth=1e-3)
+
+
+class SyntheticData:
+    """Endless fixed random batches: the benchmark measures the step, not the loader."""
+
+    skipped, epoch = 0, 0.0
+
+    def __init__(self, micro, size):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.rand(micro, 3, size, size, generator=g) * 2 - 1
+
+    def __next__(self):
+        return self.x, {}
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def optimizer_state_bytes(opt) -> int:
+    """fp32 master copies and Adam moments held by this rank (DeepSpeed wraps a torch optimizer)."""
+    inner = getattr(opt, "optimizer", opt)
+    total = tensor_bytes(v for state in inner.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+    masters = [p for g in inner.param_groups for p in g["params"]]
+    return total + tensor_bytes(masters)
+
+
+def time_steps(step_fn, steps, warmup) -> float:
+    for _ in range(warmup):
+        step_fn()
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step_fn()
+    dist.barrier()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    import deepspeed
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dict_to_argparser(p, {**DEFAULTS, **model_and_diffusion_defaults()})
+    p.add_argument("--local_rank", type=int, default=-1)
+    deepspeed.add_config_arguments(p)
+    args = p.parse_args()
+    dist_util.setup_dist()
+    dist_util.set_threads_per_rank()
+    from deepspeed.accelerator import get_accelerator
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg, _ = resolve(load_ds_config(args.deepspeed_config or os.path.join(REPO, "ds_configs", "cpu.json")), args, set(), world,
+                     get_accelerator().is_fp16_supported())
+    micro, gas = cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]
+    flags = args_to_dict(args, model_and_diffusion_defaults().keys())
+    device = dist_util.dev()
+    images_per_step = micro * gas * world
+
+    # Plain PyTorch: same model, batch, loss and optimizer; DDP for the gradient all-reduce.
+    seed_everything(0)
+    model, diffusion = create_model_and_diffusion(**flags)
+    model.to(device)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision(cfg))
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
+    sampler = UniformSampler(diffusion)
+    data = SyntheticData(micro, flags["image_size"])
+
+    def plain_step():
+        opt.zero_grad(set_to_none=True)
+        for _ in range(gas):
+            x, _ = next(data)
+            t, w = sampler.sample(micro, device)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = (diffusion.training_losses(net, x.to(device), t)["loss"] * w).mean() / gas
+            loss.backward()
+        opt.step()
+
+    plain_s = time_steps(plain_step, args.steps, args.warmup)
+    plain_mem = {"params": tensor_bytes(model.parameters()), "optimizer": optimizer_state_bytes(opt)}
+    del net, opt, model
+
+    seed_everything(0)
+    model, diffusion = create_model_and_diffusion(**flags)
+    engine = create_engine(model, cfg, lr=args.lr)
+    loop = TrainLoop(engine=engine, diffusion=diffusion, data=SyntheticData(micro, flags["image_size"]), schedule_sampler=UniformSampler(diffusion),
+                     ema_rate=args.ema_rate, run_dir=".", log_interval=10**9, save_interval=0, progress=False)
+    ds_s = time_steps(loop.run_step, args.steps, args.warmup)
+    ds_mem = {
+        "params": tensor_bytes(p.ds_tensor if hasattr(p, "ds_tensor") else p for p in engine.module.parameters()),
+        "optimizer": optimizer_state_bytes(engine.optimizer),
+        "ema": tensor_bytes(t for shadow in loop.ema.shadow.values() for t in shadow.values()),
+    }
+    gathered = [None] * world
+    dist.all_gather_object(gathered, {"plain": plain_mem, "deepspeed": ds_mem})
+    if rank != 0:
+        return
+    result = {
+        "world_size": world, "zero_stage": engine.zero_optimization_stage(), "precision": precision(cfg), "micro_batch": micro, "accumulation": gas,
+        "image_size": flags["image_size"], "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "steps": args.steps,
+        "plain_images_per_s": args.steps * images_per_step / plain_s, "deepspeed_images_per_s": args.steps * images_per_step / ds_s,
+        "per_rank_bytes": gathered,
+    }
+    result["engine_overhead_pct"] = 100 * (ds_s / plain_s - 1)
+    print(f"{'loop':<10} {'images/s':>10} {'params MB':>10} {'opt+master MB':>14} {'EMA MB':>8}   (rank 0, {world} ranks, ZeRO-{result['zero_stage']}, {result['precision']})")
+    for name, mem, speed in (("plain", gathered[0]["plain"], result["plain_images_per_s"]), ("deepspeed", gathered[0]["deepspeed"], result["deepspeed_images_per_s"])):
+        print(f"{name:<10} {speed:>10.1f} {mem['params'] / 2**20:>10.1f} {mem['optimizer'] / 2**20:>14.1f} {mem.get('ema', 0) / 2**20:>8.1f}")
+    print(f"engine overhead: {result['engine_overhead_pct']:+.1f}%")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

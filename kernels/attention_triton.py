@@ -1,0 +1,214 @@
+"""Triton flash attention read straight from the qkv projection's [B, 3*H*D, T] layout.
+
+For head h the q, k and v blocks are D channel rows of T contiguous
+positions each, so a [BLOCK, D] tile is a strided load (T-stride 1, D-stride
+T) and no transpose or copy kernel runs. Forward keeps an online softmax and
+stores the row log-sum-exp; backward recomputes the probabilities block by
+block (FlashAttention-2), so no T x T matrix is ever in memory. Gradients are
+written into a [B, 3*H*D, T] tensor of the same layout.
+
+Channel offset of part p (0=q, 1=k, 2=v) of head h: h*head_stride + p*part_stride;
+"legacy" (improved-diffusion): head_stride = 3D, part_stride = D;
+"new" (guided-diffusion):      head_stride = D,  part_stride = H*D.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile_ptrs(base, pos, d, T):
+    return base + d[None, :].to(tl.int64) * T + pos[:, None]
+
+
+@triton.jit
+def _fwd_kernel(QKV, O, LSE, H, T, head_stride, part_stride, sm_scale,
+                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    qkv_b = QKV + b.to(tl.int64) * 3 * H * D * T
+    q_base = qkv_b + (h * head_stride) * T
+    k_base = qkv_b + (h * head_stride + part_stride) * T
+    v_base = qkv_b + (h * head_stride + 2 * part_stride) * T
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    q = tl.load(_tile_ptrs(q_base, offs_m, offs_d, T), mask=(offs_m[:, None] < T) & d_mask[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+    for start_n in range(0, T, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n[:, None] < T) & d_mask[None, :]
+        k = tl.load(_tile_ptrs(k_base, offs_n, offs_d, T), mask=kv_mask, other=0.0)
+        v = tl.load(_tile_ptrs(v_base, offs_n, offs_d, T), mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(offs_n[None, :] < T, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    o_base = O + b.to(tl.int64) * H * D * T + (h * D) * T
+    tl.store(_tile_ptrs(o_base, offs_m, offs_d, T), acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < T) & d_mask[None, :])
+    # Natural-log LSE of the scaled logits, for the backward recomputation.
+    tl.store(LSE + bh.to(tl.int64) * T + offs_m, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=offs_m < T)
+
+
+@triton.jit
+def _bwd_preprocess(O, DO, Delta, H, T, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Delta = rowsum(dO * O), [B*H, T]."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
+    base = b.to(tl.int64) * H * D * T + (h * D) * T
+    o = tl.load(_tile_ptrs(O + base, offs_m, offs_d, T), mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(_tile_ptrs(DO + base, offs_m, offs_d, T), mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, axis=1), mask=offs_m < T)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(QKV, DO, LSE, Delta, DQKV, H, T, head_stride, part_stride, sm_scale,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """One program per (key block, b*h): loops over query blocks."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    qkv_b = QKV + b.to(tl.int64) * 3 * H * D * T
+    dqkv_b = DQKV + b.to(tl.int64) * 3 * H * D * T
+    q_off = (h * head_stride) * T
+    k_off = (h * head_stride + part_stride) * T
+    v_off = (h * head_stride + 2 * part_stride) * T
+    do_base = DO + b.to(tl.int64) * H * D * T + (h * D) * T
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    n_mask = (offs_n[:, None] < T) & d_mask[None, :]
+    k = tl.load(_tile_ptrs(qkv_b + k_off, offs_n, offs_d, T), mask=n_mask, other=0.0)
+    v = tl.load(_tile_ptrs(qkv_b + v_off, offs_n, offs_d, T), mask=n_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, T, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < T
+        m_mask = m_valid[:, None] & d_mask[None, :]
+        q = tl.load(_tile_ptrs(qkv_b + q_off, offs_m, offs_d, T), mask=m_mask, other=0.0)
+        do = tl.load(_tile_ptrs(do_base, offs_m, offs_d, T), mask=m_mask, other=0.0)
+        lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=m_valid, other=0.0)
+        delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=m_valid, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale  # [M, N]
+        p = tl.exp(s - lse[:, None])
+        p = tl.where(m_valid[:, None] & (offs_n[None, :] < T), p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    dk = dk * sm_scale
+    tl.store(_tile_ptrs(dqkv_b + k_off, offs_n, offs_d, T), dk.to(DQKV.dtype.element_ty), mask=n_mask)
+    tl.store(_tile_ptrs(dqkv_b + v_off, offs_n, offs_d, T), dv.to(DQKV.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(QKV, DO, LSE, Delta, DQKV, H, T, head_stride, part_stride, sm_scale,
+                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """One program per (query block, b*h): loops over key blocks."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    qkv_b = QKV + b.to(tl.int64) * 3 * H * D * T
+    dqkv_b = DQKV + b.to(tl.int64) * 3 * H * D * T
+    q_off = (h * head_stride) * T
+    k_off = (h * head_stride + part_stride) * T
+    v_off = (h * head_stride + 2 * part_stride) * T
+    do_base = DO + b.to(tl.int64) * H * D * T + (h * D) * T
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    m_valid = offs_m < T
+    m_mask = m_valid[:, None] & d_mask[None, :]
+    q = tl.load(_tile_ptrs(qkv_b + q_off, offs_m, offs_d, T), mask=m_mask, other=0.0)
+    do = tl.load(_tile_ptrs(do_base, offs_m, offs_d, T), mask=m_mask, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=m_valid, other=0.0)
+    delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=m_valid, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, T, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = (offs_n[:, None] < T) & d_mask[None, :]
+        k = tl.load(_tile_ptrs(qkv_b + k_off, offs_n, offs_d, T), mask=n_mask, other=0.0)
+        v = tl.load(_tile_ptrs(qkv_b + v_off, offs_n, offs_d, T), mask=n_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
+        p = tl.exp(s - lse[:, None])
+        p = tl.where(m_valid[:, None] & (offs_n[None, :] < T), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq = dq * sm_scale
+    tl.store(_tile_ptrs(dqkv_b + q_off, offs_m, offs_d, T), dq.to(DQKV.dtype.element_ty), mask=m_mask)
+
+
+def _config(T: int, D: int, interpret: bool):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Small tiles in the CPU interpreter keep tests fast."""
+    if interpret:
+        return 16, 16, 1, 1
+    if D > 64:
+        return 64, 64, 4, 2
+    return (128 if T >= 128 else 64), 64, 4, 3
+
+
+def _strides(order: str, H: int, D: int):
+    return (3 * D, D) if order == "legacy" else (D, H * D)
+
+
+class FlashQKVAttention(torch.autograd.Function):
+    """softmax(q^T k / sqrt(D)) v per head from qkv [B, 3*H*D, T] -> [B, H*D, T]."""
+
+    @staticmethod
+    def forward(ctx, qkv, num_heads, order):
+        import os
+
+        qkv = qkv.contiguous()
+        B, width, T = qkv.shape
+        H = num_heads
+        D = width // (3 * H)
+        interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        BLOCK_M, BLOCK_N, warps, stages = _config(T, D, interpret)
+        BLOCK_D = max(16, triton.next_power_of_2(D))
+        head_stride, part_stride = _strides(order, H, D)
+        precision = "ieee" if qkv.dtype == torch.float32 else "tf32"
+        out = torch.empty(B, H * D, T, device=qkv.device, dtype=qkv.dtype)
+        lse = torch.empty(B * H, T, device=qkv.device, dtype=torch.float32)
+        sm_scale = 1.0 / math.sqrt(D)
+        _fwd_kernel[(triton.cdiv(T, BLOCK_M), B * H)](qkv, out, lse, H, T, head_stride, part_stride, sm_scale, D=D, BLOCK_D=BLOCK_D,
+                                                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=precision, num_warps=warps, num_stages=stages)
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.meta = (H, D, order, sm_scale, BLOCK_M, BLOCK_N, BLOCK_D, warps, stages, precision)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qkv, out, lse = ctx.saved_tensors
+        H, D, order, sm_scale, BLOCK_M, BLOCK_N, BLOCK_D, warps, stages, precision = ctx.meta
+        B, _, T = qkv.shape
+        dout = dout.contiguous()
+        delta = torch.empty_like(lse)
+        _bwd_preprocess[(triton.cdiv(T, BLOCK_M), B * H)](out, dout, delta, H, T, D=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M)
+        dqkv = torch.empty_like(qkv)
+        head_stride, part_stride = _strides(order, H, D)
+        common = dict(D=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=precision, num_warps=warps, num_stages=stages)
+        _bwd_dkdv_kernel[(triton.cdiv(T, BLOCK_N), B * H)](qkv, dout, lse, delta, dqkv, H, T, head_stride, part_stride, sm_scale, **common)
+        _bwd_dq_kernel[(triton.cdiv(T, BLOCK_M), B * H)](qkv, dout, lse, delta, dqkv, H, T, head_stride, part_stride, sm_scale, **common)
+        return dqkv, None, None

@@ -78,3 +78,68 @@ def load_official_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tenso
         )
         raise CheckpointError(f"checkpoint does not match the model flags: {detail}")
     model.load_state_dict(state_dict, strict=True)
+
+
+# --------------------------------------------------------------------------- run directories
+# Flags that change how a model is run, never what its weights mean.
+RUNTIME_ONLY_FLAGS = {"timestep_respacing", "use_fused_kernels", "use_checkpoint", "dropout"}
+
+
+def read_run_config(run_dir: str) -> Dict:
+    """The config.json that launch/train.py writes into a run directory."""
+    import json
+
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{run_dir} has no config.json (not a training run directory?)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def merge_run_flags(saved: Dict, flags: Dict, explicit, source: str, override: bool = False) -> Dict:
+    """Model flags for reusing a run: saved values fill in every flag not given on the command line;
+    a given flag that contradicts a saved one is an error (unless override or runtime-only)."""
+    merged = dict(flags)
+    for k, v in saved.items():
+        if k not in explicit:
+            merged[k] = v
+        elif k not in RUNTIME_ONLY_FLAGS and flags.get(k) != v and not override:
+            raise CheckpointError(f"--{k} {flags.get(k)} contradicts {v!r} in {source} (use the same flags, or --override True to force)")
+    return merged
+
+
+def _newest(run_dir: str, prefix: str) -> str:
+    files = sorted(f for f in os.listdir(run_dir) if f.startswith(prefix) and f.endswith(".pt") and ".tmp" not in f)
+    if not files:
+        raise CheckpointError(f"no {prefix}*.pt in {run_dir}")
+    return os.path.join(run_dir, files[-1])
+
+
+def resolve_trained_model(run_dir: str, model_path: str, use_ema: bool, flags: Dict, explicit, override: bool = False):
+    """(weights file, model flags, number of data classes or None) for sampling or evaluation.
+
+    :param run_dir: a training run directory (flags from its config.json, newest EMA or model file).
+    :param model_path: a .pt file, or a checkpoints/stepNNNNNN directory (its consolidated files).
+    :param flags: the command line's model flags; explicit: the names given on it.
+    """
+    import json
+
+    data_classes = None
+    path = model_path
+    if path and os.path.isdir(path):
+        marker = os.path.join(path, "COMPLETE")
+        if not os.path.isfile(marker):
+            raise CheckpointError(f"{path} is not a complete checkpoint directory")
+        with open(marker) as f:
+            meta = json.load(f)
+        run_dir = os.path.dirname(os.path.dirname(os.path.normpath(path)))
+        path = os.path.join(run_dir, next(iter(meta["ema"].values())) if use_ema else meta["model"])
+    if run_dir:
+        config = read_run_config(run_dir)
+        flags = merge_run_flags(config["model_flags"], flags, explicit, os.path.join(run_dir, "config.json"), override)
+        data_classes = config.get("data_classes")
+        if not path:
+            path = _newest(run_dir, "ema_") if use_ema else _newest(run_dir, "model")
+    if not path:
+        raise CheckpointError("give --run_dir or --model_path")
+    return path, flags, data_classes

@@ -242,13 +242,15 @@ class GaussianDiffusion:
         return t
 
     # ------------------------------------------------------------------ ancestral sampling
-    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None) -> Dict[str, torch.Tensor]:
+    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, noise=None) -> Dict[str, torch.Tensor]:
         """One ancestral step x_t -> x_{t-1}; returns {'sample', 'pred_xstart'}, each [N, C, ...].
 
         No noise is added at t = 0: the decoder's mean is the final sample.
+        :param noise: the step's standard normal noise (default: drawn from the global RNG).
         """
         out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
-        noise = torch.randn_like(x)
+        if noise is None:
+            noise = torch.randn_like(x)
         nonzero_mask = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))
         sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
@@ -282,14 +284,18 @@ class GaussianDiffusion:
         return img, indices
 
     # ------------------------------------------------------------------ DDIM
-    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0) -> Dict[str, torch.Tensor]:
-        """One DDIM step x_t -> x_{t-1} (Song et al. 2021, Eq. 12); eta = 0 is deterministic."""
+    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0, noise=None) -> Dict[str, torch.Tensor]:
+        """One DDIM step x_t -> x_{t-1} (Song et al. 2021, Eq. 12); eta = 0 is deterministic.
+
+        :param noise: the step's standard normal noise for eta > 0 (default: drawn from the global RNG).
+        """
         out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
         alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
         alpha_bar_prev = _extract_into_tensor(self.alphas_cumprod_prev, t, x.shape)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
-        noise = torch.randn_like(x)
+        if noise is None:
+            noise = torch.randn_like(x)
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
         nonzero_mask = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))
         return {"sample": mean_pred + nonzero_mask * sigma * noise, "pred_xstart": out["pred_xstart"]}

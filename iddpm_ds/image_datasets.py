@@ -494,3 +494,21 @@ def load_data(*, data_dir: str, batch_size: int, image_size: int, class_cond: bo
     rank = d_rank if rank is None else rank
     world_size = d_world if world_size is None else world_size
     return DataStream(source, image_size, batch_size, class_cond, rank, world_size, seed, not deterministic, num_workers)
+
+
+class SuperResStream:
+    """Wraps a DataStream of high-resolution batches: adds model_kwargs['low_res'], the batch
+    downsampled to small_size by area averaging, as improved-diffusion's super-resolution training does."""
+
+    def __init__(self, stream: DataStream, small_size: int):
+        self.stream, self.small_size = stream, small_size
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        x, cond = next(self.stream)
+        return x, {**cond, "low_res": torch.nn.functional.interpolate(x, self.small_size, mode="area")}
+
+    def __getattr__(self, name):  # position, skipped, epoch, source, state_dict, load_state_dict, close
+        return getattr(self.stream, name)

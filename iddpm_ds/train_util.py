@@ -21,7 +21,7 @@ import logging
 import os
 import random
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -139,14 +139,18 @@ class TrainLoop:
     :param run_dir: where checkpoints, logs and TensorBoard events go.
     :param max_steps: stop after this many optimizer steps (0 = no limit).
     :param lr_anneal_steps: the LR decays linearly to 0 and training stops there (0 = off).
+    :param sample_interval, preview_fn: every sample_interval steps, rank 0 calls preview_fn
+        with the first EMA rate's full state_dict and logs the returned uint8 HWC grid.
     """
 
     def __init__(self, *, engine, diffusion, data, schedule_sampler, ema_rate: str, run_dir: str, log_interval: int,
-                 save_interval: int, max_steps: int = 0, lr_anneal_steps: int = 0, writer=None, progress: bool = True):
+                 save_interval: int, max_steps: int = 0, lr_anneal_steps: int = 0, writer=None, progress: bool = True,
+                 sample_interval: int = 0, preview_fn: Optional[Callable[[Dict[str, torch.Tensor]], np.ndarray]] = None):
         self.engine, self.diffusion, self.data, self.sampler = engine, diffusion, data, schedule_sampler
         self.ema_rates = [float(r) for r in str(ema_rate).split(",") if r.strip()]
         self.run_dir, self.log_interval, self.save_interval = run_dir, log_interval, save_interval
         self.max_steps, self.lr_anneal_steps = max_steps, lr_anneal_steps
+        self.sample_interval, self.preview_fn = sample_interval, preview_fn
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = engine.device
         self.micro = engine.train_micro_batch_size_per_gpu()
@@ -257,6 +261,13 @@ class TrainLoop:
             self.writer.flush()
         return record
 
+    def log_preview(self) -> None:
+        """Sample a small grid from the EMA weights into TensorBoard. Collective (the EMA is gathered)."""
+        state_dict = self.ema.full_state_dicts()[self.ema_rates[0]]
+        if self.rank == 0 and self.preview_fn is not None and self.writer is not None:
+            self.writer.add_image(f"samples/ema_{self.ema_rates[0]}", self.preview_fn(state_dict), self.step, dataformats="HWC")
+            self.writer.flush()
+
     # ------------------------------------------------------------------ loop
     def run_loop(self) -> None:
         from tqdm.auto import tqdm
@@ -271,6 +282,8 @@ class TrainLoop:
                 record = self.log_step()
                 if record is not None:
                     bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", img_s=f"{record['images_per_s']:.1f}")
+            if self.sample_interval and self.step % self.sample_interval == 0:
+                self.log_preview()
             if self.save_interval and self.step % self.save_interval == 0:
                 self.save()
         bar.close()

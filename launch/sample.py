@@ -6,11 +6,11 @@
 
 --model_path may also be a DeepSpeed checkpoint directory (checkpoints/stepNNNNNN).
 Sampling is ancestral with --timestep_respacing ("250", "ddim50", ...) or DDIM
-(--use_ddim, --eta). The same --seed gives the same images.
+(--use_ddim, --eta). Image i is drawn from (--seed, i) alone, so the same
+seed gives the same images whatever the batch size or number of ranks.
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -22,78 +22,46 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from iddpm_ds import dist_util  # noqa: E402
-from iddpm_ds.checkpoint import CheckpointError, load_official_state_dict, load_state_dict_file  # noqa: E402
+from iddpm_ds.checkpoint import CheckpointError, load_official_state_dict, load_state_dict_file, resolve_trained_model  # noqa: E402
 from iddpm_ds.ds_config import ConfigError, explicit_flags  # noqa: E402
-from iddpm_ds.script_util import NUM_CLASSES, add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
+from iddpm_ds.sampling import make_grid, sample_images  # noqa: E402
+from iddpm_ds.script_util import (  # noqa: E402
+    NUM_CLASSES,
+    add_dict_to_argparser,
+    args_to_dict,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    sr_create_model_and_diffusion,
+    sr_model_and_diffusion_defaults,
+)
 
 SAMPLE_DEFAULTS = dict(run_dir="", model_path="", use_ema=True, num_samples=64, batch_size=16, clip_denoised=True, use_ddim=False,
                        eta=0.0, class_labels="", seed=0, out="", override=False, master_port=0)
-# Flags that only change how we sample, never what the weights mean.
-SAMPLING_ONLY = {"timestep_respacing", "use_fused_kernels", "use_checkpoint", "dropout"}
 
 
-def create_argparser() -> argparse.ArgumentParser:
+def main(super_res: bool = False) -> None:
+    model_defaults = sr_model_and_diffusion_defaults() if super_res else model_and_diffusion_defaults()
+    defaults = {**SAMPLE_DEFAULTS, **model_defaults, **({"base_samples": ""} if super_res else {})}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dict_to_argparser(parser, {**SAMPLE_DEFAULTS, **model_and_diffusion_defaults()})
+    add_dict_to_argparser(parser, defaults)
     parser.add_argument("--local_rank", type=int, default=-1)
-    return parser
-
-
-def newest(run_dir: str, prefix: str) -> str:
-    files = sorted(f for f in os.listdir(run_dir) if f.startswith(prefix) and f.endswith(".pt") and ".tmp" not in f)
-    if not files:
-        raise CheckpointError(f"no {prefix}*.pt in {run_dir}")
-    return os.path.join(run_dir, files[-1])
-
-
-def resolve_weights_and_flags(args, explicit):
-    """(weights path, model flags, number of data classes or None) from --run_dir / --model_path and the command line."""
-    flags = args_to_dict(args, model_and_diffusion_defaults().keys())
-    data_classes = None
-    run_dir, path = args.run_dir, args.model_path
-    if path and os.path.isdir(path):  # a DeepSpeed checkpoint dir: use the consolidated files it lists
-        with open(os.path.join(path, "COMPLETE")) as f:
-            meta = json.load(f)
-        run_dir = os.path.dirname(os.path.dirname(os.path.normpath(path)))
-        path = os.path.join(run_dir, next(iter(meta["ema"].values())) if args.use_ema else meta["model"])
-    if run_dir:
-        cfg_path = os.path.join(run_dir, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise ConfigError(f"{run_dir} has no config.json (not a training run directory?)")
-        with open(cfg_path) as f:
-            config = json.load(f)
-        saved, data_classes = config["model_flags"], config.get("data_classes")
-        for k, v in saved.items():
-            if k not in explicit:
-                flags[k] = v
-            elif k not in SAMPLING_ONLY and flags[k] != v and not args.override:
-                raise ConfigError(f"--{k} {flags[k]} contradicts {v!r} in {cfg_path} (add --override True to force)")
-        if not path:
-            path = newest(run_dir, "ema_") if args.use_ema else newest(run_dir, "model")
-    if not path:
-        raise ConfigError("give --run_dir or --model_path")
-    return path, flags, data_classes
-
-
-def save_grid(images: np.ndarray, path: str) -> None:
-    """images: uint8 [N, H, W, 3] -> one PNG, as square a grid as N allows."""
-    from PIL import Image
-
-    n, h, w, _ = images.shape
-    cols = int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, cols)
-        grid[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + c * (w + 2) : 2 + c * (w + 2) + w] = img
-    Image.fromarray(grid).save(path)
-
-
-def main() -> None:
     argv = sys.argv[1:]
-    args = create_argparser().parse_args(argv)
-    explicit = explicit_flags(argv)
-    path, flags, data_classes = resolve_weights_and_flags(args, explicit)
+    args = parser.parse_args(argv)
+    flags = args_to_dict(args, model_defaults.keys())
+    path, flags, data_classes = resolve_trained_model(args.run_dir, args.model_path, args.use_ema, flags, explicit_flags(argv), args.override)
+    image_size = flags["large_size" if super_res else "image_size"]
+
+    base, base_labels = None, None
+    if super_res:
+        if not args.base_samples or not os.path.isfile(args.base_samples):
+            raise ConfigError("super-resolution sampling needs --base_samples: an .npz of low-resolution samples (arr_0 uint8 NHWC)")
+        with np.load(args.base_samples) as f:
+            base = f["arr_0"]
+            base_labels = f["arr_1"] if "arr_1" in f.files else None
+        if base.shape[1] != flags["small_size"]:
+            raise ConfigError(f"--base_samples are {base.shape[1]} px, the model expects small_size={flags['small_size']}")
+        args.num_samples = min(args.num_samples, len(base))
+
     distributed = "RANK" in os.environ or dist_util.launched_by_mpi()
     if distributed:
         dist_util.setup_dist(args.master_port or None)
@@ -101,65 +69,69 @@ def main() -> None:
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = dist_util.dev()
 
-    model, diffusion = create_model_and_diffusion(**flags)
+    model, diffusion = (sr_create_model_and_diffusion if super_res else create_model_and_diffusion)(**flags)
     load_official_state_dict(model, load_state_dict_file(path))
     model.to(device).eval()
     if rank == 0:
         print(f"sampling {args.num_samples} images from {path} ({diffusion.num_timesteps} steps, {'DDIM' if args.use_ddim else 'ancestral'})")
 
-    labels_all = None
+    labels = None
     if flags["class_cond"]:
-        if args.class_labels:
+        if base_labels is not None:
+            labels = np.asarray(base_labels[: args.num_samples])
+        elif args.class_labels:
             given = [int(c) for c in args.class_labels.split(",")]
             if max(given) >= NUM_CLASSES or min(given) < 0:
                 raise ConfigError(f"--class_labels must lie in [0, {NUM_CLASSES})")
-            labels_all = np.resize(np.array(given), args.num_samples)
+            labels = np.resize(np.array(given), args.num_samples)
         else:
-            labels_all = np.random.default_rng(args.seed).integers(0, data_classes or NUM_CLASSES, args.num_samples)
-    # Sample i is drawn from its own seed, so the images do not depend on the rank count or batch size.
+            labels = np.random.default_rng(args.seed).integers(0, data_classes or NUM_CLASSES, args.num_samples)
+
     mine = list(range(rank, args.num_samples, world))
-    sample_fn = diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
-    images, labels = [], []
+    images = []
     from tqdm.auto import tqdm
 
     for start in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, unit="batch"):
         idx = mine[start : start + args.batch_size]
-        noise = torch.stack([torch.randn(3, flags["image_size"], flags["image_size"], generator=torch.Generator().manual_seed(args.seed * 1_000_003 + i)) for i in idx]).to(device)
         kwargs = {}
-        if labels_all is not None:
-            kwargs["y"] = torch.from_numpy(labels_all[idx]).long().to(device)
-        torch.manual_seed(args.seed * 1_000_003 + idx[0])
-        extra = {"eta": args.eta} if args.use_ddim else {}
-        with torch.no_grad():
-            x = sample_fn(model, noise.shape, noise=noise, clip_denoised=args.clip_denoised, model_kwargs=kwargs, **extra)
-        images.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
-        labels.append(np.asarray(labels_all[idx]) if labels_all is not None else np.zeros(len(idx), dtype=np.int64))
-    local = (np.array(mine, dtype=np.int64), np.concatenate(images) if images else np.zeros((0,)), np.concatenate(labels) if labels else np.zeros(0))
+        if labels is not None:
+            kwargs["y"] = torch.from_numpy(labels[idx]).long().to(device)
+        if base is not None:
+            kwargs["low_res"] = torch.from_numpy(base[idx]).float().div(127.5).sub(1).permute(0, 3, 1, 2).to(device)
+        images.append(sample_images(model, diffusion, idx, image_size, args.seed, model_kwargs=kwargs, use_ddim=args.use_ddim,
+                                    eta=args.eta, clip_denoised=args.clip_denoised, device=device))
+    local = (mine, np.concatenate(images) if images else np.zeros((0, image_size, image_size, 3), dtype=np.uint8))
+    gathered = [None] * world
     if distributed:
-        gathered = [None] * world
         dist.all_gather_object(gathered, local)
     else:
         gathered = [local]
     if rank != 0:
         return
-    order = np.concatenate([g[0] for g in gathered])
-    if len(set(order.tolist())) != len(order):
-        raise RuntimeError("duplicate sample indices across ranks")
-    arr = np.concatenate([g[1] for g in gathered if len(g[0])])[np.argsort(order)]
-    lab = np.concatenate([g[2] for g in gathered if len(g[0])])[np.argsort(order)]
-    out = args.out or os.path.join(args.run_dir or os.path.dirname(os.path.abspath(path)), f"samples_{arr.shape[0]}x{arr.shape[1]}x{arr.shape[2]}x3.npz")
-    if flags["class_cond"]:
-        np.savez(out, arr, lab)
+    order = np.concatenate([np.asarray(g[0], dtype=np.int64) for g in gathered])
+    if len(np.unique(order)) != len(order) or len(order) != args.num_samples:
+        raise RuntimeError("sample indices across ranks are not a partition of range(num_samples)")
+    arr = np.concatenate([g[1] for g in gathered])[np.argsort(order)]
+    out = args.out or os.path.join(args.run_dir or os.path.dirname(os.path.abspath(path)), f"samples_{arr.shape[0]}x{image_size}x{image_size}x3.npz")
+    if labels is not None:
+        np.savez(out, arr, labels)
     else:
         np.savez(out, arr)
     grid = out[: -len(".npz")] + ".png"
-    save_grid(arr, grid)
+    from PIL import Image
+
+    Image.fromarray(make_grid(arr)).save(grid)
     print(f"saved {out} and {grid}")
 
 
-if __name__ == "__main__":
+def cli(super_res: bool = False) -> None:
+    name = os.path.basename(sys.argv[0])
     try:
-        main()
+        main(super_res)
     except (ConfigError, CheckpointError) as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

@@ -25,12 +25,21 @@ import torch  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 from iddpm_ds import dist_util  # noqa: E402
-from iddpm_ds.checkpoint import CheckpointError, load_official_state_dict, load_state_dict_file  # noqa: E402
+from iddpm_ds.checkpoint import CheckpointError, load_official_state_dict, load_state_dict_file, merge_run_flags, read_run_config  # noqa: E402
 from iddpm_ds.ds_config import ConfigError, explicit_flags, precision, resolve  # noqa: E402
 from iddpm_ds.ds_config import load as load_ds_config  # noqa: E402
-from iddpm_ds.image_datasets import DataError, load_data  # noqa: E402
+from iddpm_ds.image_datasets import DataError, SuperResStream, load_data  # noqa: E402
+from iddpm_ds.sampling import make_grid, sample_images  # noqa: E402
 from iddpm_ds.resample import create_named_schedule_sampler  # noqa: E402
-from iddpm_ds.script_util import NUM_CLASSES, add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
+from iddpm_ds.script_util import (  # noqa: E402
+    NUM_CLASSES,
+    add_dict_to_argparser,
+    args_to_dict,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    sr_create_model_and_diffusion,
+    sr_model_and_diffusion_defaults,
+)
 from iddpm_ds.train_util import TrainLoop, atomic_write_text, create_engine, find_latest_checkpoint, seed_everything  # noqa: E402
 
 TRAIN_DEFAULTS = dict(
@@ -49,18 +58,20 @@ TRAIN_DEFAULTS = dict(
     fp16_scale_growth=1e-3,
     # iddpm_ds additions
     max_steps=0,
+    sample_interval=0,
     log_dir="",
     seed=0,
     num_workers=1,
     master_port=0,
 )
+PREVIEW_SAMPLES, PREVIEW_RESPACING = 16, "ddim25"
 
 
-def create_argparser() -> argparse.ArgumentParser:
+def create_argparser(model_defaults: dict) -> argparse.ArgumentParser:
     import deepspeed
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dict_to_argparser(parser, {**TRAIN_DEFAULTS, **model_and_diffusion_defaults()})
+    add_dict_to_argparser(parser, {**TRAIN_DEFAULTS, **model_defaults})
     parser.add_argument("--local_rank", type=int, default=-1)  # set by the deepspeed launcher
     deepspeed.add_config_arguments(parser)
     return parser
@@ -73,20 +84,11 @@ def resolve_run_dir(log_dir: str) -> str:
     return holder[0]
 
 
-def check_same_model_flags(run_dir: str, model_flags: dict) -> None:
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        saved = json.load(f)["model_flags"]
-    for k, v in saved.items():
-        if k in model_flags and model_flags[k] != v and k not in ("timestep_respacing", "use_fused_kernels", "use_checkpoint"):
-            raise ConfigError(f"--{k} {model_flags[k]} contradicts {v!r} in {path}; use another --log_dir or the same flags")
-
-
-def main() -> None:
+def main(super_res: bool = False) -> None:
+    model_defaults = sr_model_and_diffusion_defaults() if super_res else model_and_diffusion_defaults()
+    factory = sr_create_model_and_diffusion if super_res else create_model_and_diffusion
     argv = sys.argv[1:]
-    args = create_argparser().parse_args(argv)
+    args = create_argparser(model_defaults).parse_args(argv)
     if not args.deepspeed_config:
         args.deepspeed_config = os.path.join(REPO, "ds_configs", "cpu.json")
     ds_cfg = load_ds_config(args.deepspeed_config)  # validated before any rank starts work
@@ -97,7 +99,8 @@ def main() -> None:
     from deepspeed.accelerator import get_accelerator
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    ds_cfg, notes = resolve(ds_cfg, args, explicit_flags(argv), world, get_accelerator().is_fp16_supported())
+    explicit = explicit_flags(argv)
+    ds_cfg, notes = resolve(ds_cfg, args, explicit, world, get_accelerator().is_fp16_supported())
     run_dir = resolve_run_dir(args.log_dir)
     os.makedirs(run_dir, exist_ok=True)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s",
@@ -106,11 +109,13 @@ def main() -> None:
     for line in notes:
         log.warning(line) if line.startswith("WARNING") else log.info(line)
 
-    model_flags = args_to_dict(args, model_and_diffusion_defaults().keys())
-    check_same_model_flags(run_dir, model_flags)
+    model_flags = args_to_dict(args, model_defaults.keys())
+    if os.path.isfile(os.path.join(run_dir, "config.json")):  # continuing a run: its flags, unless contradicted
+        model_flags = merge_run_flags(read_run_config(run_dir)["model_flags"], model_flags, explicit, os.path.join(run_dir, "config.json"))
+    image_size = model_flags["large_size" if super_res else "image_size"]
     seed_everything(args.seed)  # same initial weights on every rank
-    model, diffusion = create_model_and_diffusion(**model_flags)
-    resume_dir = find_latest_checkpoint(args.resume_checkpoint or run_dir) if (args.resume_checkpoint or os.path.isdir(run_dir)) else None
+    model, diffusion = factory(**model_flags)
+    resume_dir = find_latest_checkpoint(args.resume_checkpoint or run_dir)
     init_weights = None
     if args.resume_checkpoint and resume_dir is None:
         if not args.resume_checkpoint.endswith(".pt"):
@@ -121,26 +126,36 @@ def main() -> None:
 
     args.deepspeed_config = None  # the resolved dict replaces the file
     engine = create_engine(model, ds_cfg, args=args, lr=args.lr, weight_decay=args.weight_decay, lr_anneal_steps=args.lr_anneal_steps)
+    data = load_data(data_dir=args.data_dir, batch_size=engine.train_micro_batch_size_per_gpu(), image_size=image_size,
+                     class_cond=model_flags["class_cond"], seed=args.seed, num_workers=args.num_workers,
+                     num_classes=NUM_CLASSES if model_flags["class_cond"] else None)
+    data_classes = len(data.source.classes) if data.source.classes else None
+    if super_res:
+        data = SuperResStream(data, model_flags["small_size"])
+
+    writer, preview = None, None
     if rank == 0:
         log.info("run dir %s | %d ranks x %d threads | %s | ZeRO-%d | micro-batch %d x accumulation %d | %.2fM params",
                  run_dir, world, threads, precision(ds_cfg), engine.zero_optimization_stage(), engine.train_micro_batch_size_per_gpu(),
                  engine.gradient_accumulation_steps(), sum(p.numel() for p in model.parameters()) / 1e6)
-
-    data = load_data(data_dir=args.data_dir, batch_size=engine.train_micro_batch_size_per_gpu(), image_size=args.image_size,
-                     class_cond=args.class_cond, seed=args.seed, num_workers=args.num_workers,
-                     num_classes=NUM_CLASSES if args.class_cond else None)
-    if rank == 0:
         config = {"model_flags": model_flags, "train_flags": {k: getattr(args, k) for k in TRAIN_DEFAULTS}, "deepspeed": ds_cfg,
-                  "world_size": world, "precision": precision(ds_cfg),
-                  "data_classes": len(data.source.classes) if data.source.classes else None}
+                  "world_size": world, "precision": precision(ds_cfg), "super_res": super_res, "data_classes": data_classes}
         atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(config, indent=1, default=str))
-    writer = None
-    if rank == 0:
-
         writer = SummaryWriter(os.path.join(run_dir, "tb"))
+        if args.sample_interval and not super_res:
+            preview_model, preview_diffusion = factory(**{**model_flags, "timestep_respacing": PREVIEW_RESPACING, "use_checkpoint": False})
+            preview_model.to(engine.device).eval()
+            labels = {"y": torch.arange(PREVIEW_SAMPLES, device=engine.device) % (data_classes or NUM_CLASSES)} if model_flags["class_cond"] else {}
+
+            def preview(state_dict):
+                preview_model.load_state_dict(state_dict)
+                return make_grid(sample_images(preview_model, preview_diffusion, list(range(PREVIEW_SAMPLES)), image_size, seed=0,
+                                               model_kwargs=labels, use_ddim=True))
+
     loop = TrainLoop(engine=engine, diffusion=diffusion, data=data, schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
                      ema_rate=args.ema_rate, run_dir=run_dir, log_interval=args.log_interval, save_interval=args.save_interval,
-                     max_steps=args.max_steps, lr_anneal_steps=args.lr_anneal_steps, writer=writer)
+                     max_steps=args.max_steps, lr_anneal_steps=args.lr_anneal_steps, writer=writer,
+                     sample_interval=args.sample_interval if not super_res else 0, preview_fn=preview)
     if resume_dir:
         loop.resume(resume_dir)
     elif init_weights:
@@ -152,9 +167,14 @@ def main() -> None:
     log.info("done at step %d; checkpoints in %s", loop.step, run_dir)
 
 
-if __name__ == "__main__":
+def cli(super_res: bool = False) -> None:
+    name = os.path.basename(sys.argv[0])
     try:
-        main()
+        main(super_res)
     except (ConfigError, DataError, CheckpointError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

@@ -23,3 +23,12 @@ def tiny_flags(**overrides):
 def tiny():
     torch.manual_seed(0)
     return create_model_and_diffusion(**tiny_flags())
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (parallel launches must not share DeepSpeed's default 29500)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

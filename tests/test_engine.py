@@ -2,13 +2,14 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
+
+from conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launch", "train.py")
@@ -17,12 +18,6 @@ TINY = ["--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1", "-
         "--schedule_sampler", "loss-second-moment", "--ema_rate", "0.9,0.99", "--log_interval", "1", "--num_workers", "1"]
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env():

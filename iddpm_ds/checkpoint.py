@@ -35,6 +35,39 @@ def load_state_dict_file(path: str, map_location="cpu") -> Dict[str, torch.Tenso
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {first}") from None
 
 
+def _deepspeed_safe_globals() -> list:
+    """The few DeepSpeed classes its own checkpoint files pickle (plain data holders, no code on load)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def verify_checkpoint_files(ckpt_dir: str) -> None:
+    """Refuse a DeepSpeed checkpoint directory if any of its .pt files holds more than tensors,
+    plain values and DeepSpeed's own data classes.
+
+    DeepSpeed loads its files with weights_only=False, which runs whatever a
+    tampered pickle asks for; loading each file here first with weights_only
+    (and that short allowlist) stops such a file before DeepSpeed opens it.
+    """
+    allowed = _deepspeed_safe_globals()
+    for name in sorted(os.listdir(ckpt_dir)):
+        if not name.endswith(".pt"):
+            continue
+        path = os.path.join(ckpt_dir, name)
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"refusing to load {path}: it holds objects that could run code ({first})") from None
+        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"checkpoint file {path} is unreadable (truncated or corrupt?): {first}") from None
+
+
 def _describe_mismatch(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> List[str]:
     """Name the model flags that explain a state_dict/model mismatch."""
     own = model.state_dict()

@@ -34,6 +34,11 @@ class MasterWeights:
             raise RuntimeError(f"cannot find the fp32 master weights of {type(engine.optimizer).__name__} at ZeRO stage 0")
 
     @property
+    def plain_fp32(self) -> bool:
+        """ZeRO-0 without a reduced-precision wrapper: the module's parameters are the master."""
+        return self.stage == 0 and not self._fp32_copy
+
+    @property
     def sharded(self) -> bool:
         return self.stage > 0
 

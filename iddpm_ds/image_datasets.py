@@ -406,6 +406,15 @@ class StreamBatches(torch.utils.data.IterableDataset):
             step += num_workers
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1 to their rank: a scheduler signals every process of a
+    job, and a worker that died of it would take its rank down before it could save."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class DataStream:
     """Infinite iterator of (images [B, 3, S, S], {'y': labels [B]}) with a resumable position.
 
@@ -451,7 +460,8 @@ class DataStream:
             # Its own generator: creating the loader must not draw from the global RNG, or a resumed
             # run (which creates it at another point) would see different noise.
             loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers, generator=torch.Generator(),
-                                                 persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+                                                 persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
+                                                 worker_init_fn=_ignore_stop_signals)
             self._it = iter(loader)
         batch = next(self._it)
         self.position += self.world_size * self.batch_size

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointError, load_state_dict_file
+from .checkpoint import CheckpointError, load_state_dict_file, verify_checkpoint_files
 from .dist_util import accelerator_is_cpu
 from .ds_config import ConfigError
 from .ema import EMA, MasterWeights
@@ -36,10 +36,18 @@ from .resample import LossAwareSampler
 log = logging.getLogger("iddpm_ds")
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite losses; the message is for the user as is."""
+
+
 def atomic_torch_save(obj, path: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -141,16 +149,25 @@ class TrainLoop:
     :param lr_anneal_steps: the LR decays linearly to 0 and training stops there (0 = off).
     :param sample_interval, preview_fn: every sample_interval steps, rank 0 calls preview_fn
         with the first EMA rate's full state_dict and logs the returned uint8 HWC grid.
+    :param max_nonfinite_steps: a step whose loss is non-finite on any rank is skipped (no update,
+        no EMA, no sampler); this many in a row save a checkpoint (of the weights from before
+        the divergence, as every such step was skipped) and stop the run with TrainingDiverged.
+    :param preemption: a PreemptionWatch; when any rank reports a reason, every rank stops after
+        the same step with a complete checkpoint.
     """
 
     def __init__(self, *, engine, diffusion, data, schedule_sampler, ema_rate: str, run_dir: str, log_interval: int,
                  save_interval: int, max_steps: int = 0, lr_anneal_steps: int = 0, writer=None, progress: bool = True,
-                 sample_interval: int = 0, preview_fn: Optional[Callable[[Dict[str, torch.Tensor]], np.ndarray]] = None):
+                 sample_interval: int = 0, preview_fn: Optional[Callable[[Dict[str, torch.Tensor]], np.ndarray]] = None,
+                 max_nonfinite_steps: int = 10, preemption=None):
         self.engine, self.diffusion, self.data, self.sampler = engine, diffusion, data, schedule_sampler
         self.ema_rates = [float(r) for r in str(ema_rate).split(",") if r.strip()]
         self.run_dir, self.log_interval, self.save_interval = run_dir, log_interval, save_interval
         self.max_steps, self.lr_anneal_steps = max_steps, lr_anneal_steps
         self.sample_interval, self.preview_fn = sample_interval, preview_fn
+        self.max_nonfinite_steps, self.preemption = max_nonfinite_steps, preemption
+        self.nonfinite_steps, self.consecutive_nonfinite = 0, 0
+        self.stop_reason = ""
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = engine.device
         self.micro = engine.train_micro_batch_size_per_gpu()
@@ -175,22 +192,47 @@ class TrainLoop:
 
     def run_step(self) -> bool:
         """One optimizer step over gas micro-batches; returns whether the update was applied."""
-        for _ in range(self.gas):
+        finite = torch.ones((), device=self.device)
+        for micro in range(self.gas):
             batch, cond = next(self.data)
             batch = batch.to(self.device)
             cond = {k: v.to(self.device) for k, v in cond.items()}
             t, weights = self.sampler.sample(batch.shape[0], self.device)
             losses = self.diffusion.training_losses(self.engine, batch, t, model_kwargs=cond)
             loss = (losses["loss"] * weights).mean()
+            finite = finite * torch.isfinite(loss.detach())
             self.engine.backward(loss)
+            if micro == self.gas - 1:
+                all_finite = self._all_ranks_finite(finite)
             self.engine.step()
             self._pending.append(torch.stack([t.to(torch.float64), losses["loss"].detach().to(torch.float64)]))
             self._accumulate({k: v.detach() * weights for k, v in losses.items()}, t)
-        applied = self.engine.was_step_applied()
+        applied = self.engine.was_step_applied() and all_finite
+        if all_finite:
+            self.consecutive_nonfinite = 0
+        else:
+            self.nonfinite_steps += 1
+            self.consecutive_nonfinite += 1
         self._sync_sampler(applied)
         if applied:
             self.ema.update()
         return applied
+
+    def _all_ranks_finite(self, finite: torch.Tensor) -> bool:
+        """Agree across ranks whether this step's losses were finite, before the update is applied.
+
+        DeepSpeed's fp16/bf16 and ZeRO 1-3 optimizers already skip a step with
+        non-finite gradients; a plain fp32 ZeRO-0 optimizer would apply it, so
+        its gradients are dropped here (AdamW skips parameters without grads).
+        """
+        flag = finite.detach().float().reshape(1)
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        ok = bool(flag.item())
+        if not ok and self.master.plain_fp32:
+            for _, p in self.master.named:
+                p.grad = None
+        return ok
 
     def _sync_sampler(self, apply: bool) -> None:
         """All-gather this step's (t, loss) pairs (one fixed-size collective) into the loss-aware sampler."""
@@ -248,6 +290,7 @@ class TrainLoop:
         if scale is not None:
             record["loss_scale"] = scale
         record["skipped_steps"] = int(self.engine.skipped_steps)
+        record["nonfinite_steps"] = self.nonfinite_steps
         record["data_skipped"] = data_skips
         record["epoch"] = self.data.epoch
         record["images_per_s"] = (samples - self._samples_last) / max(now - self._t_last, 1e-9)
@@ -260,6 +303,20 @@ class TrainLoop:
                     self.writer.add_scalar(f"train/{k}", v, self.step)
             self.writer.flush()
         return record
+
+    def _preempted(self) -> bool:
+        """True on every rank once any rank's PreemptionWatch has a reason (one small all-reduce per step)."""
+        if self.preemption is None:
+            return False
+        reason = self.preemption.reason()
+        flag = torch.tensor([1.0 if reason else 0.0], device=self.device)
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            self.stop_reason = reason or "another rank was asked to stop"
+            log.warning("stopping after step %d: %s (rank %d); saving a checkpoint", self.step, self.stop_reason, self.rank)
+            return True
+        return False
 
     def log_preview(self) -> None:
         """Sample a small grid from the EMA weights into TensorBoard. Collective (the EMA is gathered)."""
@@ -275,6 +332,12 @@ class TrainLoop:
         bar = tqdm(total=self.max_steps or self.lr_anneal_steps or None, initial=self.step, disable=not self.progress,
                    unit="step", dynamic_ncols=True)
         self._t_last, self._samples_last = time.perf_counter(), self.engine.global_samples
+        try:
+            self._loop(bar)
+        finally:
+            bar.close()
+
+    def _loop(self, bar) -> None:
         while not self.done():
             self.run_step()
             bar.update(1)
@@ -282,17 +345,29 @@ class TrainLoop:
                 record = self.log_step()
                 if record is not None:
                     bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", img_s=f"{record['images_per_s']:.1f}")
+            if self.consecutive_nonfinite >= self.max_nonfinite_steps:
+                self.save()
+                raise TrainingDiverged(
+                    f"{self.consecutive_nonfinite} optimizer steps in a row had a non-finite loss (step {self.step}); "
+                    f"they were skipped, and {checkpoint_root(self.run_dir)} holds the weights from before: lower the lr or check the data"
+                )
             if self.sample_interval and self.step % self.sample_interval == 0:
                 self.log_preview()
             if self.save_interval and self.step % self.save_interval == 0:
                 self.save()
-        bar.close()
+            if self._preempted():
+                break
         if self.last_saved_step != self.step:
             self.save()
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:
-        """Write a complete checkpoint of this step; collective. Returns its directory."""
+        """Write a complete checkpoint of this step; collective. Returns its directory.
+
+        A failure on any rank (disk full, I/O error) raises CheckpointError on
+        every rank naming the newest complete checkpoint, which stays the one
+        resume picks: this one never gets its COMPLETE marker.
+        """
         step = self.step
         root = checkpoint_root(self.run_dir)
         tag = f"step{step:06d}"
@@ -300,16 +375,28 @@ class TrainLoop:
         model_sd = self.master.full_state_dict()
         ema_sds = self.ema.full_state_dicts()
         ema_files = {str(rate): f"ema_{rate}_{step:06d}.pt" for rate in self.ema_rates}
-        if self.rank == 0:
-            atomic_torch_save(model_sd, os.path.join(self.run_dir, f"model{step:06d}.pt"))
-            for rate, sd in ema_sds.items():
-                atomic_torch_save(sd, os.path.join(self.run_dir, ema_files[str(rate)]))
-        client_state = {"data": self.data.state_dict(), "iddpm_ds_step": step}
+        client_state = {"data": self.data.state_dict(), "iddpm_ds_step": step, "nonfinite_steps": self.nonfinite_steps,
+                        "universal_checkpoint_info": {}}  # lets deepspeed.checkpoint.ds_to_universal convert it
         if isinstance(self.sampler, LossAwareSampler):
             client_state["sampler"] = {k: torch.from_numpy(v) for k, v in self.sampler.state_dict().items()}
-        self.engine.save_checkpoint(root, tag, client_state=client_state, save_latest=False)
-        atomic_torch_save(_rng_state(), os.path.join(ckpt_dir, f"rng_rank{self.rank:03d}.pt"))
-        dist.barrier()  # every rank's files are on disk
+        error = ""
+        try:
+            # DeepSpeed's save runs collectives before its writes; our writes below are local, so a
+            # failure on one rank cannot leave the others waiting in a collective.
+            self.engine.save_checkpoint(root, tag, client_state=client_state, save_latest=False)
+            atomic_torch_save(_rng_state(), os.path.join(ckpt_dir, f"rng_rank{self.rank:03d}.pt"))
+            if self.rank == 0:
+                atomic_torch_save(model_sd, os.path.join(self.run_dir, f"model{step:06d}.pt"))
+                for rate, sd in ema_sds.items():
+                    atomic_torch_save(sd, os.path.join(self.run_dir, ema_files[str(rate)]))
+        except (OSError, RuntimeError) as e:
+            error = f"rank {self.rank}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        errors = [None] * self.world
+        dist.all_gather_object(errors, error)  # also the barrier: every rank's files are on disk
+        errors = [e for e in errors if e]
+        if errors:
+            last = find_latest_checkpoint(self.run_dir)
+            raise CheckpointError(f"saving checkpoint {tag} failed ({errors[0]}); resume will use {last or 'no checkpoint (none complete)'}")
         if self.rank == 0:
             meta = {"step": step, "world_size": self.world, "zero_stage": self.master.stage, "model": f"model{step:06d}.pt", "ema": ema_files}
             atomic_write_text(os.path.join(ckpt_dir, "COMPLETE"), json.dumps(meta))
@@ -319,17 +406,23 @@ class TrainLoop:
         self.last_saved_step = step
         return ckpt_dir
 
-    def resume(self, ckpt_dir: str) -> None:
-        """Restore everything from a COMPLETE checkpoint directory written by save()."""
+    def resume(self, ckpt_dir: str, load_tag: Optional[str] = None) -> None:
+        """Restore everything from a COMPLETE checkpoint directory written by save().
+
+        :param load_tag: the DeepSpeed tag to load instead of ckpt_dir's own (the universal
+            copy made by prepare_resume when the number of ranks changed).
+        """
         with open(os.path.join(ckpt_dir, "COMPLETE")) as f:
             meta = json.load(f)
-        if meta["world_size"] != self.world:
-            raise CheckpointError(f"{ckpt_dir} was written by {meta['world_size']} ranks; resume it with {meta['world_size']} ranks")
         root, tag = os.path.split(os.path.normpath(ckpt_dir))
-        load_path, client = self.engine.load_checkpoint(root, tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if meta["world_size"] != self.world and load_tag is None:
+            raise CheckpointError(f"{ckpt_dir} was written by {meta['world_size']} ranks; this run has {self.world} (use prepare_resume)")
+        verify_checkpoint_files(ckpt_dir)
+        load_path, client = self.engine.load_checkpoint(root, load_tag or tag, load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint in {ckpt_dir}")
         self.data.load_state_dict(client["data"])
+        self.nonfinite_steps = int(client.get("nonfinite_steps", 0))
         if isinstance(self.sampler, LossAwareSampler):
             if "sampler" not in client:
                 raise CheckpointError(f"{ckpt_dir} has no loss-aware sampler state (it was trained with --schedule_sampler uniform)")
@@ -341,6 +434,42 @@ class TrainLoop:
                 raise CheckpointError(f"{ckpt_dir} has no EMA for rate {rate} (it has {', '.join(meta['ema'])})")
             self.ema.load_full(rate, load_state_dict_file(os.path.join(run_dir, name)))
         rng_file = os.path.join(ckpt_dir, f"rng_rank{self.rank:03d}.pt")
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+        if meta["world_size"] == self.world:
+            _set_rng_state(torch.load(rng_file, weights_only=True))
+        else:  # a new rank layout has no saved per-rank streams: fresh ones, distinct per rank and step
+            seed_everything(1_000_003 * self.step + self.rank)
+            log.warning("resumed %d-rank checkpoint on %d ranks: weights, optimizer, EMA, sampler and data position are exact; "
+                        "random streams restart", meta["world_size"], self.world)
         self.last_saved_step = self.step
         log.info("resumed from %s at step %d", ckpt_dir, self.step)
+
+
+def prepare_resume(ckpt_dir: str, world_size: int) -> Optional[str]:
+    """Before building the engine: None if ckpt_dir matches this world size, else the tag of a
+    universal copy (made once by rank 0 with DeepSpeed's ds_to_universal) that loads on any
+    number of ranks; the engine must then be built with checkpoint.load_universal = true.
+    Collective."""
+    import subprocess
+    import sys
+
+    with open(os.path.join(ckpt_dir, "COMPLETE")) as f:
+        meta = json.load(f)
+    if meta["world_size"] == world_size:
+        return None
+    universal = os.path.normpath(ckpt_dir) + "_universal"
+    error = ""
+    if dist.get_rank() == 0 and not os.path.isdir(universal):
+        verify_checkpoint_files(ckpt_dir)
+        tmp = universal + ".tmp"
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", ckpt_dir, "--output_folder", tmp,
+               "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            error = f"converting {ckpt_dir} to a universal checkpoint failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+        else:
+            os.replace(tmp, universal)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    if any(errors):
+        raise CheckpointError(next(e for e in errors if e))
+    return os.path.basename(universal)

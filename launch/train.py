@@ -40,7 +40,8 @@ from iddpm_ds.script_util import (  # noqa: E402
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
-from iddpm_ds.train_util import TrainLoop, atomic_write_text, create_engine, find_latest_checkpoint, seed_everything  # noqa: E402
+from iddpm_ds.preemption import PreemptionWatch  # noqa: E402
+from iddpm_ds.train_util import TrainingDiverged, TrainLoop, atomic_write_text, create_engine, find_latest_checkpoint, prepare_resume, seed_everything  # noqa: E402
 
 TRAIN_DEFAULTS = dict(
     data_dir="",
@@ -58,6 +59,7 @@ TRAIN_DEFAULTS = dict(
     fp16_scale_growth=1e-3,
     # iddpm_ds additions
     max_steps=0,
+    max_nonfinite_steps=10,
     sample_interval=0,
     log_dir="",
     seed=0,
@@ -94,6 +96,7 @@ def main(super_res: bool = False) -> None:
     ds_cfg = load_ds_config(args.deepspeed_config)  # validated before any rank starts work
 
     dist_util.abort_all_ranks_on_error()
+    preemption = PreemptionWatch()  # before the slow set-up, so an early SIGTERM is not lost
     dist_util.setup_dist(args.master_port or None)
     threads = dist_util.set_threads_per_rank()
     from deepspeed.accelerator import get_accelerator
@@ -124,6 +127,9 @@ def main(super_res: bool = False) -> None:
         load_official_state_dict(model, load_state_dict_file(init_weights))
     seed_everything(args.seed + rank)  # per-rank noise, timesteps and dropout
 
+    load_tag = prepare_resume(resume_dir, world) if resume_dir else None
+    if load_tag:  # the rank count changed: load DeepSpeed's universal (world-size independent) copy
+        ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
     args.deepspeed_config = None  # the resolved dict replaces the file
     engine = create_engine(model, ds_cfg, args=args, lr=args.lr, weight_decay=args.weight_decay, lr_anneal_steps=args.lr_anneal_steps)
     data = load_data(data_dir=args.data_dir, batch_size=engine.train_micro_batch_size_per_gpu(), image_size=image_size,
@@ -155,16 +161,20 @@ def main(super_res: bool = False) -> None:
     loop = TrainLoop(engine=engine, diffusion=diffusion, data=data, schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
                      ema_rate=args.ema_rate, run_dir=run_dir, log_interval=args.log_interval, save_interval=args.save_interval,
                      max_steps=args.max_steps, lr_anneal_steps=args.lr_anneal_steps, writer=writer,
-                     sample_interval=args.sample_interval if not super_res else 0, preview_fn=preview)
+                     sample_interval=args.sample_interval if not super_res else 0, preview_fn=preview,
+                     max_nonfinite_steps=args.max_nonfinite_steps, preemption=preemption)
     if resume_dir:
-        loop.resume(resume_dir)
+        loop.resume(resume_dir, load_tag)
     elif init_weights:
         log.info("initialised weights from %s", init_weights)
     loop.run_loop()
     data.close()
     if writer is not None:
         writer.close()
-    log.info("done at step %d; checkpoints in %s", loop.step, run_dir)
+    if loop.stop_reason:
+        log.warning("stopped at step %d (%s) with a complete checkpoint; rerun the same command to resume", loop.step, loop.stop_reason)
+    else:
+        log.info("done at step %d; checkpoints in %s", loop.step, run_dir)
 
 
 def cli(super_res: bool = False) -> None:
@@ -174,6 +184,9 @@ def cli(super_res: bool = False) -> None:
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingDiverged as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

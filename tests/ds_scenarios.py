@@ -170,6 +170,21 @@ results["fp16_overflow"] = {
 applied_next = loop.run_step()
 results["fp16_overflow"]["next_step_applied"] = bool(applied_next)
 
+# A non-finite loss in fp32 / bf16 skips the step (DeepSpeed's ZeRO-0 fp32 optimizer would apply it) and is counted.
+for stage, prec in ((0, "fp32"), (2, "bf16")):
+    stream = Poisoned(load_data(data_dir="builtin:mnist", batch_size=4, image_size=8, num_workers=0, seed=0))
+    loop = make_loop(stage, prec, data=stream)
+    loop.run_step()
+    before, ema_before = master(loop), loop.ema.full_state_dicts()
+    stream.arm()
+    applied = loop.run_step()
+    results[f"nonfinite_z{stage}_{prec}"] = {
+        "applied": bool(applied), "counted": loop.nonfinite_steps, "consecutive": loop.consecutive_nonfinite,
+        "master_diff": max_diff(before, master(loop)), "ema_diff": max_diff(ema_before[0.9], loop.ema.full_state_dicts()[0.9]),
+    }
+    loop.run_step()
+    results[f"nonfinite_z{stage}_{prec}"]["consecutive_after_good_step"] = loop.consecutive_nonfinite
+
 if RANK == 0:
     with open(OUT, "w") as f:
         json.dump(results, f, indent=1)

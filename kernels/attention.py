@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from .dispatch import use_triton
+from .dispatch import run_triton_or_reference, use_triton
 
 ORDERS = ("legacy", "new")
 
@@ -41,8 +41,9 @@ def qkv_attention_reference(qkv: torch.Tensor, num_heads: int, order: str = "leg
 def qkv_attention(qkv: torch.Tensor, num_heads: int, order: str = "legacy") -> torch.Tensor:
     """Attention of qkv [B, 3*heads*ch, T] -> [B, heads*ch, T]; differentiable in qkv."""
     split_qkv(qkv, num_heads, order)  # validates before any kernel launch
+    reference = lambda: qkv_attention_reference(qkv, num_heads, order)  # noqa: E731
     if use_triton(qkv):
         from .attention_triton import FlashQKVAttention
 
-        return FlashQKVAttention.apply(qkv, num_heads, order)
-    return qkv_attention_reference(qkv, num_heads, order)
+        return run_triton_or_reference("qkv_attention", lambda: FlashQKVAttention.apply(qkv, num_heads, order), reference)
+    return reference()

@@ -12,3 +12,24 @@ def use_triton(x: torch.Tensor) -> bool:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return True
     return x.is_cuda
+
+
+_broken = set()
+
+
+def run_triton_or_reference(name: str, triton_fn, reference_fn):
+    """Run triton_fn(); if Triton cannot compile or fit the kernel on this device, warn once and use
+    reference_fn() from then on, so a training run never dies of a kernel build problem."""
+    if name not in _broken:
+        from triton.compiler.errors import CompilationError
+        from triton.runtime.errors import OutOfResources
+
+        try:
+            return triton_fn()
+        except (CompilationError, OutOfResources) as e:
+            import warnings
+
+            _broken.add(name)
+            warnings.warn(f"Triton kernel {name} is unavailable here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          "using the PyTorch reference instead")
+    return reference_fn()

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .dispatch import use_triton
+from .dispatch import run_triton_or_reference, use_triton
 
 
 def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float = 1e-5,
@@ -34,8 +34,9 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
     """
     if x.shape[1] % num_groups:
         raise ValueError(f"num_groups={num_groups} does not divide the {x.shape[1]} channels")
+    reference = lambda: group_norm_silu_reference(x, weight, bias, num_groups, eps, scale=scale, shift=shift, silu=silu)  # noqa: E731
     if use_triton(x):
         from .group_norm_triton import GroupNormSiLU
 
-        return GroupNormSiLU.apply(x, weight, bias, scale, shift, num_groups, eps, silu)
-    return group_norm_silu_reference(x, weight, bias, num_groups, eps, scale=scale, shift=shift, silu=silu)
+        return run_triton_or_reference("group_norm_silu", lambda: GroupNormSiLU.apply(x, weight, bias, scale, shift, num_groups, eps, silu), reference)
+    return reference()

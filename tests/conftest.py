@@ -32,3 +32,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def report_fault(fault: str, injected: str, observed: str, lost_steps) -> None:
+    """Record one fault test's outcome for benchmarks/RELIABILITY.md (only under benchmarks/reliability.py)."""
+    import json
+
+    path = os.environ.get("IDDPM_DS_RELIABILITY_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"fault": fault, "injected": injected, "observed": observed, "lost_steps": lost_steps}) + "\n")

@@ -11,7 +11,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import free_port
+from conftest import free_port, report_fault
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launch", "train.py")
@@ -81,11 +81,15 @@ def test_preemption_saves_a_complete_checkpoint_and_the_rerun_resumes(tmp_path, 
         assert f"Process {p.pid} exits successfully" in out, out[-3000:]
     saved = complete_steps(run_dir)
     assert saved and saved[-1] >= 3 and saved[-1] == steps_logged(run_dir)[-1]
+    stopped_at = max(steps_logged(run_dir))
+    how = "SIGTERM to rank 1" if target == "rank1" else "SIGUSR1 to the deepspeed launcher (it dies; ranks see it gone)"
     # The same command (with a nearer end) resumes from it.
     s = saved[-1]
     subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), TRAIN, "--log_dir", str(run_dir), *TINY,
                     "--max_steps", str(s + 2)], check=True, capture_output=True, env=env(), cwd=ROOT, timeout=300)
     assert steps_logged(run_dir)[-3:] == [s, s + 1, s + 2]
+    report_fault("preemption", how, f"every rank finished step {stopped_at}, saved a complete checkpoint and exited 0; "
+                 f"the rerun resumed at step {s + 1}", stopped_at - s)
 
 
 def test_a_killed_rank_ends_the_job_within_60s_naming_it(tmp_path):
@@ -97,6 +101,9 @@ def test_a_killed_rank_ends_the_job_within_60s_naming_it(tmp_path):
     out, _ = proc.communicate(timeout=90)
     assert time.time() - t0 < 60 and proc.returncode != 0
     assert "--local_rank=1" in out and "-9" in out  # the launcher names the rank and its signal
+    done = max(steps_logged(run_dir))
+    report_fault("dead rank", "SIGKILL to rank 1 mid-training", f"job ended {time.time() - t0:.1f} s later; the launcher named "
+                 "--local_rank=1 and return code -9; no checkpoint since the start", done)
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path):
@@ -110,6 +117,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path):
     assert complete_steps(run_dir) == [2]
     subprocess.run([sys.executable, *common, "--max_steps", "5"], check=True, capture_output=True, env=env(), cwd=ROOT, timeout=300)
     assert steps_logged(run_dir)[-3:] == [3, 4, 5] and complete_steps(run_dir)[-1] == 5
+    report_fault("disk full during save", "torch.save raises ENOSPC while writing the step-4 checkpoint",
+                 "one-line error naming ENOSPC, step 4 and the kept step-2 checkpoint; step 4 never got COMPLETE; rerun resumed at 3", 2)
 
 
 @pytest.mark.parametrize("config", ["ds_configs/cpu.json", "ds_configs/bf16.json"])
@@ -126,6 +135,9 @@ def test_divergence_stops_with_a_checkpoint_from_before(tmp_path, config):
     assert all(torch.isfinite(v).all() for v in model.values())
     record = json.loads((run_dir / "progress.jsonl").read_text().splitlines()[-1])
     assert record["nonfinite_steps"] >= 3
+    report_fault(f"divergence ({os.path.basename(config)})", "--lr 1e30: the loss overflows to inf",
+                 f"{record['nonfinite_steps']} non-finite steps skipped and counted; stopped after 3 in a row with exit 3 and a "
+                 f"checkpoint of finite pre-divergence weights at step {last}", 0)
 
 
 @pytest.mark.parametrize("ranks", [1, 4])
@@ -143,6 +155,8 @@ def test_elastic_resume_of_a_2_rank_zero2_checkpoint(tmp_path, ranks):
     for key in ("master", "ema", "exp_avg", "exp_avg_sq"):
         assert all(torch.equal(ref[key][n], got[key][n]) for n in ref[key]), key
     assert torch.equal(ref["sampler"], got["sampler"]) and ref["position"] == got["position"] and ref["step"] == got["step"] == 3
+    report_fault(f"elastic resume 2 -> {ranks} ranks", "ZeRO-2 checkpoint of 2 ranks loaded by a different rank count (universal copy)",
+                 "fp32 master, EMA, Adam moments, sampler history and data position bitwise equal", 0)
 
 
 def test_a_tampered_checkpoint_file_is_refused(tmp_path):
@@ -160,3 +174,5 @@ def test_a_tampered_checkpoint_file_is_refused(tmp_path):
                           env=env(), cwd=ROOT, timeout=300)
     assert proc.returncode == 2 and "refusing" in proc.stderr and "Traceback" not in proc.stderr
     assert not marker.exists()
+    report_fault("tampered checkpoint", "a pickle that runs a shell command replaces mp_rank_00_model_states.pt",
+                 "refused with a one-line error before DeepSpeed opened it; the command never ran", 0)

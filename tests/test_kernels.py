@@ -139,3 +139,25 @@ def test_benchmark_script_smoke(tmp_path):
     assert all(r["max_rel_err"] < 1e-5 for r in report["rows"] if r["provider"] == "triton")
     assert report["training_step"]["kernels_on"]["images_per_s"] > 0
     assert "training step" in proc.stdout.splitlines()[-1]
+
+
+def test_a_kernel_that_cannot_build_falls_back_to_the_reference_once(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    import kernels.dispatch
+    from kernels import group_norm_triton
+
+    calls = []
+
+    def no_room(*args):
+        calls.append(1)
+        raise OutOfResources(300000, 232448, "shared memory")
+
+    monkeypatch.setattr(group_norm_triton.GroupNormSiLU, "apply", no_room)
+    monkeypatch.setattr(kernels.dispatch, "_broken", set())
+    x, w, b = torch.randn(1, 8, 3, 3), torch.randn(8), torch.randn(8)
+    with pytest.warns(UserWarning, match="group_norm_silu is unavailable"):
+        y = group_norm_silu(x, w, b, 4)
+    assert torch.allclose(y, group_norm_silu_reference(x, w, b, 4))
+    group_norm_silu(x, w, b, 4)
+    assert len(calls) == 1  # not retried on every call

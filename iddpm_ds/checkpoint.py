@@ -18,6 +18,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message is meant for the user as is."""
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load_state_dict_file(path: str, map_location="cpu") -> Dict[str, torch.Tensor]:
     """Load a tensor-only .pt file (weights_only: it never runs code from the file).
 
@@ -28,11 +33,9 @@ def load_state_dict_file(path: str, map_location="cpu") -> Dict[str, torch.Tenso
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"refusing to load {path}: it holds more than tensors and plain values ({first})") from None
+        raise CheckpointError(f"refusing to load {path}: it holds more than tensors and plain values ({_first_line(e)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {first}") from None
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {_first_line(e)}") from None
 
 
 def _deepspeed_safe_globals() -> list:
@@ -61,11 +64,9 @@ def verify_checkpoint_files(ckpt_dir: str) -> None:
             with torch.serialization.safe_globals(allowed):
                 torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"refusing to load {path}: it holds objects that could run code ({first})") from None
+            raise CheckpointError(f"refusing to load {path}: it holds objects that could run code ({_first_line(e)})") from None
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"checkpoint file {path} is unreadable (truncated or corrupt?): {first}") from None
+            raise CheckpointError(f"checkpoint file {path} is unreadable (truncated or corrupt?): {_first_line(e)}") from None
 
 
 def _describe_mismatch(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> List[str]:

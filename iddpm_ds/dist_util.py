@@ -58,6 +58,16 @@ def setup_dist(master_port: Optional[int] = None) -> None:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
+def setup_if_launched(master_port: Optional[int] = None):
+    """For tools that also run as one plain process (sampling, evaluation): join the process
+    group only when a launcher started this process. Returns (rank, world_size, distributed)."""
+    if "RANK" not in os.environ and not launched_by_mpi():
+        return 0, 1, False
+    setup_dist(master_port)
+    set_threads_per_rank()
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), True
+
+
 def local_world_size() -> int:
     for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE"):
         if key in os.environ:

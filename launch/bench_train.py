@@ -68,6 +68,32 @@ def time_steps(step_fn, steps, warmup) -> float:
     return time.perf_counter() - t0
 
 
+def plain_pytorch(flags, cfg, args, device, world):
+    """Seconds for args.steps steps of a plain loop (same model, batch, loss, fused AdamW; DDP), and its tensor bytes."""
+    micro, gas = cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]
+    seed_everything(0)
+    model, diffusion = create_model_and_diffusion(**flags)
+    model.to(device)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision(cfg))
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
+    sampler = UniformSampler(diffusion)
+    data = SyntheticData(micro, flags["image_size"])
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        for _ in range(gas):
+            x, _ = next(data)
+            t, w = sampler.sample(micro, device)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = (diffusion.training_losses(net, x.to(device), t)["loss"] * w).mean() / gas
+            loss.backward()
+        opt.step()
+
+    seconds = time_steps(step, args.steps, args.warmup)
+    return seconds, {"params": tensor_bytes(model.parameters()), "optimizer": optimizer_state_bytes(opt)}
+
+
 def main() -> None:
     import deepspeed
 
@@ -88,30 +114,7 @@ def main() -> None:
     device = dist_util.dev()
     images_per_step = micro * gas * world
 
-    # Plain PyTorch: same model, batch, loss and optimizer; DDP for the gradient all-reduce.
-    seed_everything(0)
-    model, diffusion = create_model_and_diffusion(**flags)
-    model.to(device)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision(cfg))
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
-    sampler = UniformSampler(diffusion)
-    data = SyntheticData(micro, flags["image_size"])
-
-    def plain_step():
-        opt.zero_grad(set_to_none=True)
-        for _ in range(gas):
-            x, _ = next(data)
-            t, w = sampler.sample(micro, device)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = (diffusion.training_losses(net, x.to(device), t)["loss"] * w).mean() / gas
-            loss.backward()
-        opt.step()
-
-    plain_s = time_steps(plain_step, args.steps, args.warmup)
-    plain_mem = {"params": tensor_bytes(model.parameters()), "optimizer": optimizer_state_bytes(opt)}
-    del net, opt, model
-
+    plain_s, plain_mem = plain_pytorch(flags, cfg, args, device, world)
     seed_everything(0)
     model, diffusion = create_model_and_diffusion(**flags)
     engine = create_engine(model, cfg, lr=args.lr)

@@ -38,11 +38,7 @@ def main() -> None:
     args = parser.parse_args(argv)
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     path, flags, _ = resolve_trained_model(args.run_dir, args.model_path, args.use_ema, flags, explicit_flags(argv), args.override)
-    distributed = "RANK" in os.environ or dist_util.launched_by_mpi()
-    if distributed:
-        dist_util.setup_dist(args.master_port or None)
-        dist_util.set_threads_per_rank()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    rank, world, distributed = dist_util.setup_if_launched(args.master_port or None)
     device = dist_util.dev()
 
     model, diffusion = create_model_and_diffusion(**flags)

@@ -62,11 +62,7 @@ def main(super_res: bool = False) -> None:
             raise ConfigError(f"--base_samples are {base.shape[1]} px, the model expects small_size={flags['small_size']}")
         args.num_samples = min(args.num_samples, len(base))
 
-    distributed = "RANK" in os.environ or dist_util.launched_by_mpi()
-    if distributed:
-        dist_util.setup_dist(args.master_port or None)
-        dist_util.set_threads_per_rank()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    rank, world, distributed = dist_util.setup_if_launched(args.master_port or None)
     device = dist_util.dev()
 
     model, diffusion = (sr_create_model_and_diffusion if super_res else create_model_and_diffusion)(**flags)

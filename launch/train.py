@@ -86,6 +86,19 @@ def resolve_run_dir(log_dir: str) -> str:
     return holder[0]
 
 
+def make_preview_fn(factory, model_flags: dict, image_size: int, data_classes, device):
+    """state_dict -> uint8 HWC grid of PREVIEW_SAMPLES DDIM samples (fixed seeds and labels, so grids compare across steps)."""
+    model, diffusion = factory(**{**model_flags, "timestep_respacing": PREVIEW_RESPACING, "use_checkpoint": False})
+    model.to(device).eval()
+    labels = {"y": torch.arange(PREVIEW_SAMPLES, device=device) % (data_classes or NUM_CLASSES)} if model_flags["class_cond"] else {}
+
+    def preview(state_dict):
+        model.load_state_dict(state_dict)
+        return make_grid(sample_images(model, diffusion, list(range(PREVIEW_SAMPLES)), image_size, seed=0, model_kwargs=labels, use_ddim=True))
+
+    return preview
+
+
 def main(super_res: bool = False) -> None:
     model_defaults = sr_model_and_diffusion_defaults() if super_res else model_and_diffusion_defaults()
     factory = sr_create_model_and_diffusion if super_res else create_model_and_diffusion
@@ -139,7 +152,7 @@ def main(super_res: bool = False) -> None:
     if super_res:
         data = SuperResStream(data, model_flags["small_size"])
 
-    writer, preview = None, None
+    writer, preview_fn = None, None
     if rank == 0:
         log.info("run dir %s | %d ranks x %d threads | %s | ZeRO-%d | micro-batch %d x accumulation %d | %.2fM params",
                  run_dir, world, threads, precision(ds_cfg), engine.zero_optimization_stage(), engine.train_micro_batch_size_per_gpu(),
@@ -149,19 +162,12 @@ def main(super_res: bool = False) -> None:
         atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(config, indent=1, default=str))
         writer = SummaryWriter(os.path.join(run_dir, "tb"))
         if args.sample_interval and not super_res:
-            preview_model, preview_diffusion = factory(**{**model_flags, "timestep_respacing": PREVIEW_RESPACING, "use_checkpoint": False})
-            preview_model.to(engine.device).eval()
-            labels = {"y": torch.arange(PREVIEW_SAMPLES, device=engine.device) % (data_classes or NUM_CLASSES)} if model_flags["class_cond"] else {}
-
-            def preview(state_dict):
-                preview_model.load_state_dict(state_dict)
-                return make_grid(sample_images(preview_model, preview_diffusion, list(range(PREVIEW_SAMPLES)), image_size, seed=0,
-                                               model_kwargs=labels, use_ddim=True))
+            preview_fn = make_preview_fn(factory, model_flags, image_size, data_classes, engine.device)
 
     loop = TrainLoop(engine=engine, diffusion=diffusion, data=data, schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
                      ema_rate=args.ema_rate, run_dir=run_dir, log_interval=args.log_interval, save_interval=args.save_interval,
                      max_steps=args.max_steps, lr_anneal_steps=args.lr_anneal_steps, writer=writer,
-                     sample_interval=args.sample_interval if not super_res else 0, preview_fn=preview,
+                     sample_interval=args.sample_interval if not super_res else 0, preview_fn=preview_fn,
                      max_nonfinite_steps=args.max_nonfinite_steps, preemption=preemption)
     if resume_dir:
         loop.resume(resume_dir, load_tag)

@@ -126,7 +126,7 @@ def test_killed_save_is_never_resumed_from(tmp_path):
 
 def test_run_dir_holds_config_logs_and_tensorboard(tmp_path):
     run_dir = tmp_path / "run"
-    launch(2, run_dir, "--max_steps", "2", "--lr", "3e-4", config="ds_configs/zero2.json")
+    launch(2, run_dir, "--max_steps", "2", "--lr", "3e-4", "--sample_interval", "2", config="ds_configs/zero2.json")
     config = json.loads((run_dir / "config.json").read_text())
     assert config["model_flags"]["image_size"] == 8 and config["world_size"] == 2
     assert config["deepspeed"]["fp16"]["enabled"] is False and config["precision"] == "bf16"  # fp16 -> bf16 on CPU
@@ -134,7 +134,12 @@ def test_run_dir_holds_config_logs_and_tensorboard(tmp_path):
     record = json.loads((run_dir / "progress.jsonl").read_text().splitlines()[-1])
     for key in ("loss", "mse", "vb", "loss_q0", "grad_norm", "lr", "skipped_steps", "images_per_s", "data_skipped"):
         assert key in record, key
-    assert os.listdir(run_dir / "tb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0}).Reload()
+    assert "train/loss" in events.Tags()["scalars"] and "train/loss_q3" in events.Tags()["scalars"]
+    (grid,) = events.Images("samples/ema_0.9")  # the EMA preview at step 2
+    assert grid.step == 2 and grid.width > 8 * 4
     assert (run_dir / "model000002.pt").exists() and (run_dir / "ema_0.9_000002.pt").exists()
     # Sampling-ready: the consolidated EMA loads into a fresh model with the saved flags.
     from iddpm_ds.checkpoint import load_official_state_dict, load_state_dict_file

@@ -193,3 +193,34 @@ def test_config_errors_are_one_line(tmp_path):
     assert proc.returncode == 2 and "zero_optimisation" in proc.stderr and "Traceback" not in proc.stderr
     proc = run([sys.executable, TRAIN, "--log_dir", str(tmp_path / "r"), *TINY, "--batch_size", "6", "--microbatch", "4"], check=False)
     assert proc.returncode == 2 and "multiple" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_lr_anneal_steps_decays_to_zero_and_stops(tmp_path):
+    run_dir = tmp_path / "run"
+    launch(1, run_dir, "--lr_anneal_steps", "4", "--lr", "1e-3")
+    log = [json.loads(line) for line in open(run_dir / "progress.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]  # stopped at lr_anneal_steps
+    assert [r["lr"] for r in log] == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0])  # lr for the next step: 1e-3 * (1 - step/4)
+    assert (run_dir / "checkpoints" / "step000004" / "COMPLETE").exists()
+
+
+def test_fine_tune_from_an_improved_diffusion_checkpoint(tmp_path):
+    from iddpm_ds.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+
+    flags = model_and_diffusion_defaults()
+    it = iter(TINY)
+    for k, v in zip(it, it):
+        if k[2:] in flags:
+            flags[k[2:]] = type(flags[k[2:]])(v) if not isinstance(flags[k[2:]], bool) else v == "True"
+    torch.manual_seed(5)
+    model, _ = create_model_and_diffusion(**flags)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    official = tmp_path / "model250000.pt"
+    torch.save(model.state_dict(), official)  # improved-diffusion's file layout: a bare state_dict
+    run_dir = tmp_path / "run"
+    proc = launch(1, run_dir, "--resume_checkpoint", str(official), "--max_steps", "1", "--lr", "1e-12")
+    assert "initialised weights from" in proc.stdout
+    tuned = torch.load(run_dir / "model000001.pt", weights_only=True)
+    original = torch.load(official, weights_only=True)
+    assert all(torch.allclose(tuned[k], original[k], atol=1e-6) for k in original)  # started from those weights

@@ -154,8 +154,8 @@ def main(super_res: bool = False) -> None:
 
     writer, preview_fn = None, None
     if rank == 0:
-        log.info("run dir %s | %d ranks x %d threads | %s | ZeRO-%d | micro-batch %d x accumulation %d | %.2fM params",
-                 run_dir, world, threads, precision(ds_cfg), engine.zero_optimization_stage(), engine.train_micro_batch_size_per_gpu(),
+        log.info("run dir %s | %d ranks x %d threads | rendezvous %s:%s | %s | ZeRO-%d | micro-batch %d x accumulation %d | %.2fM params",
+                 run_dir, world, threads, os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), precision(ds_cfg), engine.zero_optimization_stage(), engine.train_micro_batch_size_per_gpu(),
                  engine.gradient_accumulation_steps(), sum(p.numel() for p in model.parameters()) / 1e6)
         config = {"model_flags": model_flags, "train_flags": {k: getattr(args, k) for k in TRAIN_DEFAULTS}, "deepspeed": ds_cfg,
                   "world_size": world, "precision": precision(ds_cfg), "super_res": super_res, "data_classes": data_classes}

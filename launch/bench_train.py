@@ -1,6 +1,13 @@
 """Training throughput and per-rank memory: the DeepSpeed engine against a plain PyTorch loop.
 
     deepspeed --num_gpus 2 launch/bench_train.py --deepspeed_config ds_configs/cpu.json [model flags] [--steps 20]
+    deepspeed --num_gpus 4 launch/bench_train.py --memory True --image_size 256 [--out mem.json]
+
+--memory instead measures, at ZeRO 0, 1, 2 and 3 in turn, the bytes each rank
+holds in parameters, gradients (after backward, before the step), optimizer
+state (fp32 master copies and Adam moments) and EMA. Those depend on the
+parameters only, so the step runs on --memory_input_size inputs (default 32
+px) whatever --image_size the model is built for.
 
 Both loops train the same model on the same micro-batch with the same
 diffusion loss and a fused AdamW; the plain loop uses torch DDP when there is
@@ -29,7 +36,7 @@ from iddpm_ds.script_util import add_dict_to_argparser, args_to_dict, create_mod
 from iddpm_ds.train_util import TrainLoop, create_engine, seed_everything  # noqa: E402
 
 DEFAULTS = dict(steps=20, warmup=3, ema_rate="0.9999", lr=1e-4, weight_decay=0.0, batch_size=1, microbatch=-1, use_fp16=False,
-                fp16_scale_growth=1e-3)
+                fp16_scale_growth=1e-3, memory=False, memory_input_size=32, out="")
 
 
 class SyntheticData:
@@ -94,6 +101,56 @@ def plain_pytorch(flags, cfg, args, device, world):
     return seconds, {"params": tensor_bytes(model.parameters()), "optimizer": optimizer_state_bytes(opt)}
 
 
+def grad_bytes(engine) -> int:
+    """Gradient bytes this rank holds: module .grad plus the ZeRO optimizer's gradient partitions."""
+    opt = engine.optimizer
+    tensors = [p.grad for p in engine.module.parameters()]
+    inner = getattr(opt, "optimizer", opt)
+    tensors += [p.grad for g in inner.param_groups for p in g["params"]]
+    for attr in ("averaged_gradients", "ipg_buffer", "grads_in_partition"):
+        held = getattr(opt, attr, None)
+        if isinstance(held, dict):
+            held = [t for v in held.values() for t in (v if isinstance(v, (list, tuple)) else [v])]
+        if isinstance(held, (list, tuple)):
+            tensors += [t for t in held if torch.is_tensor(t)]
+        elif torch.is_tensor(held):
+            tensors.append(held)
+    seen, total = set(), 0
+    for t in tensors:
+        if t is not None and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def memory_table(flags, base_cfg, args, world) -> list:
+    """Per-rank state bytes at each ZeRO stage after one step (rank 0's; ZeRO shards are equal up to padding)."""
+    rows = []
+    for stage in (0, 1, 2, 3):
+        cfg = {**base_cfg, "zero_optimization": {**base_cfg.get("zero_optimization", {}), "stage": stage}}
+        seed_everything(0)
+        model, diffusion = create_model_and_diffusion(**flags)
+        engine = create_engine(model, cfg, lr=args.lr)
+        loop = TrainLoop(engine=engine, diffusion=diffusion, data=SyntheticData(cfg["train_micro_batch_size_per_gpu"], args.memory_input_size),
+                         schedule_sampler=UniformSampler(diffusion), ema_rate=args.ema_rate, run_dir=".", log_interval=10**9,
+                         save_interval=0, progress=False)
+        x, _ = next(loop.data)
+        t, _ = loop.sampler.sample(x.shape[0], engine.device)
+        engine.backward(diffusion.training_losses(engine, x.to(engine.device), t)["loss"].mean())
+        grads = grad_bytes(engine)
+        engine.step()
+        module_ptrs = {p.data_ptr() for p in engine.module.parameters()}
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        masters = [p for g in inner.param_groups for p in g["params"] if p.data_ptr() not in module_ptrs]
+        moments = [v for st in inner.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0]
+        rows.append({"zero_stage": stage, "world_size": world,
+                     "params": tensor_bytes(p.ds_tensor if hasattr(p, "ds_tensor") else p for p in engine.module.parameters()),
+                     "grads": grads, "optimizer": tensor_bytes(masters) + tensor_bytes(moments),
+                     "ema": tensor_bytes(t for shadow in loop.ema.shadow.values() for t in shadow.values())})
+        del loop, engine, model
+    return rows
+
+
 def main() -> None:
     import deepspeed
 
@@ -114,6 +171,21 @@ def main() -> None:
     device = dist_util.dev()
     images_per_step = micro * gas * world
 
+    if args.memory:
+        rows = memory_table(flags, cfg, args, world)
+        if rank == 0:
+            n_params = sum(p.numel() for p in create_model_and_diffusion(**flags)[0].parameters())
+            print(f"# {n_params / 1e6:.1f}M params ({flags['image_size']} px config), {world} ranks, {precision(cfg)}; bytes per rank")
+            print(f"{'ZeRO':>4} {'params MB':>10} {'grads MB':>9} {'optim MB':>9} {'EMA MB':>8} {'optim+EMA B/param':>18}")
+            for r in rows:
+                r["params_count"] = n_params
+                print(f"{r['zero_stage']:>4} {r['params'] / 2**20:>10.1f} {r['grads'] / 2**20:>9.1f} {r['optimizer'] / 2**20:>9.1f} "
+                      f"{r['ema'] / 2**20:>8.1f} {(r['optimizer'] + r['ema']) / n_params:>18.2f}")
+            print(json.dumps(rows))
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(rows, f, indent=1)
+        return
     plain_s, plain_mem = plain_pytorch(flags, cfg, args, device, world)
     seed_everything(0)
     model, diffusion = create_model_and_diffusion(**flags)

@@ -16,6 +16,7 @@ COMPLETE is written by rank 0 after every rank has finished writing, so a
 checkpoint without it (a save that died) is never resumed from.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -204,7 +205,10 @@ class TrainLoop:
             self.engine.backward(loss)
             if micro == self.gas - 1:
                 all_finite = self._all_ranks_finite(finite)
-            self.engine.step()
+                with self._update_suppressed(not all_finite):
+                    self.engine.step()
+            else:
+                self.engine.step()
             self._pending.append(torch.stack([t.to(torch.float64), losses["loss"].detach().to(torch.float64)]))
             self._accumulate({k: v.detach() * weights for k, v in losses.items()}, t)
         applied = self.engine.was_step_applied() and all_finite
@@ -219,20 +223,29 @@ class TrainLoop:
         return applied
 
     def _all_ranks_finite(self, finite: torch.Tensor) -> bool:
-        """Agree across ranks whether this step's losses were finite, before the update is applied.
-
-        DeepSpeed's fp16/bf16 and ZeRO 1-3 optimizers already skip a step with
-        non-finite gradients; a plain fp32 ZeRO-0 optimizer would apply it, so
-        its gradients are dropped here (AdamW skips parameters without grads).
-        """
+        """Agree across ranks whether this step's losses were finite, before the update is applied."""
         flag = finite.detach().float().reshape(1)
         if self.world > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        ok = bool(flag.item())
-        if not ok and self.master.plain_fp32:
-            for _, p in self.master.named:
-                p.grad = None
-        return ok
+        return bool(flag.item())
+
+    @contextlib.contextmanager
+    def _update_suppressed(self, suppress: bool):
+        """DeepSpeed's fp16/bf16 and ZeRO 1-3 optimizers skip a step with non-finite gradients
+        themselves; a plain fp32 ZeRO-0 optimizer would apply it. For that one, make this
+        engine.step() leave weights, optimizer state and LR schedule untouched (DeepSpeed still
+        counts the step and clears the gradients), as an fp16 overflow step does."""
+        if not (suppress and self.master.plain_fp32):
+            yield
+            return
+        targets = [obj for obj in (self.engine.optimizer, self.engine.lr_scheduler) if obj is not None]
+        for obj in targets:
+            obj.step = lambda *args, **kwargs: None  # instance attribute shadows the method
+        try:
+            yield
+        finally:
+            for obj in targets:
+                del obj.step
 
     def _sync_sampler(self, apply: bool) -> None:
         """All-gather this step's (t, loss) pairs (one fixed-size collective) into the loss-aware sampler."""

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import tarfile
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -72,23 +73,27 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 # --------------------------------------------------------------------------- sources
-class Source:
-    """Random access to N samples: raw image (bytes or array), label, and a key for logs."""
+class Source(ABC):
+    """Random access to N samples: image, label, and a key for logs."""
 
     classes: Optional[List[str]] = None
     skipped = 0  # samples lost while indexing (damaged shards)
 
+    @abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        """Number of samples."""
 
+    @abstractmethod
     def key(self, i: int) -> str:
-        raise NotImplementedError
+        """A name for sample i in logs (path, shard:key, ...)."""
 
+    @abstractmethod
     def label(self, i: int) -> Optional[int]:
-        raise NotImplementedError
+        """Class index of sample i, or None if the source has no labels."""
 
+    @abstractmethod
     def image(self, i: int) -> Image.Image:
-        raise NotImplementedError
+        """Decoded sample i (raises on an unreadable image)."""
 
 
 def _label_from_filename(path: str) -> str:

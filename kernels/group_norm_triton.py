@@ -38,38 +38,8 @@ def _stats_kernel(X, Mean, Rstd, group_numel, eps, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _apply_kernel(X, Y, W, Bias, Scale, Shift, Mean, Rstd, C, L, channels_per_group,
-                  HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr):
-    """Grid (B*C, cdiv(L, BLOCK)): one block of one row."""
-    row = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < L
-    b = row // C
-    c = row % C
-    g = b * (C // channels_per_group) + c // channels_per_group
-    mean = tl.load(Mean + g)
-    rstd = tl.load(Rstd + g)
-    w = tl.load(W + c).to(tl.float32)
-    bias = tl.load(Bias + c).to(tl.float32)
-    if HAS_SCALE:
-        mult = 1.0 + tl.load(Scale + row).to(tl.float32)
-        w = w * mult
-        bias = bias * mult
-    if HAS_SHIFT:
-        bias = bias + tl.load(Shift + row).to(tl.float32)
-    ptr = row.to(tl.int64) * L + offs
-    x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
-    u = (x - mean) * rstd * w + bias
-    if SILU:
-        u = u * tl.sigmoid(u)
-    tl.store(Y + ptr, u.to(Y.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _bwd_row_sums_kernel(X, DY, W, Bias, Scale, Shift, Mean, Rstd, A1, A2, C, L, channels_per_group,
-                         HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr):
-    """Per row: A1 = sum(du), A2 = sum(du * xhat), where du = dL/du."""
-    row = tl.program_id(0)
+def _row_params(W, Bias, Scale, Shift, Mean, Rstd, row, C, channels_per_group, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """For row = b*C + c: the group's mean/rstd and the channel's affine (w, b) and modulation (1 + scale, shift)."""
     b = row // C
     c = row % C
     g = b * (C // channels_per_group) + c // channels_per_group
@@ -83,6 +53,31 @@ def _bwd_row_sums_kernel(X, DY, W, Bias, Scale, Shift, Mean, Rstd, A1, A2, C, L,
     add = 0.0
     if HAS_SHIFT:
         add = tl.load(Shift + row).to(tl.float32)
+    return g, mean, rstd, w, bias, mult, add
+
+
+@triton.jit
+def _apply_kernel(X, Y, W, Bias, Scale, Shift, Mean, Rstd, C, L, channels_per_group,
+                  HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid (B*C, cdiv(L, BLOCK)): one block of one row."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < L
+    g, mean, rstd, w, bias, mult, add = _row_params(W, Bias, Scale, Shift, Mean, Rstd, row, C, channels_per_group, HAS_SCALE, HAS_SHIFT)
+    ptr = row.to(tl.int64) * L + offs
+    x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
+    u = ((x - mean) * rstd * w + bias) * mult + add
+    if SILU:
+        u = u * tl.sigmoid(u)
+    tl.store(Y + ptr, u.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_row_sums_kernel(X, DY, W, Bias, Scale, Shift, Mean, Rstd, A1, A2, C, L, channels_per_group,
+                         HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr):
+    """Per row: A1 = sum(du), A2 = sum(du * xhat), where du = dL/du."""
+    row = tl.program_id(0)
+    g, mean, rstd, w, bias, mult, add = _row_params(W, Bias, Scale, Shift, Mean, Rstd, row, C, channels_per_group, HAS_SCALE, HAS_SHIFT)
     acc1 = tl.zeros([BLOCK], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK], dtype=tl.float32)
     base = row.to(tl.int64) * L
@@ -109,21 +104,9 @@ def _bwd_dx_kernel(X, DY, DX, W, Bias, Scale, Shift, Mean, Rstd, K1, K2, C, L, c
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < L
-    b = row // C
-    c = row % C
-    g = b * (C // channels_per_group) + c // channels_per_group
-    mean = tl.load(Mean + g)
-    rstd = tl.load(Rstd + g)
+    g, mean, rstd, w, bias, mult, add = _row_params(W, Bias, Scale, Shift, Mean, Rstd, row, C, channels_per_group, HAS_SCALE, HAS_SHIFT)
     k1 = tl.load(K1 + g)
     k2 = tl.load(K2 + g)
-    w = tl.load(W + c).to(tl.float32)
-    bias = tl.load(Bias + c).to(tl.float32)
-    mult = 1.0
-    if HAS_SCALE:
-        mult = 1.0 + tl.load(Scale + row).to(tl.float32)
-    add = 0.0
-    if HAS_SHIFT:
-        add = tl.load(Shift + row).to(tl.float32)
     ptr = row.to(tl.int64) * L + offs
     xhat = (tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
     du = tl.load(DY + ptr, mask=mask, other=0.0).to(tl.float32)

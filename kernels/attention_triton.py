@@ -25,16 +25,35 @@ def _tile_ptrs(base, pos, d, T):
 
 
 @triton.jit
+def _head_offsets(bh, H, T, head_stride, part_stride, D: tl.constexpr):
+    """Element offsets of head (b, h)'s q, k, v blocks in qkv and of its block in the [B, H*D, T] output."""
+    b = bh // H
+    h = bh % H
+    qkv_b = b.to(tl.int64) * 3 * H * D * T
+    q_off = qkv_b + (h * head_stride) * T
+    k_off = qkv_b + (h * head_stride + part_stride) * T
+    v_off = qkv_b + (h * head_stride + 2 * part_stride) * T
+    o_off = b.to(tl.int64) * H * D * T + (h * D) * T
+    return q_off, k_off, v_off, o_off
+
+
+@triton.jit
+def _recompute_p_ds(q, k, v, do, lse, delta, m_valid, offs_n, T, sm_scale, PRECISION: tl.constexpr):
+    """Probabilities P = exp(q k^T * scale - lse) of a [M, N] tile and dS = P * (dO v^T - delta)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
+    p = tl.exp(s - lse[:, None])
+    p = tl.where(m_valid[:, None] & (offs_n[None, :] < T), p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
 def _fwd_kernel(QKV, O, LSE, H, T, head_stride, part_stride, sm_scale,
                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    qkv_b = QKV + b.to(tl.int64) * 3 * H * D * T
-    q_base = qkv_b + (h * head_stride) * T
-    k_base = qkv_b + (h * head_stride + part_stride) * T
-    v_base = qkv_b + (h * head_stride + 2 * part_stride) * T
+    q_off, k_off, v_off, o_off = _head_offsets(bh, H, T, head_stride, part_stride, D)
+    q_base, k_base, v_base = QKV + q_off, QKV + k_off, QKV + v_off
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
@@ -57,8 +76,7 @@ def _fwd_kernel(QKV, O, LSE, H, T, head_stride, part_stride, sm_scale,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
-    o_base = O + b.to(tl.int64) * H * D * T + (h * D) * T
-    tl.store(_tile_ptrs(o_base, offs_m, offs_d, T), acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < T) & d_mask[None, :])
+    tl.store(_tile_ptrs(O + o_off, offs_m, offs_d, T), acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < T) & d_mask[None, :])
     # Natural-log LSE of the scaled logits, for the backward recomputation.
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=offs_m < T)
 
@@ -85,40 +103,29 @@ def _bwd_dkdv_kernel(QKV, DO, LSE, Delta, DQKV, H, T, head_stride, part_stride, 
     """One program per (key block, b*h): loops over query blocks."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    qkv_b = QKV + b.to(tl.int64) * 3 * H * D * T
-    dqkv_b = DQKV + b.to(tl.int64) * 3 * H * D * T
-    q_off = (h * head_stride) * T
-    k_off = (h * head_stride + part_stride) * T
-    v_off = (h * head_stride + 2 * part_stride) * T
-    do_base = DO + b.to(tl.int64) * H * D * T + (h * D) * T
+    q_off, k_off, v_off, o_off = _head_offsets(bh, H, T, head_stride, part_stride, D)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     n_mask = (offs_n[:, None] < T) & d_mask[None, :]
-    k = tl.load(_tile_ptrs(qkv_b + k_off, offs_n, offs_d, T), mask=n_mask, other=0.0)
-    v = tl.load(_tile_ptrs(qkv_b + v_off, offs_n, offs_d, T), mask=n_mask, other=0.0)
+    k = tl.load(_tile_ptrs(QKV + k_off, offs_n, offs_d, T), mask=n_mask, other=0.0)
+    v = tl.load(_tile_ptrs(QKV + v_off, offs_n, offs_d, T), mask=n_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start_m in range(0, T, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_valid = offs_m < T
         m_mask = m_valid[:, None] & d_mask[None, :]
-        q = tl.load(_tile_ptrs(qkv_b + q_off, offs_m, offs_d, T), mask=m_mask, other=0.0)
-        do = tl.load(_tile_ptrs(do_base, offs_m, offs_d, T), mask=m_mask, other=0.0)
+        q = tl.load(_tile_ptrs(QKV + q_off, offs_m, offs_d, T), mask=m_mask, other=0.0)
+        do = tl.load(_tile_ptrs(DO + o_off, offs_m, offs_d, T), mask=m_mask, other=0.0)
         lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=m_valid, other=0.0)
         delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=m_valid, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale  # [M, N]
-        p = tl.exp(s - lse[:, None])
-        p = tl.where(m_valid[:, None] & (offs_n[None, :] < T), p, 0.0)
+        p, ds = _recompute_p_ds(q, k, v, do, lse, delta, m_valid, offs_n, T, sm_scale, PRECISION)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     dk = dk * sm_scale
-    tl.store(_tile_ptrs(dqkv_b + k_off, offs_n, offs_d, T), dk.to(DQKV.dtype.element_ty), mask=n_mask)
-    tl.store(_tile_ptrs(dqkv_b + v_off, offs_n, offs_d, T), dv.to(DQKV.dtype.element_ty), mask=n_mask)
+    tl.store(_tile_ptrs(DQKV + k_off, offs_n, offs_d, T), dk.to(DQKV.dtype.element_ty), mask=n_mask)
+    tl.store(_tile_ptrs(DQKV + v_off, offs_n, offs_d, T), dv.to(DQKV.dtype.element_ty), mask=n_mask)
 
 
 @triton.jit
@@ -127,37 +134,26 @@ def _bwd_dq_kernel(QKV, DO, LSE, Delta, DQKV, H, T, head_stride, part_stride, sm
     """One program per (query block, b*h): loops over key blocks."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    qkv_b = QKV + b.to(tl.int64) * 3 * H * D * T
-    dqkv_b = DQKV + b.to(tl.int64) * 3 * H * D * T
-    q_off = (h * head_stride) * T
-    k_off = (h * head_stride + part_stride) * T
-    v_off = (h * head_stride + 2 * part_stride) * T
-    do_base = DO + b.to(tl.int64) * H * D * T + (h * D) * T
+    q_off, k_off, v_off, o_off = _head_offsets(bh, H, T, head_stride, part_stride, D)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     m_valid = offs_m < T
     m_mask = m_valid[:, None] & d_mask[None, :]
-    q = tl.load(_tile_ptrs(qkv_b + q_off, offs_m, offs_d, T), mask=m_mask, other=0.0)
-    do = tl.load(_tile_ptrs(do_base, offs_m, offs_d, T), mask=m_mask, other=0.0)
+    q = tl.load(_tile_ptrs(QKV + q_off, offs_m, offs_d, T), mask=m_mask, other=0.0)
+    do = tl.load(_tile_ptrs(DO + o_off, offs_m, offs_d, T), mask=m_mask, other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=m_valid, other=0.0)
     delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=m_valid, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, T, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = (offs_n[:, None] < T) & d_mask[None, :]
-        k = tl.load(_tile_ptrs(qkv_b + k_off, offs_n, offs_d, T), mask=n_mask, other=0.0)
-        v = tl.load(_tile_ptrs(qkv_b + v_off, offs_n, offs_d, T), mask=n_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
-        p = tl.exp(s - lse[:, None])
-        p = tl.where(m_valid[:, None] & (offs_n[None, :] < T), p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+        k = tl.load(_tile_ptrs(QKV + k_off, offs_n, offs_d, T), mask=n_mask, other=0.0)
+        v = tl.load(_tile_ptrs(QKV + v_off, offs_n, offs_d, T), mask=n_mask, other=0.0)
+        _, ds = _recompute_p_ds(q, k, v, do, lse, delta, m_valid, offs_n, T, sm_scale, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     dq = dq * sm_scale
-    tl.store(_tile_ptrs(dqkv_b + q_off, offs_m, offs_d, T), dq.to(DQKV.dtype.element_ty), mask=m_mask)
+    tl.store(_tile_ptrs(DQKV + q_off, offs_m, offs_d, T), dq.to(DQKV.dtype.element_ty), mask=m_mask)
 
 
 def _config(T: int, D: int, interpret: bool):

@@ -1,125 +1,248 @@
 """Triton GroupNorm(+scale-shift)(+SiLU): forward and backward, next to its autograd.Function.
 
 Layout: x is contiguous [B, C, L] (L = H*W, any size); a row is one (b, c)
-pair's L elements. Forward = a statistics pass (sum and sum of squares per
-(b, group), fp32) and an apply pass; backward = a pass that reduces two sums
-per row and a pass that writes dx. Every pass reads x once, so fwd+bwd moves
-about 2 reads + 1 write forward and 4 reads + 1 write backward. Per-channel
-and per-group reductions of the row sums are tiny and done in PyTorch.
+pair's L elements and a group's cpg = C / G rows are contiguous.
 
     xhat = (x - mean_g) * rstd_g          z = xhat * w + b
     u = z * (1 + scale) + shift           y = silu(u)  (or u)
+
+Two paths, chosen per shape by `plan`:
+- resident: one program holds a whole group in registers, so the forward reads
+  x once and writes y once, and the backward reads x and dy once and writes dx:
+  the least traffic possible. Used while a group has at most RESIDENT_MAX
+  elements (every norm of the 64 px IDDPM UNet).
+- split: larger groups (256x256 feature maps) are cut into SPLIT_BLOCK-element
+  pieces so the whole device works on few groups. Forward = partial statistics
+  pass + apply pass; backward = partial sums pass + dx pass. Each piece's
+  statistics are exact (two-pass in registers) and are merged with Chan's
+  formula, so no sum-of-squares cancellation.
+
+Both paths also write per-row reductions R[4, B*C] (fp32) for the parameter
+gradients: dweight and dbias partials (summed over the batch by one PyTorch
+op), dscale and dshift.
 """
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _stats_kernel(X, Mean, Rstd, group_numel, eps, BLOCK: tl.constexpr):
-    """One program per (b, group): the group's elements are contiguous in [B, C, L]."""
-    pid = tl.program_id(0)
-    base = X + pid.to(tl.int64) * group_numel
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_sq = tl.zeros([BLOCK], dtype=tl.float32)
-    # Shift by the first element: sum((x - x0)^2) does not cancel catastrophically when |mean| >> std.
-    shift = tl.load(base).to(tl.float32)
-    for start in range(0, group_numel, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < group_numel
-        v = tl.where(mask, tl.load(base + offs, mask=mask, other=0.0).to(tl.float32) - shift, 0.0)
-        acc += v
-        acc_sq += v * v
-    mean_shifted = tl.sum(acc, axis=0) / group_numel
-    var = tl.maximum(tl.sum(acc_sq, axis=0) / group_numel - mean_shifted * mean_shifted, 0.0)
-    tl.store(Mean + pid, mean_shifted + shift)
-    tl.store(Rstd + pid, 1.0 / tl.sqrt(var + eps))
+RESIDENT_MAX = 16384  # elements per group one program keeps in registers (64 KB fp32 per tensor over 16 warps)
+SPLIT_BLOCK = 4096  # elements per program on the split path
 
 
 @triton.jit
-def _row_params(W, Bias, Scale, Shift, Mean, Rstd, row, C, channels_per_group, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
-    """For row = b*C + c: the group's mean/rstd and the channel's affine (w, b) and modulation (1 + scale, shift)."""
-    b = row // C
-    c = row % C
-    g = b * (C // channels_per_group) + c // channels_per_group
-    mean = tl.load(Mean + g)
-    rstd = tl.load(Rstd + g)
-    w = tl.load(W + c).to(tl.float32)
-    bias = tl.load(Bias + c).to(tl.float32)
+def _modulation(W, Bias, Scale, Shift, c, row, mask, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """Channel affine (w, b) and modulation (1 + scale, shift) for channel c of row = b*C + c (any shape)."""
+    w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+    bias = tl.load(Bias + c, mask=mask, other=0.0).to(tl.float32)
     mult = 1.0
     if HAS_SCALE:
-        mult = 1.0 + tl.load(Scale + row).to(tl.float32)
+        mult = 1.0 + tl.load(Scale + row, mask=mask, other=0.0).to(tl.float32)
     add = 0.0
     if HAS_SHIFT:
-        add = tl.load(Shift + row).to(tl.float32)
-    return g, mean, rstd, w, bias, mult, add
+        add = tl.load(Shift + row, mask=mask, other=0.0).to(tl.float32)
+    return w, bias, mult, add
 
 
 @triton.jit
-def _apply_kernel(X, Y, W, Bias, Scale, Shift, Mean, Rstd, C, L, channels_per_group,
-                  HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr):
-    """Grid (B*C, cdiv(L, BLOCK)): one block of one row."""
-    row = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < L
-    g, mean, rstd, w, bias, mult, add = _row_params(W, Bias, Scale, Shift, Mean, Rstd, row, C, channels_per_group, HAS_SCALE, HAS_SHIFT)
-    ptr = row.to(tl.int64) * L + offs
-    x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
-    u = ((x - mean) * rstd * w + bias) * mult + add
-    if SILU:
-        u = u * tl.sigmoid(u)
-    tl.store(Y + ptr, u.to(Y.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _bwd_row_sums_kernel(X, DY, W, Bias, Scale, Shift, Mean, Rstd, A1, A2, C, L, channels_per_group,
-                         HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr):
-    """Per row: A1 = sum(du), A2 = sum(du * xhat), where du = dL/du."""
-    row = tl.program_id(0)
-    g, mean, rstd, w, bias, mult, add = _row_params(W, Bias, Scale, Shift, Mean, Rstd, row, C, channels_per_group, HAS_SCALE, HAS_SHIFT)
-    acc1 = tl.zeros([BLOCK], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK], dtype=tl.float32)
-    base = row.to(tl.int64) * L
-    for start in range(0, L, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < L
-        xhat = (tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
-        du = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
-        if SILU:
-            u = (xhat * w + bias) * mult + add
-            sig = tl.sigmoid(u)
-            du = du * sig * (1.0 + u * (1.0 - sig))
-        du = tl.where(mask, du, 0.0)
-        acc1 += du
-        acc2 += du * xhat
-    tl.store(A1 + row, tl.sum(acc1, axis=0))
-    tl.store(A2 + row, tl.sum(acc2, axis=0))
-
-
-@triton.jit
-def _bwd_dx_kernel(X, DY, DX, W, Bias, Scale, Shift, Mean, Rstd, K1, K2, C, L, channels_per_group,
-                   HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr):
-    """dx = rstd * (du * w * (1 + scale) - k1_g - xhat * k2_g), with k1/k2 the group means of dxhat and dxhat * xhat."""
-    row = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < L
-    g, mean, rstd, w, bias, mult, add = _row_params(W, Bias, Scale, Shift, Mean, Rstd, row, C, channels_per_group, HAS_SCALE, HAS_SHIFT)
-    k1 = tl.load(K1 + g)
-    k2 = tl.load(K2 + g)
-    ptr = row.to(tl.int64) * L + offs
-    xhat = (tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
-    du = tl.load(DY + ptr, mask=mask, other=0.0).to(tl.float32)
+def _grad_u(xhat, dy, w, bias, mult, add, SILU: tl.constexpr):
+    """dL/du from dL/dy: through SiLU when it is applied, u = (xhat*w + b) * mult + add."""
     if SILU:
         u = (xhat * w + bias) * mult + add
         sig = tl.sigmoid(u)
-        du = du * sig * (1.0 + u * (1.0 - sig))
-    dx = rstd * (du * w * mult - k1 - xhat * k2)
-    tl.store(DX + ptr, dx.to(DX.dtype.element_ty), mask=mask)
+        dy = dy * sig * (1.0 + u * (1.0 - sig))
+    return dy
 
 
-def _block(n: int) -> int:
-    return max(16, min(4096, triton.next_power_of_2(n)))
+@triton.jit
+def _store_row_reductions(R, n_rows, row, a1, a2, w, bias, mult, mask):
+    """From a1 = sum_L du and a2 = sum_L du*xhat of a row: R[0] dweight and R[1] dbias partials, R[2] dscale, R[3] dshift."""
+    tl.store(R + row, mult * a2, mask=mask)
+    tl.store(R + n_rows + row, mult * a1, mask=mask)
+    tl.store(R + 2 * n_rows + row, w * a2 + bias * a1, mask=mask)
+    tl.store(R + 3 * n_rows + row, a1, mask=mask)
+
+
+# ---- resident path: grid (B*G,), one group per program, tile [BLOCK_C, BLOCK_L] ----
+
+@triton.jit
+def _group_tile(pid, C, L, cpg, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Channels [BLOCK_C, 1], rows [BLOCK_C, 1], element offsets and mask [BLOCK_C, BLOCK_L] of group pid = b*G + g."""
+    G = C // cpg
+    b = pid // G
+    k = tl.arange(0, BLOCK_C)[:, None]
+    c = (pid % G) * cpg + k
+    row = b * C + c
+    offs_l = tl.arange(0, BLOCK_L)[None, :]
+    row_valid = k < cpg
+    return c, row, row.to(tl.int64) * L + offs_l, row_valid, row_valid & (offs_l < L)
+
+
+@triton.jit
+def _fwd_resident_kernel(X, Y, W, Bias, Scale, Shift, Mean, Rstd, C, L, cpg, eps,
+                         HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    pid = tl.program_id(0)
+    c, row, ptrs, row_valid, mask = _group_tile(pid, C, L, cpg, BLOCK_C, BLOCK_L)
+    x = tl.load(X + ptrs, mask=mask, other=0.0).to(tl.float32)
+    n = cpg * L
+    mean = tl.sum(x) / n
+    xc = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc) / n + eps)
+    w, bias, mult, add = _modulation(W, Bias, Scale, Shift, c, row, row_valid, HAS_SCALE, HAS_SHIFT)
+    u = (xc * rstd * w + bias) * mult + add
+    if SILU:
+        u = u * tl.sigmoid(u)
+    tl.store(Y + ptrs, u.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + pid, mean)
+    tl.store(Rstd + pid, rstd)
+
+
+@triton.jit
+def _bwd_resident_kernel(X, DY, DX, W, Bias, Scale, Shift, Mean, Rstd, R, C, L, cpg, n_rows,
+                         HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """dx = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)), dxhat = du * (1 + scale) * w."""
+    pid = tl.program_id(0)
+    c, row, ptrs, row_valid, mask = _group_tile(pid, C, L, cpg, BLOCK_C, BLOCK_L)
+    mean = tl.load(Mean + pid)
+    rstd = tl.load(Rstd + pid)
+    xhat = tl.where(mask, (tl.load(X + ptrs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
+    dy = tl.load(DY + ptrs, mask=mask, other=0.0).to(tl.float32)
+    w, bias, mult, add = _modulation(W, Bias, Scale, Shift, c, row, row_valid, HAS_SCALE, HAS_SHIFT)
+    du = tl.where(mask, _grad_u(xhat, dy, w, bias, mult, add, SILU), 0.0)
+    a1 = tl.sum(du, axis=1, keep_dims=True)
+    a2 = tl.sum(du * xhat, axis=1, keep_dims=True)
+    n = cpg * L
+    k1 = tl.sum(a1 * mult * w) / n
+    k2 = tl.sum(a2 * mult * w) / n
+    tl.store(DX + ptrs, (rstd * (du * mult * w - k1 - xhat * k2)).to(DX.dtype.element_ty), mask=mask)
+    _store_row_reductions(R, n_rows, row, a1, a2, w, bias, mult, row_valid)
+
+
+# ---- split path: grid (B*C, NB), block j of one row per program ----
+
+@triton.jit
+def _row_block(row, j, L, BLOCK: tl.constexpr):
+    offs = j * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < L
+    return row.to(tl.int64) * L + offs, mask
+
+
+@triton.jit
+def _fwd_partial_stats_kernel(X, PMean, PM2, L, NB, BLOCK: tl.constexpr):
+    """Exact mean and M2 = sum((x - mean)^2) of each block."""
+    row = tl.program_id(0)
+    j = tl.program_id(1)
+    ptrs, mask = _row_block(row, j, L, BLOCK)
+    x = tl.load(X + ptrs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.sum(x) / tl.minimum(BLOCK, L - j * BLOCK)
+    xc = tl.where(mask, x - m, 0.0)
+    tl.store(PMean + row * NB + j, m)
+    tl.store(PM2 + row * NB + j, tl.sum(xc * xc))
+
+
+@triton.jit
+def _group_of(row, C, cpg, NB, BLOCK_P: tl.constexpr):
+    """Group index, offsets of its cpg*NB partials, their channels, rows and mask."""
+    b = row // C
+    g = (row % C) // cpg
+    i = tl.arange(0, BLOCK_P)
+    first_row = b * C + g * cpg
+    return b * (C // cpg) + g, first_row * NB + i, first_row + i // NB, i % NB, i < cpg * NB
+
+
+@triton.jit
+def _fwd_apply_kernel(X, Y, W, Bias, Scale, Shift, PMean, PM2, Mean, Rstd, C, L, cpg, NB, eps,
+                      HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Merges the group's block statistics (Chan et al.), then normalises block j of the row."""
+    row = tl.program_id(0)
+    j = tl.program_id(1)
+    gid, p_offs, _, p_block, p_mask = _group_of(row, C, cpg, NB, BLOCK_P)
+    cnt = tl.where(p_mask, tl.minimum(BLOCK, L - p_block * BLOCK), 0).to(tl.float32)
+    pm = tl.load(PMean + p_offs, mask=p_mask, other=0.0)
+    n = cpg * L
+    mean = tl.sum(cnt * pm) / n
+    m2 = tl.sum(tl.load(PM2 + p_offs, mask=p_mask, other=0.0) + cnt * (pm - mean) * (pm - mean))
+    rstd = 1.0 / tl.sqrt(m2 / n + eps)
+    if (j == 0) & (row % cpg == 0):
+        tl.store(Mean + gid, mean)
+        tl.store(Rstd + gid, rstd)
+    ptrs, mask = _row_block(row, j, L, BLOCK)
+    w, bias, mult, add = _modulation(W, Bias, Scale, Shift, row % C, row, True, HAS_SCALE, HAS_SHIFT)
+    u = ((tl.load(X + ptrs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd * w + bias) * mult + add
+    if SILU:
+        u = u * tl.sigmoid(u)
+    tl.store(Y + ptrs, u.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_partial_sums_kernel(X, DY, W, Bias, Scale, Shift, Mean, Rstd, PA1, PA2, C, L, cpg, NB,
+                             HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr):
+    """sum(du) and sum(du * xhat) of each block."""
+    row = tl.program_id(0)
+    j = tl.program_id(1)
+    gid = row // cpg
+    ptrs, mask = _row_block(row, j, L, BLOCK)
+    xhat = tl.where(mask, (tl.load(X + ptrs, mask=mask, other=0.0).to(tl.float32) - tl.load(Mean + gid)) * tl.load(Rstd + gid), 0.0)
+    w, bias, mult, add = _modulation(W, Bias, Scale, Shift, row % C, row, True, HAS_SCALE, HAS_SHIFT)
+    du = tl.where(mask, _grad_u(xhat, tl.load(DY + ptrs, mask=mask, other=0.0).to(tl.float32), w, bias, mult, add, SILU), 0.0)
+    tl.store(PA1 + row * NB + j, tl.sum(du))
+    tl.store(PA2 + row * NB + j, tl.sum(du * xhat))
+
+
+@triton.jit
+def _bwd_dx_kernel(X, DY, DX, W, Bias, Scale, Shift, Mean, Rstd, PA1, PA2, R, C, L, cpg, NB, n_rows,
+                   HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
+    """dx of block j of the row from the group's partial sums; block 0 also writes the row's reductions."""
+    row = tl.program_id(0)
+    j = tl.program_id(1)
+    gid, p_offs, p_rows, _, p_mask = _group_of(row, C, cpg, NB, BLOCK_P)
+    pw, _, pmult, _ = _modulation(W, Bias, Scale, Shift, p_rows % C, p_rows, p_mask, HAS_SCALE, HAS_SHIFT)
+    pa1 = tl.load(PA1 + p_offs, mask=p_mask, other=0.0)
+    pa2 = tl.load(PA2 + p_offs, mask=p_mask, other=0.0)
+    n = cpg * L
+    k1 = tl.sum(pa1 * pw * pmult) / n
+    k2 = tl.sum(pa2 * pw * pmult) / n
+    mean = tl.load(Mean + gid)
+    rstd = tl.load(Rstd + gid)
+    ptrs, mask = _row_block(row, j, L, BLOCK)
+    w, bias, mult, add = _modulation(W, Bias, Scale, Shift, row % C, row, True, HAS_SCALE, HAS_SHIFT)
+    xhat = (tl.load(X + ptrs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+    du = _grad_u(xhat, tl.load(DY + ptrs, mask=mask, other=0.0).to(tl.float32), w, bias, mult, add, SILU)
+    tl.store(DX + ptrs, (rstd * (du * mult * w - k1 - xhat * k2)).to(DX.dtype.element_ty), mask=mask)
+    if j == 0:
+        own = p_mask & (p_rows == row)
+        a1 = tl.sum(tl.where(own, pa1, 0.0))
+        a2 = tl.sum(tl.where(own, pa2, 0.0))
+        _store_row_reductions(R, n_rows, row, a1, a2, w, bias, mult, True)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one (cpg, L) shape is launched: the path, its compile-time block sizes and warps."""
+
+    resident: bool
+    constexprs: dict
+    num_warps: int
+
+
+def plan(cpg: int, L: int) -> Plan:
+    """Resident when the padded group tile fits RESIDENT_MAX elements, split otherwise."""
+    block_c, block_l = triton.next_power_of_2(cpg), triton.next_power_of_2(L)
+    if block_c * block_l <= RESIDENT_MAX:
+        n = block_c * block_l
+        # More warps for bigger tiles keeps each thread's share of the tile (registers) bounded.
+        return Plan(True, {"BLOCK_C": block_c, "BLOCK_L": block_l}, num_warps=16 if n >= 8192 else 8 if n >= 2048 else 4)
+    block = min(SPLIT_BLOCK, block_l)
+    return Plan(False, {"BLOCK": block, "BLOCK_P": triton.next_power_of_2(cpg * triton.cdiv(L, block))},
+                num_warps=min(8, max(1, block // 512)))
+
+
+def _flags(scale, shift, silu):
+    return dict(HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=silu)
 
 
 class GroupNormSiLU(torch.autograd.Function):
@@ -131,15 +254,24 @@ class GroupNormSiLU(torch.autograd.Function):
         x3 = x.contiguous().view(B, C, -1)
         L = x3.shape[2]
         cpg = C // num_groups
+        p = plan(cpg, L)
         mean = torch.empty(B * num_groups, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
-        _stats_kernel[(B * num_groups,)](x3, mean, rstd, cpg * L, eps, BLOCK=_block(cpg * L))
-        scale_c = scale.contiguous().view(B * C) if scale is not None else mean
-        shift_c = shift.contiguous().view(B * C) if shift is not None else mean
+        # Absent scale/shift: any tensor as the pointer argument; the kernels never read it.
+        scale_c = scale.contiguous() if scale is not None else mean
+        shift_c = shift.contiguous() if shift is not None else mean
         y = torch.empty_like(x3)
-        block = _block(L)
-        _apply_kernel[(B * C, triton.cdiv(L, block))](x3, y, weight, bias, scale_c, shift_c, mean, rstd, C, L, cpg,
-                                                     HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=silu, BLOCK=block)
+        flags = _flags(scale, shift, silu)
+        if p.resident:
+            _fwd_resident_kernel[(B * num_groups,)](x3, y, weight, bias, scale_c, shift_c, mean, rstd, C, L, cpg, eps,
+                                                    **flags, **p.constexprs, num_warps=p.num_warps)
+        else:
+            nb = triton.cdiv(L, p.constexprs["BLOCK"])
+            pmean = torch.empty(B * C * nb, device=x.device, dtype=torch.float32)
+            pm2 = torch.empty_like(pmean)
+            _fwd_partial_stats_kernel[(B * C, nb)](x3, pmean, pm2, L, nb, BLOCK=p.constexprs["BLOCK"], num_warps=p.num_warps)
+            _fwd_apply_kernel[(B * C, nb)](x3, y, weight, bias, scale_c, shift_c, pmean, pm2, mean, rstd, C, L, cpg, nb, eps,
+                                           **flags, **p.constexprs, num_warps=p.num_warps)
         ctx.save_for_backward(x3, weight, bias, scale, shift, mean, rstd)
         ctx.meta = (num_groups, silu, x.shape)
         return y.view(x.shape)
@@ -150,26 +282,28 @@ class GroupNormSiLU(torch.autograd.Function):
         num_groups, silu, shape = ctx.meta
         B, C, L = x3.shape
         cpg = C // num_groups
+        p = plan(cpg, L)
         dy3 = dy.contiguous().view(B, C, L)
-        scale_c = scale.contiguous().view(B * C) if scale is not None else mean
-        shift_c = shift.contiguous().view(B * C) if shift is not None else mean
-        a1 = torch.empty(B * C, device=x3.device, dtype=torch.float32)
-        a2 = torch.empty_like(a1)
-        flags = dict(HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=silu)
-        _bwd_row_sums_kernel[(B * C,)](x3, dy3, weight, bias, scale_c, shift_c, mean, rstd, a1, a2, C, L, cpg, BLOCK=_block(L), **flags)
-        a1, a2 = a1.view(B, C), a2.view(B, C)
-        mult = 1 + scale.float() if scale is not None else torch.ones_like(a1)
-        w = weight.float()
-        dz1, dz2 = a1 * mult, a2 * mult  # sums over L of dz and dz * xhat
-        n = cpg * L
-        k1 = (dz1 * w).view(B, num_groups, cpg).sum(-1) / n
-        k2 = (dz2 * w).view(B, num_groups, cpg).sum(-1) / n
+        scale_c = scale.contiguous() if scale is not None else mean
+        shift_c = shift.contiguous() if shift is not None else mean
         dx = torch.empty_like(x3)
-        block = _block(L)
-        _bwd_dx_kernel[(B * C, triton.cdiv(L, block))](x3, dy3, dx, weight, bias, scale_c, shift_c, mean, rstd,
-                                                       k1.contiguous().view(-1), k2.contiguous().view(-1), C, L, cpg, BLOCK=block, **flags)
-        dweight = dz2.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        dbias = dz1.sum(0).to(bias.dtype) if ctx.needs_input_grad[2] else None
-        dscale = (a2 * w + a1 * bias.float()).to(scale.dtype) if scale is not None and ctx.needs_input_grad[3] else None
-        dshift = a1.to(shift.dtype) if shift is not None and ctx.needs_input_grad[4] else None
+        red = torch.empty(4, B * C, device=x3.device, dtype=torch.float32)
+        flags = _flags(scale, shift, silu)
+        if p.resident:
+            _bwd_resident_kernel[(B * num_groups,)](x3, dy3, dx, weight, bias, scale_c, shift_c, mean, rstd, red, C, L, cpg, B * C,
+                                                    **flags, **p.constexprs, num_warps=p.num_warps)
+        else:
+            nb = triton.cdiv(L, p.constexprs["BLOCK"])
+            pa1 = torch.empty(B * C * nb, device=x3.device, dtype=torch.float32)
+            pa2 = torch.empty_like(pa1)
+            _bwd_partial_sums_kernel[(B * C, nb)](x3, dy3, weight, bias, scale_c, shift_c, mean, rstd, pa1, pa2, C, L, cpg, nb,
+                                                  **flags, BLOCK=p.constexprs["BLOCK"], num_warps=p.num_warps)
+            _bwd_dx_kernel[(B * C, nb)](x3, dy3, dx, weight, bias, scale_c, shift_c, mean, rstd, pa1, pa2, red, C, L, cpg, nb, B * C,
+                                        **flags, **p.constexprs, num_warps=p.num_warps)
+        needs = ctx.needs_input_grad
+        dweight_dbias = red[:2].view(2, B, C).sum(1) if needs[1] or needs[2] else None
+        dweight = dweight_dbias[0].to(weight.dtype) if needs[1] else None
+        dbias = dweight_dbias[1].to(bias.dtype) if needs[2] else None
+        dscale = red[2].view(B, C).to(scale.dtype) if scale is not None and needs[3] else None
+        dshift = red[3].view(B, C).to(shift.dtype) if shift is not None and needs[4] else None
         return dx.view(shape), dweight, dbias, dscale, dshift, None, None, None

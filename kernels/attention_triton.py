@@ -13,6 +13,9 @@ Channel offset of part p (0=q, 1=k, 2=v) of head h: h*head_stride + p*part_strid
 """
 
 import math
+import os
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -156,13 +159,46 @@ def _bwd_dq_kernel(QKV, DO, LSE, Delta, DQKV, H, T, head_stride, part_stride, sm
     tl.store(_tile_ptrs(DQKV + q_off, offs_m, offs_d, T), dq.to(DQKV.dtype.element_ty), mask=m_mask)
 
 
-def _config(T: int, D: int, interpret: bool):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Small tiles in the CPU interpreter keep tests fast."""
-    if interpret:
-        return 16, 16, 1, 1
-    if D > 64:
-        return 64, 64, 4, 2
-    return (128 if T >= 128 else 64), 64, 4, 3
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int  # query rows per tile
+    block_n: int  # key rows per tile
+    num_warps: int
+    num_stages: int
+
+
+def configs(T: int, D: int, capability: Optional[int]) -> dict:
+    """Launch configuration of each kernel ("fwd", "dkdv", "dq") for sequence length T and head dim D.
+
+    capability is the GPU's compute capability x10 (90 for H100), None in the CPU
+    interpreter (tiny tiles keep the tests fast). Chosen so that no kernel spills
+    registers at the benchmark shapes on sm_80, sm_89 and sm_90 (python
+    kernels/compile_report.py --arch N checks it); the backward kernels hold two
+    fp32 accumulators, hence their smaller tiles.
+    """
+    if capability is None:
+        c = LaunchConfig(16, 16, 1, 1)
+        return {"fwd": c, "dkdv": c, "dq": c}
+    short = T <= 64  # one 64-row tile covers the sequence: larger tiles would be half masked
+    if capability >= 90:
+        if D <= 64:
+            if short:
+                return {"fwd": LaunchConfig(64, 64, 4, 3), "dkdv": LaunchConfig(32, 64, 4, 3), "dq": LaunchConfig(64, 64, 4, 3)}
+            return {"fwd": LaunchConfig(128, 64, 8, 3), "dkdv": LaunchConfig(32, 128, 8, 3), "dq": LaunchConfig(128, 64, 8, 3)}
+        if short:
+            return {"fwd": LaunchConfig(64, 64, 8, 2), "dkdv": LaunchConfig(32, 64, 8, 2), "dq": LaunchConfig(64, 32, 8, 3)}
+        return {"fwd": LaunchConfig(128, 64, 8, 2), "dkdv": LaunchConfig(32, 64, 8, 2), "dq": LaunchConfig(128, 32, 8, 2)}
+    if D <= 64:
+        return {"fwd": LaunchConfig(64 if short else 128, 32, 8, 3), "dkdv": LaunchConfig(64, 64, 8, 3), "dq": LaunchConfig(64, 64, 8, 3)}
+    return {"fwd": LaunchConfig(64, 32, 8, 3), "dkdv": LaunchConfig(64, 64, 8, 2), "dq": LaunchConfig(64 if short else 128, 32, 8, 3)}
+
+
+def device_capability(device: torch.device) -> Optional[int]:
+    """Compute capability x10 of a CUDA device; None for the interpreter."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def _strides(order: str, H: int, D: int):
@@ -174,37 +210,38 @@ class FlashQKVAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, num_heads, order):
-        import os
-
         qkv = qkv.contiguous()
         B, width, T = qkv.shape
         H = num_heads
         D = width // (3 * H)
-        interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-        BLOCK_M, BLOCK_N, warps, stages = _config(T, D, interpret)
+        cfg = configs(T, D, device_capability(qkv.device))
         BLOCK_D = max(16, triton.next_power_of_2(D))
         head_stride, part_stride = _strides(order, H, D)
         precision = "ieee" if qkv.dtype == torch.float32 else "tf32"
         out = torch.empty(B, H * D, T, device=qkv.device, dtype=qkv.dtype)
         lse = torch.empty(B * H, T, device=qkv.device, dtype=torch.float32)
         sm_scale = 1.0 / math.sqrt(D)
-        _fwd_kernel[(triton.cdiv(T, BLOCK_M), B * H)](qkv, out, lse, H, T, head_stride, part_stride, sm_scale, D=D, BLOCK_D=BLOCK_D,
-                                                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=precision, num_warps=warps, num_stages=stages)
+        f = cfg["fwd"]
+        _fwd_kernel[(triton.cdiv(T, f.block_m), B * H)](qkv, out, lse, H, T, head_stride, part_stride, sm_scale, D=D, BLOCK_D=BLOCK_D,
+                                                       BLOCK_M=f.block_m, BLOCK_N=f.block_n, PRECISION=precision,
+                                                       num_warps=f.num_warps, num_stages=f.num_stages)
         ctx.save_for_backward(qkv, out, lse)
-        ctx.meta = (H, D, order, sm_scale, BLOCK_M, BLOCK_N, BLOCK_D, warps, stages, precision)
+        ctx.meta = (H, D, order, sm_scale, BLOCK_D, cfg, precision)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         qkv, out, lse = ctx.saved_tensors
-        H, D, order, sm_scale, BLOCK_M, BLOCK_N, BLOCK_D, warps, stages, precision = ctx.meta
+        H, D, order, sm_scale, BLOCK_D, cfg, precision = ctx.meta
         B, _, T = qkv.shape
         dout = dout.contiguous()
         delta = torch.empty_like(lse)
-        _bwd_preprocess[(triton.cdiv(T, BLOCK_M), B * H)](out, dout, delta, H, T, D=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M)
+        pre = cfg["dq"].block_m
+        _bwd_preprocess[(triton.cdiv(T, pre), B * H)](out, dout, delta, H, T, D=D, BLOCK_D=BLOCK_D, BLOCK_M=pre)
         dqkv = torch.empty_like(qkv)
         head_stride, part_stride = _strides(order, H, D)
-        common = dict(D=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=precision, num_warps=warps, num_stages=stages)
-        _bwd_dkdv_kernel[(triton.cdiv(T, BLOCK_N), B * H)](qkv, dout, lse, delta, dqkv, H, T, head_stride, part_stride, sm_scale, **common)
-        _bwd_dq_kernel[(triton.cdiv(T, BLOCK_M), B * H)](qkv, dout, lse, delta, dqkv, H, T, head_stride, part_stride, sm_scale, **common)
+        args = (qkv, dout, lse, delta, dqkv, H, T, head_stride, part_stride, sm_scale)
+        for kernel, c, blocks in ((_bwd_dkdv_kernel, cfg["dkdv"], cfg["dkdv"].block_n), (_bwd_dq_kernel, cfg["dq"], cfg["dq"].block_m)):
+            kernel[(triton.cdiv(T, blocks), B * H)](*args, D=D, BLOCK_D=BLOCK_D, BLOCK_M=c.block_m, BLOCK_N=c.block_n, PRECISION=precision,
+                                                    num_warps=c.num_warps, num_stages=c.num_stages)
         return dqkv, None, None

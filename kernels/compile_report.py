@@ -1,0 +1,151 @@
+"""Build every kernel launch of the benchmark shapes for a GPU, on any machine, and report its resources.
+
+    python kernels/compile_report.py [--arch 90] [--smoke] [--out report.json]
+
+No GPU is needed: the autograd Functions run forward and backward on "meta"
+tensors with the Triton launches recorded instead of run, and each distinct
+launch is compiled by Triton for the target and assembled by ptxas -v. The
+table gives registers per thread, spilled bytes, shared memory per program
+and an estimate of the warps resident per SM. Exit status 1 when a launch
+spills or needs more shared memory than the target has: a spill costs local
+memory traffic in the inner loop, and too much shared memory fails at launch.
+Run it without TRITON_INTERPRET (interpreted kernels cannot be compiled).
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+
+from kernels import attention_triton, group_norm_triton  # noqa: E402
+from kernels.bench import ATTN_SHAPES, GN_SHAPES, SMOKE_ATTN, SMOKE_GN  # noqa: E402
+
+# Per-SM limits of the targets we build for: registers, shared memory per program (bytes), resident warps.
+SM_LIMITS = {80: (65536, 166912, 64), 89: (65536, 101376, 48), 90: (65536, 232448, 64)}
+
+
+@contextlib.contextmanager
+def recorded_launches():
+    """Within the block, launching any kernel of kernels/ appends (kernel, args, kwargs) to the yielded list instead."""
+    launches = []
+    kernels = [obj for module in (group_norm_triton, attention_triton) for obj in vars(module).values() if isinstance(obj, JITFunction)]
+    if not kernels:
+        sys.exit("compile_report.py: the kernels were built for the interpreter; run without TRITON_INTERPRET=1")
+    for k in kernels:
+        k.run = lambda *args, grid, warmup, _k=k, **kwargs: launches.append((_k, args, kwargs))
+    try:
+        yield launches
+    finally:
+        for k in kernels:
+            del k.run
+
+
+def group_norm_launches(shape, pattern, dtype):
+    B, C = shape[:2]
+    meta = dict(device="meta", dtype=dtype)
+    x = torch.empty(shape, **meta, requires_grad=True)
+    w, b = torch.empty(C, **meta, requires_grad=True), torch.empty(C, **meta, requires_grad=True)
+    scale = torch.empty(B, C, **meta, requires_grad=True) if pattern == "ss" else None
+    shift = torch.empty(B, C, **meta, requires_grad=True) if pattern == "ss" else None
+    with recorded_launches() as launches:
+        y = group_norm_triton.GroupNormSiLU.apply(x, w, b, scale, shift, 32, 1e-5, pattern != "plain")
+        y.backward(torch.empty_like(y))
+    return launches
+
+
+def attention_launches(B, H, T, D, dtype, arch):
+    attention_triton.device_capability = lambda device: arch  # meta tensors have no device to ask
+    qkv = torch.empty(B, 3 * H * D, T, device="meta", dtype=dtype, requires_grad=True)
+    with recorded_launches() as launches:
+        out = attention_triton.FlashQKVAttention.apply(qkv, H, "legacy")
+        out.backward(torch.empty_like(out))
+    return launches
+
+
+def ptxas_usage(ptx: str, arch: int):
+    """(registers per thread, spilled bytes) from ptxas -v."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path if arch else get_ptxas().path
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        suffix = "a" if arch >= 90 else ""
+        proc = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}{suffix}", src, "-o", os.path.join(d, "k.cubin")],
+                              capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"ptxas failed: {proc.stderr.strip()[:500]}")
+    regs = int(re.search(r"Used (\d+) registers", proc.stderr).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", proc.stderr))
+    return regs, spills
+
+
+def compile_launch(kernel, args, kwargs, target):
+    """Compile one recorded launch for target as JITFunction.run would, without a device."""
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+    consts = {kernel.arg_names[path[0]]: v for path, v in constexprs.items() if isinstance(v, (int, str)) and not isinstance(v, bool)}
+    return compiled, consts, options
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, default=90, choices=sorted(SM_LIMITS), help="compute capability x10 (90 = H100)")
+    p.add_argument("--smoke", action="store_true", help="the benchmark's smoke shapes only")
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    target = GPUTarget("cuda", args.arch, 32)
+    max_regs, max_smem, max_warps = SM_LIMITS[args.arch]
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    work = [(f"group_norm {list(s)} {k}", group_norm_launches(s, k, dtype)) for s, k in (SMOKE_GN if args.smoke else GN_SHAPES)]
+    work += [(f"attention {[B, H, T, D]}", attention_launches(B, H, T, D, dtype, args.arch)) for B, H, T, D in (SMOKE_ATTN if args.smoke else ATTN_SHAPES)]
+    rows, cache = [], {}
+    for label, launches in work:
+        for kernel, largs, lkwargs in launches:
+            compiled, consts, options = compile_launch(kernel, largs, lkwargs, target)
+            key = compiled.hash
+            if key not in cache:
+                cache[key] = ptxas_usage(compiled.asm["ptx"], args.arch)
+            regs, spills = cache[key]
+            smem = compiled.metadata.shared
+            warps = options.num_warps
+            per_warp = math.ceil(regs * 32 / 256) * 256  # registers are allocated per warp in units of 256
+            programs = min(max_regs // (per_warp * warps), max_smem // smem if smem else max_warps, max_warps // warps)
+            rows.append({"shape": label, "kernel": kernel.__name__, "constexprs": consts, "num_warps": warps,
+                         "num_stages": options.num_stages, "registers": regs, "spill_bytes": spills, "shared_bytes": smem,
+                         "est_warps_per_sm": programs * warps, "ok": spills == 0 and smem <= max_smem})
+    meta = {"arch": args.arch, "triton": triton.__version__, "torch": torch.__version__, "dtype": str(dtype)}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print(f"# sm_{args.arch} | triton {meta['triton']} | {meta['dtype']} | limits: {max_smem} B shared per program, {max_regs} registers per SM")
+    print(f"{'shape':<38} {'kernel':<26} {'blocks':<44} {'warps':>5} {'stg':>3} {'regs':>4} {'spill':>5} {'smem':>6} {'warps/SM':>8}")
+    for r in rows:
+        blocks = ",".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.startswith("BLOCK") or k == "D")
+        print(f"{r['shape']:<38} {r['kernel']:<26} {blocks:<44} {r['num_warps']:>5} {r['num_stages']:>3} {r['registers']:>4} "
+              f"{r['spill_bytes']:>5} {r['shared_bytes']:>6} {r['est_warps_per_sm']:>8}{'' if r['ok'] else '  <-- FAIL'}")
+    bad = [r for r in rows if not r["ok"]]
+    print(f"{len(rows)} launches, {len(cache)} distinct kernels, {len(bad)} spilling or over the shared-memory limit")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -17,9 +17,9 @@ Two paths, chosen per shape by `plan`:
   statistics are exact (two-pass in registers) and are merged with Chan's
   formula, so no sum-of-squares cancellation.
 
-Both paths also write per-row reductions R[4, B*C] (fp32) for the parameter
-gradients: dweight and dbias partials (summed over the batch by one PyTorch
-op), dscale and dshift.
+Both paths also write dscale and dshift, and per-row partials of dweight and
+dbias that one small kernel sums over the batch: the backward is two or three
+launches whatever the pattern.
 """
 
 from dataclasses import dataclass
@@ -57,12 +57,28 @@ def _grad_u(xhat, dy, w, bias, mult, add, SILU: tl.constexpr):
 
 
 @triton.jit
-def _store_row_reductions(R, n_rows, row, a1, a2, w, bias, mult, mask):
-    """From a1 = sum_L du and a2 = sum_L du*xhat of a row: R[0] dweight and R[1] dbias partials, R[2] dscale, R[3] dshift."""
+def _store_row_grads(R, DScale, DShift, n_rows, row, a1, a2, w, bias, mult, mask, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """From a1 = sum_L du and a2 = sum_L du*xhat of a row: R[0] dweight and R[1] dbias partials (fp32), dscale, dshift."""
     tl.store(R + row, mult * a2, mask=mask)
     tl.store(R + n_rows + row, mult * a1, mask=mask)
-    tl.store(R + 2 * n_rows + row, w * a2 + bias * a1, mask=mask)
-    tl.store(R + 3 * n_rows + row, a1, mask=mask)
+    if HAS_SCALE:
+        tl.store(DScale + row, (w * a2 + bias * a1).to(DScale.dtype.element_ty), mask=mask)
+    if HAS_SHIFT:
+        tl.store(DShift + row, a1.to(DShift.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_over_batch_kernel(R, DW, DB, B, C, BLOCK: tl.constexpr):
+    """dweight[c] = sum_b R[0, b, c] and dbias[c] = sum_b R[1, b, c], in a fixed order (deterministic), cast to the parameters' dtype."""
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < C
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    db = tl.zeros([BLOCK], dtype=tl.float32)
+    for b in range(0, B):
+        dw += tl.load(R + b * C + c, mask=mask, other=0.0)
+        db += tl.load(R + (B + b) * C + c, mask=mask, other=0.0)
+    tl.store(DW + c, dw.to(DW.dtype.element_ty), mask=mask)
+    tl.store(DB + c, db.to(DB.dtype.element_ty), mask=mask)
 
 
 # ---- resident path: grid (B*G,), one group per program, tile [BLOCK_C, BLOCK_L] ----
@@ -101,7 +117,7 @@ def _fwd_resident_kernel(X, Y, W, Bias, Scale, Shift, Mean, Rstd, C, L, cpg, eps
 
 
 @triton.jit
-def _bwd_resident_kernel(X, DY, DX, W, Bias, Scale, Shift, Mean, Rstd, R, C, L, cpg, n_rows,
+def _bwd_resident_kernel(X, DY, DX, W, Bias, Scale, Shift, Mean, Rstd, R, DScale, DShift, C, L, cpg, n_rows,
                          HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
                          BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """dx = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)), dxhat = du * (1 + scale) * w."""
@@ -119,7 +135,7 @@ def _bwd_resident_kernel(X, DY, DX, W, Bias, Scale, Shift, Mean, Rstd, R, C, L, 
     k1 = tl.sum(a1 * mult * w) / n
     k2 = tl.sum(a2 * mult * w) / n
     tl.store(DX + ptrs, (rstd * (du * mult * w - k1 - xhat * k2)).to(DX.dtype.element_ty), mask=mask)
-    _store_row_reductions(R, n_rows, row, a1, a2, w, bias, mult, row_valid)
+    _store_row_grads(R, DScale, DShift, n_rows, row, a1, a2, w, bias, mult, row_valid, HAS_SCALE, HAS_SHIFT)
 
 
 # ---- split path: grid (B*C, NB), block j of one row per program ----
@@ -194,7 +210,7 @@ def _bwd_partial_sums_kernel(X, DY, W, Bias, Scale, Shift, Mean, Rstd, PA1, PA2,
 
 
 @triton.jit
-def _bwd_dx_kernel(X, DY, DX, W, Bias, Scale, Shift, Mean, Rstd, PA1, PA2, R, C, L, cpg, NB, n_rows,
+def _bwd_dx_kernel(X, DY, DX, W, Bias, Scale, Shift, Mean, Rstd, PA1, PA2, R, DScale, DShift, C, L, cpg, NB, n_rows,
                    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
     """dx of block j of the row from the group's partial sums; block 0 also writes the row's reductions."""
     row = tl.program_id(0)
@@ -217,7 +233,7 @@ def _bwd_dx_kernel(X, DY, DX, W, Bias, Scale, Shift, Mean, Rstd, PA1, PA2, R, C,
         own = p_mask & (p_rows == row)
         a1 = tl.sum(tl.where(own, pa1, 0.0))
         a2 = tl.sum(tl.where(own, pa2, 0.0))
-        _store_row_reductions(R, n_rows, row, a1, a2, w, bias, mult, True)
+        _store_row_grads(R, DScale, DShift, n_rows, row, a1, a2, w, bias, mult, True, HAS_SCALE, HAS_SHIFT)
 
 
 @dataclass(frozen=True)
@@ -287,10 +303,12 @@ class GroupNormSiLU(torch.autograd.Function):
         scale_c = scale.contiguous() if scale is not None else mean
         shift_c = shift.contiguous() if shift is not None else mean
         dx = torch.empty_like(x3)
-        red = torch.empty(4, B * C, device=x3.device, dtype=torch.float32)
+        red = torch.empty(2, B * C, device=x3.device, dtype=torch.float32)
+        dscale = torch.empty_like(scale_c) if scale is not None else red
+        dshift = torch.empty_like(shift_c) if shift is not None else red
         flags = _flags(scale, shift, silu)
         if p.resident:
-            _bwd_resident_kernel[(B * num_groups,)](x3, dy3, dx, weight, bias, scale_c, shift_c, mean, rstd, red, C, L, cpg, B * C,
+            _bwd_resident_kernel[(B * num_groups,)](x3, dy3, dx, weight, bias, scale_c, shift_c, mean, rstd, red, dscale, dshift, C, L, cpg, B * C,
                                                     **flags, **p.constexprs, num_warps=p.num_warps)
         else:
             nb = triton.cdiv(L, p.constexprs["BLOCK"])
@@ -298,12 +316,12 @@ class GroupNormSiLU(torch.autograd.Function):
             pa2 = torch.empty_like(pa1)
             _bwd_partial_sums_kernel[(B * C, nb)](x3, dy3, weight, bias, scale_c, shift_c, mean, rstd, pa1, pa2, C, L, cpg, nb,
                                                   **flags, BLOCK=p.constexprs["BLOCK"], num_warps=p.num_warps)
-            _bwd_dx_kernel[(B * C, nb)](x3, dy3, dx, weight, bias, scale_c, shift_c, mean, rstd, pa1, pa2, red, C, L, cpg, nb, B * C,
+            _bwd_dx_kernel[(B * C, nb)](x3, dy3, dx, weight, bias, scale_c, shift_c, mean, rstd, pa1, pa2, red, dscale, dshift, C, L, cpg, nb, B * C,
                                         **flags, **p.constexprs, num_warps=p.num_warps)
         needs = ctx.needs_input_grad
-        dweight_dbias = red[:2].view(2, B, C).sum(1) if needs[1] or needs[2] else None
-        dweight = dweight_dbias[0].to(weight.dtype) if needs[1] else None
-        dbias = dweight_dbias[1].to(bias.dtype) if needs[2] else None
-        dscale = red[2].view(B, C).to(scale.dtype) if scale is not None and needs[3] else None
-        dshift = red[3].view(B, C).to(shift.dtype) if shift is not None and needs[4] else None
-        return dx.view(shape), dweight, dbias, dscale, dshift, None, None, None
+        dweight, dbias = torch.empty_like(weight), torch.empty_like(bias)
+        if needs[1] or needs[2]:
+            block = min(1024, triton.next_power_of_2(C))
+            _sum_over_batch_kernel[(triton.cdiv(C, block),)](red, dweight, dbias, B, C, BLOCK=block)
+        return (dx.view(shape), dweight if needs[1] else None, dbias if needs[2] else None,
+                dscale if scale is not None and needs[3] else None, dshift if shift is not None and needs[4] else None, None, None, None)

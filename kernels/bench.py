@@ -1,6 +1,7 @@
 """Benchmark the fused kernels against eager PyTorch, torch.compile and SDPA, and a UNet training step.
 
     python kernels/bench.py [--out results.json]          (GPU: the full shape list below)
+    python kernels/bench.py --sweep [--out sweep.json]    (GPU: time each attention kernel's candidate tiles)
     TRITON_INTERPRET=1 python kernels/bench.py --smoke     (CPU: tiny shapes, checks the script itself)
 
 Every provider is timed twice with triton.testing.do_bench (median), on fresh
@@ -142,6 +143,42 @@ def bench_attention(shapes, device, dtype, smoke):
     return rows
 
 
+# Tile candidates for the attention sweep, (BLOCK_M, BLOCK_N, num_warps, num_stages); none spills on sm_90.
+SWEEP = {"small_d": {"fwd": [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)],
+                     "dkdv": [(32, 64, 4, 3), (32, 64, 8, 3), (32, 128, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2)],
+                     "dq": [(64, 64, 4, 3), (64, 128, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3)]},
+         "large_d": {"fwd": [(64, 32, 8, 3), (64, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2)],
+                     "dkdv": [(32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2)],
+                     "dq": [(64, 32, 8, 3), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2)]}}
+
+
+def sweep_attention(shapes, device, dtype):
+    """For each shape and kernel, fwd+bwd ms with that kernel's tile replaced by each candidate (the others at their defaults)."""
+    from kernels import attention_triton
+
+    default_configs = attention_triton.configs
+    rows = []
+    for B, H, T, D in shapes:
+        qkv = torch.randn(B, 3 * H * D, T, device=device, dtype=dtype, requires_grad=True)
+        dy = torch.randn(B, H * D, T, device=device, dtype=dtype)
+        ref = qkv_attention_reference(qkv.detach().double(), H)
+        for kernel, candidates in SWEEP["small_d" if D <= 64 else "large_d"].items():
+            for cand in candidates:
+                attention_triton.configs = lambda T_, D_, cap, _k=kernel, _c=cand: {**default_configs(T_, D_, cap), _k: attention_triton.LaunchConfig(*_c)}
+                try:
+                    err = float((qkv_attention(qkv, H).double() - ref).abs().max() / ref.abs().max())
+                    ms = timed(fwd_bwd(lambda: qkv_attention(qkv, H), [qkv], dy))
+                except Exception as e:  # a candidate that cannot build is a result too
+                    err, ms = None, [f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"]
+                finally:
+                    attention_triton.configs = default_configs
+                is_default = attention_triton.LaunchConfig(*cand) == default_configs(T, D, attention_triton.device_capability(qkv.device))[kernel]
+                rows.append({"shape": [B, H, T, D], "kernel": kernel, "tile": list(cand), "default": is_default, "fwd_bwd_ms": ms, "max_rel_err": err})
+                print(f"sweep {str([B, H, T, D]):<20} {kernel:<5} {str(cand):<18} {'*' if is_default else ' '} "
+                      f"{min(ms) if err is not None else ms[0]}", flush=True)
+    return rows
+
+
 def copy_bandwidth(device, smoke):
     x = torch.empty((1 if smoke else 256) * 2**20 // 2, device=device, dtype=torch.bfloat16)
     y = torch.empty_like(x)
@@ -184,6 +221,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     p.add_argument("--out", default="")
     p.add_argument("--no_compile", action="store_true")
+    p.add_argument("--sweep", action="store_true", help="GPU: time the candidate tiles of each attention kernel instead")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -192,6 +230,14 @@ def main() -> None:
     torch.manual_seed(0)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)", "torch": torch.__version__,
             "triton": triton.__version__, "date": datetime.date.today().isoformat(), "dtype": str(dtype)}
+    if args.sweep:
+        if device.type != "cuda":
+            sys.exit("bench.py: --sweep needs a GPU")
+        rows = sweep_attention(ATTN_SHAPES, device, dtype)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"meta": meta, "sweep": rows}, f, indent=1)
+        return
     copy_gbps = copy_bandwidth(device, args.smoke)
     rows = bench_group_norm(SMOKE_GN if args.smoke else GN_SHAPES, device, dtype, use_compile=not (args.smoke or args.no_compile))
     rows += bench_attention(SMOKE_ATTN if args.smoke else ATTN_SHAPES, device, dtype, args.smoke)

@@ -42,7 +42,10 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, order: str = "legacy") -> t
     """Attention of qkv [B, 3*heads*ch, T] -> [B, heads*ch, T]; differentiable in qkv."""
     split_qkv(qkv, num_heads, order)  # validates before any kernel launch
     reference = lambda: qkv_attention_reference(qkv, num_heads, order)  # noqa: E731
-    if use_triton(qkv):
+    # fp32 at full precision stays with PyTorch on a GPU: exact fp32 (FMA) dots do not fit a flash kernel's
+    # registers; with torch.backends.cuda.matmul.allow_tf32 the kernel runs them in TF32, as cuBLAS would.
+    exact_fp32 = qkv.is_cuda and qkv.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    if use_triton(qkv) and not exact_fp32:
         from .attention_triton import FlashQKVAttention
 
         return run_triton_or_reference("qkv_attention", lambda: FlashQKVAttention.apply(qkv, num_heads, order), reference)

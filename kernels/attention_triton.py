@@ -167,30 +167,45 @@ class LaunchConfig:
     num_stages: int
 
 
-def configs(T: int, D: int, capability: Optional[int]) -> dict:
-    """Launch configuration of each kernel ("fwd", "dkdv", "dq") for sequence length T and head dim D.
+def configs(T: int, D: int, capability: Optional[int], fp32: bool = False) -> dict:
+    """Launch configuration of each kernel ("fwd", "dkdv", "dq", and "pre" for the Delta pass) for
+    sequence length T and head dim D.
 
     capability is the GPU's compute capability x10 (90 for H100), None in the CPU
     interpreter (tiny tiles keep the tests fast). Chosen so that no kernel spills
-    registers at the benchmark shapes on sm_80, sm_89 and sm_90 (python
-    kernels/compile_report.py --arch N checks it); the backward kernels hold two
-    fp32 accumulators, hence their smaller tiles.
+    registers on sm_80, sm_89 and sm_90 (python kernels/compile_report.py --arch N
+    checks the benchmark shapes and the corners): the backward kernels hold two
+    fp32 accumulators, hence their smaller tiles; a T that is not a multiple of 16
+    defeats vectorised loads (every element carries its own pointer), hence the
+    smaller tiles there too.
     """
     if capability is None:
         c = LaunchConfig(16, 16, 1, 1)
-        return {"fwd": c, "dkdv": c, "dq": c}
-    short = T <= 64  # one 64-row tile covers the sequence: larger tiles would be half masked
-    if capability >= 90:
-        if D <= 64:
-            if short:
-                return {"fwd": LaunchConfig(64, 64, 4, 3), "dkdv": LaunchConfig(32, 64, 4, 3), "dq": LaunchConfig(64, 64, 4, 3)}
-            return {"fwd": LaunchConfig(128, 64, 8, 3), "dkdv": LaunchConfig(32, 128, 8, 3), "dq": LaunchConfig(128, 64, 8, 3)}
-        if short:
-            return {"fwd": LaunchConfig(64, 64, 8, 2), "dkdv": LaunchConfig(32, 64, 8, 2), "dq": LaunchConfig(64, 32, 8, 3)}
-        return {"fwd": LaunchConfig(128, 64, 8, 2), "dkdv": LaunchConfig(32, 64, 8, 2), "dq": LaunchConfig(128, 32, 8, 2)}
-    if D <= 64:
-        return {"fwd": LaunchConfig(64 if short else 128, 32, 8, 3), "dkdv": LaunchConfig(64, 64, 8, 3), "dq": LaunchConfig(64, 64, 8, 3)}
-    return {"fwd": LaunchConfig(64, 32, 8, 3), "dkdv": LaunchConfig(64, 64, 8, 2), "dq": LaunchConfig(64 if short else 128, 32, 8, 3)}
+        return {"fwd": c, "dkdv": c, "dq": c, "pre": c}
+    small_d = D <= 64
+    if T % 16:
+        return {"fwd": LaunchConfig(32 if fp32 else 64, 32, 8, 3), "dkdv": LaunchConfig(32, 32, 8, 3),
+                "dq": LaunchConfig(64, 32, 8, 3) if small_d else LaunchConfig(32, 64, 8, 3), "pre": LaunchConfig(64, 0, 8, 1)}
+    if fp32:  # TF32 dots on fp32 tiles: twice the bytes and registers of a 16-bit tile
+        if small_d:
+            cfg = {"fwd": LaunchConfig(64, 32, 8, 2), "dkdv": LaunchConfig(32, 32, 8, 2), "dq": LaunchConfig(64, 32, 8, 2)}
+        else:
+            cfg = {"fwd": LaunchConfig(32, 32, 8, 2), "dkdv": LaunchConfig(32, 32, 8, 2), "dq": LaunchConfig(32, 16, 8, 2)}
+    elif capability >= 90:
+        short = T <= 64  # one 64-row tile covers the sequence: larger tiles would be half masked
+        if small_d and short:
+            cfg = {"fwd": LaunchConfig(64, 64, 4, 3), "dkdv": LaunchConfig(32, 64, 4, 3), "dq": LaunchConfig(64, 64, 4, 3)}
+        elif small_d:
+            cfg = {"fwd": LaunchConfig(128, 64, 8, 3), "dkdv": LaunchConfig(32, 128, 8, 3), "dq": LaunchConfig(128, 64, 8, 3)}
+        elif short:
+            cfg = {"fwd": LaunchConfig(64, 64, 8, 2), "dkdv": LaunchConfig(32, 64, 8, 2), "dq": LaunchConfig(64, 32, 8, 3)}
+        else:
+            cfg = {"fwd": LaunchConfig(128, 64, 8, 2), "dkdv": LaunchConfig(32, 64, 8, 2), "dq": LaunchConfig(128, 32, 8, 2)}
+    elif small_d:
+        cfg = {"fwd": LaunchConfig(64 if T <= 64 else 128, 32, 8, 3), "dkdv": LaunchConfig(64, 32, 8, 3), "dq": LaunchConfig(64, 64, 8, 3)}
+    else:
+        cfg = {"fwd": LaunchConfig(64, 32, 8, 3), "dkdv": LaunchConfig(64, 64, 8, 2), "dq": LaunchConfig(64 if T <= 64 else 128, 32, 8, 3)}
+    return {**cfg, "pre": LaunchConfig(64, 0, 8, 1)}
 
 
 def device_capability(device: torch.device) -> Optional[int]:
@@ -214,10 +229,11 @@ class FlashQKVAttention(torch.autograd.Function):
         B, width, T = qkv.shape
         H = num_heads
         D = width // (3 * H)
-        cfg = configs(T, D, device_capability(qkv.device))
+        cfg = configs(T, D, device_capability(qkv.device), fp32=qkv.dtype == torch.float32)
         BLOCK_D = max(16, triton.next_power_of_2(D))
         head_stride, part_stride = _strides(order, H, D)
-        precision = "ieee" if qkv.dtype == torch.float32 else "tf32"
+        # fp32 reaches a GPU only when PyTorch allows TF32 matmuls (kernels.attention); the interpreter is exact.
+        precision = "ieee" if qkv.device.type == "cpu" else "tf32"
         out = torch.empty(B, H * D, T, device=qkv.device, dtype=qkv.dtype)
         lse = torch.empty(B * H, T, device=qkv.device, dtype=torch.float32)
         sm_scale = 1.0 / math.sqrt(D)
@@ -236,8 +252,9 @@ class FlashQKVAttention(torch.autograd.Function):
         B, _, T = qkv.shape
         dout = dout.contiguous()
         delta = torch.empty_like(lse)
-        pre = cfg["dq"].block_m
-        _bwd_preprocess[(triton.cdiv(T, pre), B * H)](out, dout, delta, H, T, D=D, BLOCK_D=BLOCK_D, BLOCK_M=pre)
+        pre = cfg["pre"]
+        _bwd_preprocess[(triton.cdiv(T, pre.block_m), B * H)](out, dout, delta, H, T, D=D, BLOCK_D=BLOCK_D, BLOCK_M=pre.block_m,
+                                                             num_warps=pre.num_warps)
         dqkv = torch.empty_like(qkv)
         head_stride, part_stride = _strides(order, H, D)
         args = (qkv, dout, lse, delta, dqkv, H, T, head_stride, part_stride, sm_scale)

@@ -1,6 +1,6 @@
 """Build every kernel launch of the benchmark shapes for a GPU, on any machine, and report its resources.
 
-    python kernels/compile_report.py [--arch 90] [--smoke] [--out report.json]
+    python kernels/compile_report.py [--arch 90] [--out report.json]
 
 No GPU is needed: the autograd Functions run forward and backward on "meta"
 tensors with the Triton launches recorded instead of run, and each distinct
@@ -32,10 +32,20 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 from kernels import attention_triton, group_norm_triton  # noqa: E402
-from kernels.bench import ATTN_SHAPES, GN_SHAPES, SMOKE_ATTN, SMOKE_GN  # noqa: E402
+from kernels.bench import ATTN_SHAPES, GN_SHAPES  # noqa: E402
 
 # Per-SM limits of the targets we build for: registers, shared memory per program (bytes), resident warps.
 SM_LIMITS = {80: (65536, 166912, 64), 89: (65536, 101376, 48), 90: (65536, 232448, 64)}
+
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+# The benchmark's shapes (bf16), then the corners of what the kernels accept: other dtypes (fp32 dots run
+# in IEEE precision and take more registers), channels per group not a power of two, odd sizes, head dims
+# 32 and 128 at the shortest and longest sequences, sequences that are not a multiple of 16.
+GN_WORK = [(s, k, BF16) for s, k in GN_SHAPES] + [((64, 128, 64, 64), "silu", FP32), ((8, 96, 128, 128), "ss", FP32),
+                                                  ((4, 192, 33, 33), "silu", FP16), ((2, 64, 7, 7), "plain", FP32)]
+ATTN_WORK = [(shape, BF16) for shape in ATTN_SHAPES] + [((2, 4, T, D), BF16) for T in (16, 4096) for D in (32, 128)] + \
+            [((2, 4, 256, D), FP32) for D in (64, 96, 128)] + [((2, 4, 64, 64), FP32), ((2, 4, 1000, 64), FP16), ((2, 4, 196, 128), BF16), ((2, 4, 49, 32), FP32)]
 
 
 @contextlib.contextmanager
@@ -109,14 +119,13 @@ def compile_launch(kernel, args, kwargs, target):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90, choices=sorted(SM_LIMITS), help="compute capability x10 (90 = H100)")
-    p.add_argument("--smoke", action="store_true", help="the benchmark's smoke shapes only")
     p.add_argument("--out", default="")
     args = p.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     max_regs, max_smem, max_warps = SM_LIMITS[args.arch]
-    dtype = torch.float32 if args.smoke else torch.bfloat16
-    work = [(f"group_norm {list(s)} {k}", group_norm_launches(s, k, dtype)) for s, k in (SMOKE_GN if args.smoke else GN_SHAPES)]
-    work += [(f"attention {[B, H, T, D]}", attention_launches(B, H, T, D, dtype, args.arch)) for B, H, T, D in (SMOKE_ATTN if args.smoke else ATTN_SHAPES)]
+    dt = {BF16: "bf16", FP16: "fp16", FP32: "fp32"}
+    work = [(f"group_norm {list(s)} {k} {dt[d]}", group_norm_launches(s, k, d)) for s, k, d in GN_WORK]
+    work += [(f"attention {list(shape)} {dt[d]}", attention_launches(*shape, d, args.arch)) for shape, d in ATTN_WORK]
     rows, cache = [], {}
     for label, launches in work:
         for kernel, largs, lkwargs in launches:
@@ -132,15 +141,15 @@ def main() -> None:
             rows.append({"shape": label, "kernel": kernel.__name__, "constexprs": consts, "num_warps": warps,
                          "num_stages": options.num_stages, "registers": regs, "spill_bytes": spills, "shared_bytes": smem,
                          "est_warps_per_sm": programs * warps, "ok": spills == 0 and smem <= max_smem})
-    meta = {"arch": args.arch, "triton": triton.__version__, "torch": torch.__version__, "dtype": str(dtype)}
+    meta = {"arch": args.arch, "triton": triton.__version__, "torch": torch.__version__}
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(f"# sm_{args.arch} | triton {meta['triton']} | {meta['dtype']} | limits: {max_smem} B shared per program, {max_regs} registers per SM")
-    print(f"{'shape':<38} {'kernel':<26} {'blocks':<44} {'warps':>5} {'stg':>3} {'regs':>4} {'spill':>5} {'smem':>6} {'warps/SM':>8}")
+    print(f"# sm_{args.arch} | triton {meta['triton']} | limits: {max_smem} B shared per program, {max_regs} registers per SM")
+    print(f"{'shape':<43} {'kernel':<26} {'blocks':<44} {'warps':>5} {'stg':>3} {'regs':>4} {'spill':>5} {'smem':>6} {'warps/SM':>8}")
     for r in rows:
         blocks = ",".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.startswith("BLOCK") or k == "D")
-        print(f"{r['shape']:<38} {r['kernel']:<26} {blocks:<44} {r['num_warps']:>5} {r['num_stages']:>3} {r['registers']:>4} "
+        print(f"{r['shape']:<43} {r['kernel']:<26} {blocks:<44} {r['num_warps']:>5} {r['num_stages']:>3} {r['registers']:>4} "
               f"{r['spill_bytes']:>5} {r['shared_bytes']:>6} {r['est_warps_per_sm']:>8}{'' if r['ok'] else '  <-- FAIL'}")
     bad = [r for r in rows if not r["ok"]]
     print(f"{len(rows)} launches, {len(cache)} distinct kernels, {len(bad)} spilling or over the shared-memory limit")

@@ -72,6 +72,12 @@ def timed(fn, reps=2):
     return out
 
 
+def progress(row):
+    """One line per measurement as it lands, so a run cut off by a time limit still leaves its numbers."""
+    print(f"{row['op']} {row['shape']} {row.get('pattern', '')} {row['provider']}: fwd ms {row['fwd_ms']}, fwd+bwd ms {row['fwd_bwd_ms']}, "
+          f"max rel err {row['max_rel_err']}", flush=True)
+
+
 def fwd_bwd(fn, inputs, out_grad):
     def run():
         for t in inputs:
@@ -115,6 +121,7 @@ def bench_group_norm(shapes, device, dtype, use_compile):
             rows.append({"op": "group_norm", "shape": list(shape), "pattern": kind, "provider": name, "fwd_ms": fwd, "fwd_bwd_ms": both,
                          "bwd_ms": [bb - ff for ff, bb in zip(fwd, both)], "fwd_bwd_GBps": 5 * n_bytes / (min(both) * 1e-3) / 1e9,
                          "max_rel_err": err if name == "triton" else None})
+            progress(rows[-1])
     return rows
 
 
@@ -140,6 +147,7 @@ def bench_attention(shapes, device, dtype, smoke):
             rows.append({"op": "attention", "shape": [B, H, T, D], "provider": name, "fwd_ms": fwd, "fwd_bwd_ms": both,
                          "bwd_ms": [bb - ff for ff, bb in zip(fwd, both)], "fwd_TFLOPs": flops_fwd / (min(fwd) * 1e-3) / 1e12,
                          "fwd_bwd_TFLOPs": 3.5 * flops_fwd / (min(both) * 1e-3) / 1e12, "max_rel_err": err if name == "triton" else None})
+            progress(rows[-1])
     return rows
 
 
@@ -211,6 +219,7 @@ def training_step(device, smoke):
 
         ms = timed(step)
         result["kernels_on" if fused else "kernels_off"] = {"ms": ms, "images_per_s": batch / (min(ms) * 1e-3)}
+        print(f"training step, kernels {'on' if fused else 'off'}: ms {ms}", flush=True)
     result["speedup"] = result["kernels_on"]["images_per_s"] / result["kernels_off"]["images_per_s"]
     result["config"] = {"image_size": flags["image_size"], "num_channels": flags["num_channels"], "batch": batch}
     return result

@@ -101,6 +101,18 @@ def _bwd_preprocess(O, DO, Delta, H, T, D: tl.constexpr, BLOCK_D: tl.constexpr, 
 
 
 @triton.jit
+def _query_block(QKV, DO, LSE, Delta, q_off, o_off, bh, offs_m, offs_d, d_mask, T):
+    """A query block's q and dO tiles [M, D] and its rows' log-sum-exp and Delta, with the row mask."""
+    m_valid = offs_m < T
+    m_mask = m_valid[:, None] & d_mask[None, :]
+    q = tl.load(_tile_ptrs(QKV + q_off, offs_m, offs_d, T), mask=m_mask, other=0.0)
+    do = tl.load(_tile_ptrs(DO + o_off, offs_m, offs_d, T), mask=m_mask, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=m_valid, other=0.0)
+    delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=m_valid, other=0.0)
+    return q, do, lse, delta, m_valid, m_mask
+
+
+@triton.jit
 def _bwd_dkdv_kernel(QKV, DO, LSE, Delta, DQKV, H, T, head_stride, part_stride, sm_scale,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """One program per (key block, b*h): loops over query blocks."""
@@ -117,12 +129,7 @@ def _bwd_dkdv_kernel(QKV, DO, LSE, Delta, DQKV, H, T, head_stride, part_stride, 
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start_m in range(0, T, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_valid = offs_m < T
-        m_mask = m_valid[:, None] & d_mask[None, :]
-        q = tl.load(_tile_ptrs(QKV + q_off, offs_m, offs_d, T), mask=m_mask, other=0.0)
-        do = tl.load(_tile_ptrs(DO + o_off, offs_m, offs_d, T), mask=m_mask, other=0.0)
-        lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=m_valid, other=0.0)
-        delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=m_valid, other=0.0)
+        q, do, lse, delta, m_valid, _ = _query_block(QKV, DO, LSE, Delta, q_off, o_off, bh, offs_m, offs_d, d_mask, T)
         p, ds = _recompute_p_ds(q, k, v, do, lse, delta, m_valid, offs_n, T, sm_scale, PRECISION)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
@@ -141,12 +148,7 @@ def _bwd_dq_kernel(QKV, DO, LSE, Delta, DQKV, H, T, head_stride, part_stride, sm
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    m_valid = offs_m < T
-    m_mask = m_valid[:, None] & d_mask[None, :]
-    q = tl.load(_tile_ptrs(QKV + q_off, offs_m, offs_d, T), mask=m_mask, other=0.0)
-    do = tl.load(_tile_ptrs(DO + o_off, offs_m, offs_d, T), mask=m_mask, other=0.0)
-    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=m_valid, other=0.0)
-    delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=m_valid, other=0.0)
+    q, do, lse, delta, m_valid, m_mask = _query_block(QKV, DO, LSE, Delta, q_off, o_off, bh, offs_m, offs_d, d_mask, T)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, T, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)

@@ -68,6 +68,19 @@ def setup_if_launched(master_port: Optional[int] = None):
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), True
 
 
+def shutdown() -> None:
+    """Leave the process group together at the end of a successful run.
+
+    Every rank waits for the others (so rank 0's outputs exist once the job
+    reports success), then closes its connections: a rank that exits while
+    gloo's threads still run can abort ("terminate called without an active
+    exception") and fail a job that had finished.
+    """
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def local_world_size() -> int:
     for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE"):
         if key in os.environ:

@@ -82,6 +82,7 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
+        dist_util.shutdown()
     except (ConfigError, CheckpointError, DataError) as e:
         print(f"nll.py: error: {e}", file=sys.stderr)
         sys.exit(2)

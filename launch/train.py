@@ -187,6 +187,7 @@ def cli(super_res: bool = False) -> None:
     name = os.path.basename(sys.argv[0])
     try:
         main(super_res)
+        dist_util.shutdown()
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -29,12 +29,12 @@ def split_qkv(qkv: torch.Tensor, num_heads: int, order: str):
 
 
 def qkv_attention_reference(qkv: torch.Tensor, num_heads: int, order: str = "legacy") -> torch.Tensor:
-    """PyTorch reference: softmax(q^T k / sqrt(ch)) v per head, softmax in float32; returns [B, heads*ch, T]."""
+    """PyTorch reference: softmax(q^T k / sqrt(ch)) v per head, softmax in float32 (float64 for float64 qkv); returns [B, heads*ch, T]."""
     q, k, v = split_qkv(qkv, num_heads, order)
     B, H, ch, T = q.shape
     scale = 1 / math.sqrt(math.sqrt(ch))
     weight = torch.einsum("bhct,bhcs->bhts", q * scale, k * scale)
-    weight = torch.softmax(weight.float(), dim=-1).type(qkv.dtype)
+    weight = torch.softmax(weight.to(torch.promote_types(weight.dtype, torch.float32)), dim=-1).type(qkv.dtype)
     return torch.einsum("bhts,bhcs->bhct", weight, v).reshape(B, H * ch, T)
 
 

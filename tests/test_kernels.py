@@ -100,6 +100,22 @@ def test_attention_matches_float64_reference(B, H, D, T, order):
     assert rel_err(y, y_ref) < 1e-5 and rel_err(g, g_ref) < 1e-4
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_attention_16_bit_inputs(dtype, tol):
+    """fp16 runs the kernel's 16-bit path in the interpreter; bf16 on CPU must not reach the interpreter's dot,
+    which multiplies bf16 bit patterns (triton-lang/triton#11584), and still be right."""
+    torch.manual_seed(5)
+    qkv = torch.randn(1, 3 * 2 * 32, 40).to(dtype).requires_grad_()
+    y = qkv_attention(qkv, 2)
+    dy = torch.randn_like(y)
+    (g,) = torch.autograd.grad(y, qkv, dy)
+    qkv64 = qkv.detach().double().requires_grad_()
+    y_ref = qkv_attention_reference(qkv64, 2)
+    (g_ref,) = torch.autograd.grad(y_ref, qkv64, dy.double())
+    assert y.dtype == dtype and g.dtype == dtype
+    assert rel_err(y, y_ref) < tol and rel_err(g, g_ref) < tol
+
+
 def test_attention_orders_differ_and_bad_widths_fail():
     qkv = torch.randn(1, 3 * 2 * 16, 16)
     assert not torch.allclose(qkv_attention_reference(qkv, 2, "legacy"), qkv_attention_reference(qkv, 2, "new"))

@@ -5,11 +5,14 @@
     TRITON_INTERPRET=1 python kernels/bench.py --smoke     (CPU: tiny shapes, checks the script itself)
 
 Every provider is timed twice with triton.testing.do_bench (median), on fresh
-random inputs; outputs are checked against the float64 reference on the
-device after the allocator is poisoned with NaNs. Reports ms, GB/s and % of a
-device-to-device copy measured in the same run (GroupNorm), TFLOP/s
-(attention), speed-ups, and the 64 px IDDPM training step with kernels on/off.
-The table is printed last; --out writes JSON.
+random inputs; its output and every input gradient are first checked against
+a float64 reference on the device, after the allocator is poisoned with NaNs
+(an element a kernel forgets to write shows up as NaN). Reports ms, GB/s and %
+of a device-to-device copy measured in the same run (GroupNorm), TFLOP/s beside
+a bf16 matmul's (attention), speed-ups, and the 64 px IDDPM training step with
+kernels on/off. A provider that fails is recorded and the run goes on. The
+table is printed last, then each goal of issue #5 as met / missed / not
+measured; --out writes JSON.
 """
 
 import argparse
@@ -72,82 +75,116 @@ def timed(fn, reps=2):
     return out
 
 
-def progress(row):
-    """One line per measurement as it lands, so a run cut off by a time limit still leaves its numbers."""
-    print(f"{row['op']} {row['shape']} {row.get('pattern', '')} {row['provider']}: fwd ms {row['fwd_ms']}, fwd+bwd ms {row['fwd_bwd_ms']}, "
-          f"max rel err {row['max_rel_err']}", flush=True)
-
-
-def fwd_bwd(fn, inputs, out_grad):
-    def run():
-        for t in inputs:
-            t.grad = None
-        fn().backward(out_grad)
-
-    return run
-
-
 def poison(device):
     if device.type == "cuda":  # freed at once: the caching allocator hands out NaN-filled blocks next
         torch.full((torch.cuda.mem_get_info()[0] // 8 // 4,), float("nan"), device=device)
 
 
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref|; NaN anywhere in out (an unwritten, poisoned element) gives NaN."""
+    return float((out.detach().double() - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+
+
+def float64_reference(reference, args, dy):
+    """reference's output and the gradients of its tensor arguments, all in float64."""
+    args64 = [None if a is None else a.detach().double().requires_grad_() for a in args]
+    out = reference(*args64)
+    out.backward(dy.double())
+    return out.detach(), [a.grad for a in args64 if a is not None]
+
+
+def fwd_bwd(fn, args, dy):
+    def run():
+        for a in args:
+            if a is not None:
+                a.grad = None
+        fn(*args).backward(dy)
+
+    return run
+
+
+def measure(row: dict, fn, args, dy, ref) -> dict:
+    """Check fn(*args) and its gradients against ref (float64_reference) on a poisoned allocator, then time forward
+    and forward+backward. A failure is recorded in the row and the benchmark goes on: a one-shot GPU run must
+    report every other number."""
+    from kernels import dispatch
+
+    try:
+        poison(dy.device)
+        for a in args:
+            if a is not None:
+                a.grad = None
+        out = fn(*args)
+        out.backward(dy)
+        row["max_rel_err"] = rel_err(out, ref[0])
+        row["grad_rel_err"] = max(rel_err(a.grad, g) for a, g in zip([a for a in args if a is not None], ref[1]))
+        del out
+        if row["provider"] == "triton" and dispatch._broken:
+            raise RuntimeError(f"kernel {sorted(dispatch._broken)} fell back to the PyTorch reference")
+        row["fwd_ms"] = timed(lambda: fn(*args))
+        row["fwd_bwd_ms"] = timed(fwd_bwd(fn, args, dy))
+        row["bwd_ms"] = [b - f for f, b in zip(row["fwd_ms"], row["fwd_bwd_ms"])]
+    except Exception as e:  # noqa: BLE001 - any failure is a result of this provider, not the end of the run
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    dispatch._broken.clear()  # a kernel that failed at one shape is tried afresh at the next
+    label = " ".join(str(row[k]) for k in ("op", "shape", "pattern", "provider", "kernel", "tile") if k in row)
+    if "error" in row:  # printed as it lands, so a run cut off by its time limit still leaves its numbers
+        print(f"{label}: FAILED {row['error']}", flush=True)
+    else:
+        print(f"{label}: fwd ms {row['fwd_ms']}, fwd+bwd ms {row['fwd_bwd_ms']}, rel err out {row['max_rel_err']:.1e} "
+              f"grads {row['grad_rel_err']:.1e}", flush=True)
+    return row
+
+
 def bench_group_norm(shapes, device, dtype, use_compile):
     rows = []
-    compiled = torch.compile(eager_norm) if use_compile else None
     for shape, kind in shapes:
         B, C = shape[:2]
-        x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
-        w = torch.randn(C, device=device, dtype=dtype, requires_grad=True)
-        b = torch.randn(C, device=device, dtype=dtype, requires_grad=True)
-        scale = torch.randn(B, C, device=device, dtype=dtype, requires_grad=True) if kind == "ss" else None
-        shift = torch.randn(B, C, device=device, dtype=dtype, requires_grad=True) if kind == "ss" else None
+        ss = kind == "ss"
         silu = kind != "plain"
-        inputs = [t for t in (x, w, b, scale, shift) if t is not None]
-        dy = torch.randn_like(x)
-        poison(device)
-        y = group_norm_silu(x, w, b, 32, scale=scale, shift=shift, silu=silu)
-        ref = group_norm_silu_reference(*(t.double() if t is not None else None for t in (x, w, b)), 32,
-                                        scale=scale.double() if scale is not None else None, shift=shift.double() if shift is not None else None, silu=silu)
-        err = float((y.double() - ref).abs().max() / ref.abs().max())
-        providers = {"triton": lambda: group_norm_silu(x, w, b, 32, scale=scale, shift=shift, silu=silu),
-                     "eager": lambda: eager_norm(x, w, b, 32, scale, shift, silu)}
-        if compiled is not None:
-            providers["compile"] = lambda: compiled(x, w, b, 32, scale, shift, silu)
-        n_bytes = x.numel() * x.element_size()
+        args = [torch.randn(shape, device=device, dtype=dtype, requires_grad=True),
+                torch.randn(C, device=device, dtype=dtype, requires_grad=True), torch.randn(C, device=device, dtype=dtype, requires_grad=True),
+                torch.randn(B, C, device=device, dtype=dtype, requires_grad=True) if ss else None,
+                torch.randn(B, C, device=device, dtype=dtype, requires_grad=True) if ss else None]
+        dy = torch.randn(shape, device=device, dtype=dtype)
+
+        def eager(x, w, b, scale, shift):
+            return eager_norm(x, w, b, 32, scale, shift, silu)
+
+        providers = {"triton": lambda x, w, b, scale, shift: group_norm_silu(x, w, b, 32, scale=scale, shift=shift, silu=silu), "eager": eager}
+        if use_compile:  # specialised to this shape, as a user compiling a fixed-size model would get it
+            providers["compile"] = torch.compile(eager, dynamic=False)
+        ref = float64_reference(lambda x, w, b, scale, shift: group_norm_silu_reference(x, w, b, 32, scale=scale, shift=shift, silu=silu), args, dy)
+        n_bytes = args[0].numel() * args[0].element_size()
         for name, fn in providers.items():
-            fwd = timed(lambda: fn())
-            both = timed(fwd_bwd(fn, inputs, dy))
-            rows.append({"op": "group_norm", "shape": list(shape), "pattern": kind, "provider": name, "fwd_ms": fwd, "fwd_bwd_ms": both,
-                         "bwd_ms": [bb - ff for ff, bb in zip(fwd, both)], "fwd_bwd_GBps": 5 * n_bytes / (min(both) * 1e-3) / 1e9,
-                         "max_rel_err": err if name == "triton" else None})
-            progress(rows[-1])
+            row = measure({"op": "group_norm", "shape": list(shape), "pattern": kind, "provider": name}, fn, args, dy, ref)
+            if "error" not in row:  # fwd+bwd moves x and y forward, x, dy and dx backward: 5 tensors of x's size
+                row["fwd_bwd_GBps"] = 5 * n_bytes / (min(row["fwd_bwd_ms"]) * 1e-3) / 1e9
+            rows.append(row)
+        del ref
     return rows
 
 
 def bench_attention(shapes, device, dtype, smoke):
     rows = []
     for B, H, T, D in shapes:
-        qkv = torch.randn(B, 3 * H * D, T, device=device, dtype=dtype, requires_grad=True)
+        args = [torch.randn(B, 3 * H * D, T, device=device, dtype=dtype, requires_grad=True)]
         dy = torch.randn(B, H * D, T, device=device, dtype=dtype)
-        poison(device)
-        out = qkv_attention(qkv, H)
-        ref = qkv_attention_reference(qkv.double(), H)
-        err = float((out.double() - ref).abs().max() / ref.abs().max())
-        providers = {"triton": lambda: qkv_attention(qkv, H), "eager": lambda: qkv_attention_reference(qkv, H)}
+        providers = {"triton": lambda qkv: qkv_attention(qkv, H), "eager": lambda qkv: qkv_attention_reference(qkv, H)}
         if device.type == "cuda" and not smoke:
             from torch.nn.attention import SDPBackend
 
-            providers["sdpa_flash"] = lambda: sdpa_from_qkv(qkv, H, SDPBackend.FLASH_ATTENTION)
-            providers["sdpa_mem_efficient"] = lambda: sdpa_from_qkv(qkv, H, SDPBackend.EFFICIENT_ATTENTION)
+            providers["sdpa_flash"] = lambda qkv: sdpa_from_qkv(qkv, H, SDPBackend.FLASH_ATTENTION)
+            providers["sdpa_mem_efficient"] = lambda qkv: sdpa_from_qkv(qkv, H, SDPBackend.EFFICIENT_ATTENTION)
+        ref = float64_reference(lambda qkv: qkv_attention_reference(qkv, H), args, dy)
         flops_fwd = 4 * B * H * T * T * D
         for name, fn in providers.items():
-            fwd = timed(lambda: fn())
-            both = timed(fwd_bwd(fn, [qkv], dy))
-            rows.append({"op": "attention", "shape": [B, H, T, D], "provider": name, "fwd_ms": fwd, "fwd_bwd_ms": both,
-                         "bwd_ms": [bb - ff for ff, bb in zip(fwd, both)], "fwd_TFLOPs": flops_fwd / (min(fwd) * 1e-3) / 1e12,
-                         "fwd_bwd_TFLOPs": 3.5 * flops_fwd / (min(both) * 1e-3) / 1e12, "max_rel_err": err if name == "triton" else None})
-            progress(rows[-1])
+            row = measure({"op": "attention", "shape": [B, H, T, D], "provider": name}, fn, args, dy, ref)
+            if "error" not in row:  # backward does 2.5x the forward's matmul work
+                row["fwd_TFLOPs"] = flops_fwd / (min(row["fwd_ms"]) * 1e-3) / 1e12
+                row["fwd_bwd_TFLOPs"] = 3.5 * flops_fwd / (min(row["fwd_bwd_ms"]) * 1e-3) / 1e12
+            rows.append(row)
+        del ref
     return rows
 
 
@@ -161,55 +198,68 @@ SWEEP = {"small_d": {"fwd": [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 4, 3), (
 
 
 def sweep_attention(shapes, device, dtype):
-    """For each shape and kernel, fwd+bwd ms with that kernel's tile replaced by each candidate (the others at their defaults)."""
+    """For each shape and kernel, every candidate tile of that kernel (the others at their defaults): checked, then timed."""
     from kernels import attention_triton
 
     default_configs = attention_triton.configs
     rows = []
     for B, H, T, D in shapes:
-        qkv = torch.randn(B, 3 * H * D, T, device=device, dtype=dtype, requires_grad=True)
+        args = [torch.randn(B, 3 * H * D, T, device=device, dtype=dtype, requires_grad=True)]
         dy = torch.randn(B, H * D, T, device=device, dtype=dtype)
-        ref = qkv_attention_reference(qkv.detach().double(), H)
+        ref = float64_reference(lambda qkv: qkv_attention_reference(qkv, H), args, dy)
+        defaults = default_configs(T, D, attention_triton.device_capability(device))
         for kernel, candidates in SWEEP["small_d" if D <= 64 else "large_d"].items():
             for cand in candidates:
                 attention_triton.configs = lambda T_, D_, cap, _k=kernel, _c=cand: {**default_configs(T_, D_, cap), _k: attention_triton.LaunchConfig(*_c)}
                 try:
-                    err = float((qkv_attention(qkv, H).double() - ref).abs().max() / ref.abs().max())
-                    ms = timed(fwd_bwd(lambda: qkv_attention(qkv, H), [qkv], dy))
-                except Exception as e:  # a candidate that cannot build is a result too
-                    err, ms = None, [f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"]
+                    row = measure({"op": "attention", "shape": [B, H, T, D], "provider": "triton", "kernel": kernel, "tile": list(cand),
+                                   "default": attention_triton.LaunchConfig(*cand) == defaults[kernel]}, lambda qkv: qkv_attention(qkv, H), args, dy, ref)
                 finally:
                     attention_triton.configs = default_configs
-                is_default = attention_triton.LaunchConfig(*cand) == default_configs(T, D, attention_triton.device_capability(qkv.device))[kernel]
-                rows.append({"shape": [B, H, T, D], "kernel": kernel, "tile": list(cand), "default": is_default, "fwd_bwd_ms": ms, "max_rel_err": err})
-                print(f"sweep {str([B, H, T, D]):<20} {kernel:<5} {str(cand):<18} {'*' if is_default else ' '} "
-                      f"{min(ms) if err is not None else ms[0]}", flush=True)
+                rows.append(row)
+        del ref
     return rows
 
 
-def copy_bandwidth(device, smoke):
+def copy_bandwidth(device, smoke) -> float:
+    """GB/s of a device-to-device copy of 256 MiB (read + write), the ceiling of a memory-bound kernel."""
     x = torch.empty((1 if smoke else 256) * 2**20 // 2, device=device, dtype=torch.bfloat16)
     y = torch.empty_like(x)
     ms = min(timed(lambda: y.copy_(x)))
     return 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
 
 
+def matmul_tflops(device, smoke) -> float:
+    """TFLOP/s of a bf16 8192^3 cuBLAS matmul, the dense-math ceiling attention's TFLOP/s compare to."""
+    n = 128 if smoke else 8192
+    a, b = torch.randn(n, n, device=device, dtype=torch.bfloat16), torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    return 2 * n**3 / (min(timed(lambda: a @ b)) * 1e-3) / 1e12
+
+
 def training_step(device, smoke):
-    """images/s of one UNet training step (bf16 weights, AdamW) with kernels on vs off."""
+    """images/s of one UNet training step (bf16 weights, AdamW) with kernels on vs off, and the loss of one
+    fixed batch each way (same weights, t and noise) to show the kernels train the same model."""
     from iddpm_ds.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+
+    from kernels import dispatch
 
     flags = model_and_diffusion_defaults()  # 64 px, 128 channels, attention at 16 and 8
     batch = 32
     if smoke:
         flags.update(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4")
         batch = 2
-    result = {}
+    size = flags["image_size"]
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    x = (torch.rand(batch, 3, size, size, generator=gen) * 2 - 1).to(device)
+    noise = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    result = {"config": {"image_size": size, "num_channels": flags["num_channels"], "batch": batch}}
     for fused in (False, True):
         torch.manual_seed(0)
         model, diffusion = create_model_and_diffusion(**{**flags, "use_fused_kernels": fused})
         model.to(device=device, dtype=torch.bfloat16)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        x = torch.rand(batch, 3, flags["image_size"], flags["image_size"], device=device) * 2 - 1
+        t_fixed = torch.linspace(0, diffusion.num_timesteps - 1, batch, device=device).long()
+        first_loss = float(diffusion.training_losses(model, x, t_fixed, noise=noise)["loss"].mean())
 
         def step():
             t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device)
@@ -218,18 +268,100 @@ def training_step(device, smoke):
             opt.step()
 
         ms = timed(step)
-        result["kernels_on" if fused else "kernels_off"] = {"ms": ms, "images_per_s": batch / (min(ms) * 1e-3)}
-        print(f"training step, kernels {'on' if fused else 'off'}: ms {ms}", flush=True)
+        result["kernels_on" if fused else "kernels_off"] = {"ms": ms, "images_per_s": batch / (min(ms) * 1e-3), "loss_fixed_batch": first_loss}
+        print(f"training step, kernels {'on' if fused else 'off'}: ms {ms}, loss of the fixed batch {first_loss:.6f}", flush=True)
+    result["fell_back_to_reference"] = sorted(dispatch._broken)
     result["speedup"] = result["kernels_on"]["images_per_s"] / result["kernels_off"]["images_per_s"]
-    result["config"] = {"image_size": flags["image_size"], "num_channels": flags["num_channels"], "batch": batch}
+    off, on = result["kernels_off"]["loss_fixed_batch"], result["kernels_on"]["loss_fixed_batch"]
+    result["loss_rel_diff"] = abs(on - off) / abs(off)
     return result
+
+
+# Issue #5's goals (bf16, measured against the baselines in the same run). GroupNorm shapes whose x holds at
+# least LARGE_BYTES are the "large" ones held to the copy-bandwidth goal; 8x8 maps are the "small" ones.
+LARGE_BYTES = 32 * 2**20
+ATTN_VS_SDPA = {64: 1.5, 256: 1.3, 1024: 1.0}  # T -> fwd+bwd speed-up over the faster SDPA backend
+TOLERANCE = {"torch.float32": 1e-4, "torch.bfloat16": 2e-2, "torch.float16": 5e-3}  # max rel err, output and gradients
+
+
+def goals(report: dict) -> list:
+    """Each goal of issue #5 against one run's report: {"goal", "measured", "target", "ok"}; ok is None where the
+    run has no measurement (a provider failed or the run was cut off)."""
+    rows = [r for r in report["rows"] if "error" not in r]
+
+    def best(op, shape, providers, key="fwd_bwd_ms"):
+        found = [min(r[key]) for r in rows if r["op"] == op and r["shape"] == shape and r["provider"] in providers]
+        return min(found) if found else None
+
+    out = []
+
+    def add(goal, measured, target, at_least=True):
+        ok = None if measured is None else (measured >= target if at_least else measured <= target)
+        out.append({"goal": goal, "measured": measured, "target": target, "at_least": at_least, "ok": ok})
+
+    def ratio(num, den):
+        return None if num is None or den is None else num / den
+
+    for r in report["rows"]:
+        if r["provider"] != "triton":
+            continue
+        name = f"{r['op']} {r['shape']} {r.get('pattern', '')}".rstrip()
+        tol = TOLERANCE[report["meta"]["dtype"]]
+        add(f"{name}: max rel err, output and gradients", max(r["max_rel_err"], r["grad_rel_err"]) if "error" not in r else None, tol, at_least=False)
+        mine = best(r["op"], r["shape"], {"triton"})
+        if r["op"] == "group_norm":
+            if math.prod(r["shape"]) * 2 >= LARGE_BYTES:
+                add(f"{name}: fwd+bwd % of copy bandwidth", r.get("pct_of_copy"), 80.0)
+            add(f"{name}: fwd+bwd speed-up over eager", ratio(best("group_norm", r["shape"], {"eager"}), mine), 4.0)
+            add(f"{name}: fwd+bwd speed-up over torch.compile", ratio(best("group_norm", r["shape"], {"compile"}), mine), 1.3)
+            if math.prod(r["shape"][2:]) <= 64:
+                add(f"{name}: fwd+bwd us", None if mine is None else mine * 1e3, 20.0, at_least=False)
+        else:
+            B, H, T, D = r["shape"]
+            if T in ATTN_VS_SDPA:
+                add(f"{name}: fwd+bwd speed-up over SDPA (faster backend)", ratio(best("attention", r["shape"], {"sdpa_flash", "sdpa_mem_efficient"}), mine),
+                    ATTN_VS_SDPA[T])
+            if T == 1024 and D == 64:
+                add(f"{name}: fwd TFLOP/s", r.get("fwd_TFLOPs"), 250.0)
+    step = report.get("training_step")
+    label = f"{step['config']['image_size']} px training step" if step else "training step"
+    add(f"{label}: speed-up with kernels on", step["speedup"] if step and not step["fell_back_to_reference"] else None, 1.3)
+    return out
+
+
+def print_report(report: dict) -> None:
+    meta, rows = report["meta"], report["rows"]
+    print(f"# {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['date']} | {meta['dtype']} | "
+          f"copy {report['copy_GBps']:.0f} GB/s | bf16 matmul {report['matmul_TFLOPs']:.0f} TFLOP/s")
+    print(f"{'op':<10} {'shape':<22} {'pattern':<6} {'provider':<19} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} {'GB/s|TF/s':>10} {'%copy':>6} "
+          f"{'triton x':>8} {'err':>8} {'grad err':>8}")
+    for r in rows:
+        head = f"{r['op']:<10} {str(r['shape']):<22} {r.get('pattern', ''):<6} {r['provider']:<19}"
+        if "error" in r:
+            print(f"{head} FAILED {r['error']}")
+            continue
+        rate = r.get("fwd_bwd_GBps", r.get("fwd_bwd_TFLOPs"))
+        print(f"{head} {min(r['fwd_ms']):>9.3f} {min(r['bwd_ms']):>9.3f} {min(r['fwd_bwd_ms']):>9.3f} {rate:>10.1f} "
+              f"{r.get('pct_of_copy', math.nan):>6.1f} {r.get('triton_speedup_fwd_bwd', math.nan):>8.2f} {r['max_rel_err']:>8.1e} {r['grad_rel_err']:>8.1e}")
+    step = report.get("training_step")
+    if step:
+        print(f"training step {step['config']}: kernels off {step['kernels_off']['images_per_s']:.1f} img/s, on {step['kernels_on']['images_per_s']:.1f} img/s, "
+              f"speed-up {step['speedup']:.2f}x; fixed-batch loss off {step['kernels_off']['loss_fixed_batch']:.6f} on "
+              f"{step['kernels_on']['loss_fixed_batch']:.6f}; fell back: {step['fell_back_to_reference'] or 'none'}")
+    verdicts = report["goals"]
+    print(f"# goals (issue #5): {sum(g['ok'] is True for g in verdicts)} met, {sum(g['ok'] is False for g in verdicts)} missed, "
+          f"{sum(g['ok'] is None for g in verdicts)} not measured")
+    for g in verdicts:
+        mark = {True: "met", False: "MISSED", None: "not measured"}[g["ok"]]
+        measured = "-" if g["measured"] is None else f"{g['measured']:.4g}"
+        print(f"  {g['goal']:<80} {measured:>10} {'>=' if g['at_least'] else '<='} {g['target']:<8g} {mark}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
-    p.add_argument("--out", default="")
-    p.add_argument("--no_compile", action="store_true")
+    p.add_argument("--out", default="", help="write the report as JSON (rewritten after each section, so a cut-off run keeps what it measured)")
+    p.add_argument("--no_compile", action="store_true", help="leave out the torch.compile baseline")
     p.add_argument("--sweep", action="store_true", help="GPU: time the candidate tiles of each attention kernel instead")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -239,36 +371,40 @@ def main() -> None:
     torch.manual_seed(0)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)", "torch": torch.__version__,
             "triton": triton.__version__, "date": datetime.date.today().isoformat(), "dtype": str(dtype)}
+
+    def save(report):  # after every shape, atomically: a run killed by its time limit keeps a readable file
+        if args.out:
+            with open(args.out + ".tmp", "w") as f:
+                json.dump(report, f, indent=1)
+            os.replace(args.out + ".tmp", args.out)
+
     if args.sweep:
         if device.type != "cuda":
             sys.exit("bench.py: --sweep needs a GPU")
-        rows = sweep_attention(ATTN_SHAPES, device, dtype)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump({"meta": meta, "sweep": rows}, f, indent=1)
+        sweep = {"meta": meta, "sweep": []}
+        for shape in ATTN_SHAPES:
+            sweep["sweep"] += sweep_attention([shape], device, dtype)
+            save(sweep)
         return
-    copy_gbps = copy_bandwidth(device, args.smoke)
-    rows = bench_group_norm(SMOKE_GN if args.smoke else GN_SHAPES, device, dtype, use_compile=not (args.smoke or args.no_compile))
-    rows += bench_attention(SMOKE_ATTN if args.smoke else ATTN_SHAPES, device, dtype, args.smoke)
-    step = training_step(device, args.smoke)
-    for r in rows:
+    report = {"meta": meta, "copy_GBps": copy_bandwidth(device, args.smoke), "matmul_TFLOPs": matmul_tflops(device, args.smoke), "rows": []}
+    for shape in SMOKE_GN if args.smoke else GN_SHAPES:
+        report["rows"] += bench_group_norm([shape], device, dtype, use_compile=not (args.smoke or args.no_compile))
+        save(report)
+    for shape in SMOKE_ATTN if args.smoke else ATTN_SHAPES:
+        report["rows"] += bench_attention([shape], device, dtype, args.smoke)
+        save(report)
+    report["training_step"] = training_step(device, args.smoke)
+    for r in report["rows"]:
+        if "error" in r:
+            continue
         if r["op"] == "group_norm":
-            r["pct_of_copy"] = 100 * r["fwd_bwd_GBps"] / copy_gbps
-        triton_row = next(q for q in rows if q["op"] == r["op"] and q["shape"] == r["shape"] and q["provider"] == "triton")
-        r["triton_speedup_fwd_bwd"] = min(r["fwd_bwd_ms"]) / min(triton_row["fwd_bwd_ms"])
-    report = {"meta": meta, "copy_GBps": copy_gbps, "rows": rows, "training_step": step}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
-    print(f"# {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['date']} | {meta['dtype']} | copy {copy_gbps:.0f} GB/s")
-    print(f"{'op':<10} {'shape':<22} {'pattern':<6} {'provider':<19} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} {'GB/s|TF/s':>10} {'%copy':>6} {'triton x':>8} {'err':>8}")
-    for r in rows:
-        rate = r.get("fwd_bwd_GBps", r.get("fwd_bwd_TFLOPs"))
-        err = "" if r["max_rel_err"] is None else f"{r['max_rel_err']:.1e}"
-        print(f"{r['op']:<10} {str(r['shape']):<22} {r.get('pattern', ''):<6} {r['provider']:<19} {min(r['fwd_ms']):>9.3f} {min(r['bwd_ms']):>9.3f} "
-              f"{min(r['fwd_bwd_ms']):>9.3f} {rate:>10.1f} {r.get('pct_of_copy', math.nan):>6.1f} {r['triton_speedup_fwd_bwd']:>8.2f} {err:>8}")
-    print(f"training step {step['config']}: kernels off {step['kernels_off']['images_per_s']:.1f} img/s, "
-          f"on {step['kernels_on']['images_per_s']:.1f} img/s, speed-up {step['speedup']:.2f}x")
+            r["pct_of_copy"] = 100 * r["fwd_bwd_GBps"] / report["copy_GBps"]
+        mine = [q for q in report["rows"] if q["op"] == r["op"] and q["shape"] == r["shape"] and q["provider"] == "triton" and "error" not in q]
+        if mine:
+            r["triton_speedup_fwd_bwd"] = min(r["fwd_bwd_ms"]) / min(mine[0]["fwd_bwd_ms"])
+    report["goals"] = goals(report)
+    save(report)
+    print_report(report)
 
 
 if __name__ == "__main__":

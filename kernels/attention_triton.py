@@ -41,16 +41,6 @@ def _head_offsets(bh, H, T, head_stride, part_stride, D: tl.constexpr):
 
 
 @triton.jit
-def _recompute_p_ds(q, k, v, do, lse, delta, m_valid, offs_n, T, sm_scale, PRECISION: tl.constexpr):
-    """Probabilities P = exp(q k^T * scale - lse) of a [M, N] tile and dS = P * (dO v^T - delta)."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
-    p = tl.exp(s - lse[:, None])
-    p = tl.where(m_valid[:, None] & (offs_n[None, :] < T), p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    return p, p * (dp - delta[:, None])
-
-
-@triton.jit
 def _fwd_kernel(QKV, O, LSE, H, T, head_stride, part_stride, sm_scale,
                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -127,12 +117,17 @@ def _bwd_dkdv_kernel(QKV, DO, LSE, Delta, DQKV, H, T, head_stride, part_stride, 
     v = tl.load(_tile_ptrs(QKV + v_off, offs_n, offs_d, T), mask=n_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    n_valid = offs_n < T
     for start_m in range(0, T, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q, do, lse, delta, m_valid, _ = _query_block(QKV, DO, LSE, Delta, q_off, o_off, bh, offs_m, offs_d, d_mask, T)
-        p, ds = _recompute_p_ds(q, k, v, do, lse, delta, m_valid, offs_n, T, sm_scale, PRECISION)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        # Transposed tiles [N, M] (rows = this program's keys): every dot then has BLOCK_N rows, which Hopper's
+        # warpgroup MMA needs (64+); with query rows, the small BLOCK_M would put two of the four on mma.sync.
+        pT = tl.exp(tl.dot(k, tl.trans(q), input_precision=PRECISION) * sm_scale - lse[None, :])
+        pT = tl.where(n_valid[:, None] & m_valid[None, :], pT, 0.0)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
+        dsT = pT * (tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :])
+        dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
     dk = dk * sm_scale
     tl.store(_tile_ptrs(DQKV + k_off, offs_n, offs_d, T), dk.to(DQKV.dtype.element_ty), mask=n_mask)
     tl.store(_tile_ptrs(DQKV + v_off, offs_n, offs_d, T), dv.to(DQKV.dtype.element_ty), mask=n_mask)
@@ -155,7 +150,10 @@ def _bwd_dq_kernel(QKV, DO, LSE, Delta, DQKV, H, T, head_stride, part_stride, sm
         n_mask = (offs_n[:, None] < T) & d_mask[None, :]
         k = tl.load(_tile_ptrs(QKV + k_off, offs_n, offs_d, T), mask=n_mask, other=0.0)
         v = tl.load(_tile_ptrs(QKV + v_off, offs_n, offs_d, T), mask=n_mask, other=0.0)
-        _, ds = _recompute_p_ds(q, k, v, do, lse, delta, m_valid, offs_n, T, sm_scale, PRECISION)
+        # P = exp(q k^T * scale - lse) and dS = P * (dO v^T - Delta), [M, N]
+        p = tl.exp(tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale - lse[:, None])
+        p = tl.where(m_valid[:, None] & (offs_n[None, :] < T), p, 0.0)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     dq = dq * sm_scale
     tl.store(_tile_ptrs(DQKV + q_off, offs_m, offs_d, T), dq.to(DQKV.dtype.element_ty), mask=m_mask)

@@ -5,8 +5,9 @@
 No GPU is needed: the autograd Functions run forward and backward on "meta"
 tensors with the Triton launches recorded instead of run, and each distinct
 launch is compiled by Triton for the target and assembled by ptxas -v. The
-table gives registers per thread, spilled bytes, shared memory per program
-and an estimate of the warps resident per SM. Exit status 1 when a launch
+table gives registers per thread, spilled bytes, shared memory per program,
+an estimate of the warps resident per SM, and the tensor-core instruction the
+dots became (wgmma on Hopper; mma.sync is the slower per-warp path there). Exit status 1 when a launch
 spills or needs more shared memory than the target has: a spill costs local
 memory traffic in the inner loop, and too much shared memory fails at launch.
 Run it without TRITON_INTERPRET (interpreted kernels cannot be compiled).
@@ -138,19 +139,22 @@ def main() -> None:
             warps = options.num_warps
             per_warp = math.ceil(regs * 32 / 256) * 256  # registers are allocated per warp in units of 256
             programs = min(max_regs // (per_warp * warps), max_smem // smem if smem else max_warps, max_warps // warps)
+            ptx = compiled.asm["ptx"]
+            # Which tensor-core instructions the dots became: Hopper's warpgroup MMA, the older per-warp mma.sync, both, or none.
+            mma = "+".join(name for name, op in (("wgmma", "wgmma.mma_async"), ("mma.sync", "mma.sync")) if op in ptx)
             rows.append({"shape": label, "kernel": kernel.__name__, "constexprs": consts, "num_warps": warps,
                          "num_stages": options.num_stages, "registers": regs, "spill_bytes": spills, "shared_bytes": smem,
-                         "est_warps_per_sm": programs * warps, "ok": spills == 0 and smem <= max_smem})
+                         "est_warps_per_sm": programs * warps, "mma": mma, "ok": spills == 0 and smem <= max_smem})
     meta = {"arch": args.arch, "triton": triton.__version__, "torch": torch.__version__}
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"# sm_{args.arch} | triton {meta['triton']} | limits: {max_smem} B shared per program, {max_regs} registers per SM")
-    print(f"{'shape':<43} {'kernel':<26} {'blocks':<44} {'warps':>5} {'stg':>3} {'regs':>4} {'spill':>5} {'smem':>6} {'warps/SM':>8}")
+    print(f"{'shape':<43} {'kernel':<26} {'blocks':<44} {'warps':>5} {'stg':>3} {'regs':>4} {'spill':>5} {'smem':>6} {'warps/SM':>8} {'mma':>14}")
     for r in rows:
         blocks = ",".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.startswith("BLOCK") or k == "D")
         print(f"{r['shape']:<43} {r['kernel']:<26} {blocks:<44} {r['num_warps']:>5} {r['num_stages']:>3} {r['registers']:>4} "
-              f"{r['spill_bytes']:>5} {r['shared_bytes']:>6} {r['est_warps_per_sm']:>8}{'' if r['ok'] else '  <-- FAIL'}")
+              f"{r['spill_bytes']:>5} {r['shared_bytes']:>6} {r['est_warps_per_sm']:>8} {r['mma']:>14}{'' if r['ok'] else '  <-- FAIL'}")
     bad = [r for r in rows if not r["ok"]]
     print(f"{len(rows)} launches, {len(cache)} distinct kernels, {len(bad)} spilling or over the shared-memory limit")
     sys.exit(1 if bad else 0)

@@ -253,7 +253,9 @@ def test_a_kernel_that_cannot_build_falls_back_to_the_reference_once(monkeypatch
 @pytest.mark.parametrize("arch", [90, 80])
 def test_every_benchmark_launch_builds_for_the_gpu_without_spills(tmp_path, arch):
     """Compiled for sm_90 (H100) and sm_80 (A100) on this CPU machine: Triton must build each kernel at each
-    benchmark shape, and ptxas must place it without register spills and within the shared-memory limit."""
+    benchmark shape, and ptxas must place it without register spills and within the shared-memory limit.
+    On sm_90 every dot of the benchmark's attention kernels must become Hopper's warpgroup MMA (wgmma), not
+    the per-warp mma.sync that a tile with too few rows falls back to."""
     import json
     import os
     import subprocess
@@ -271,3 +273,8 @@ def test_every_benchmark_launch_builds_for_the_gpu_without_spills(tmp_path, arch
     kernel_names = {n for m in (attention_triton, group_norm_triton) for n in dir(m) if n.endswith("_kernel") or n == "_bwd_preprocess"}
     assert {r["kernel"] for r in rows} == kernel_names  # both GroupNorm paths and the whole attention backward are covered
     assert all(r["spill_bytes"] == 0 and 0 < r["registers"] <= 255 for r in rows)
+    from kernels.bench import ATTN_SHAPES
+
+    bench_attention = [r for r in rows if any(r["shape"] == f"attention {list(s)} bf16" for s in ATTN_SHAPES) and r["kernel"] != "_bwd_preprocess"]
+    assert len(bench_attention) == 3 * len(ATTN_SHAPES)
+    assert {r["mma"] for r in bench_attention} == ({"wgmma"} if arch == 90 else {"mma.sync"})

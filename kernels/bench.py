@@ -2,7 +2,7 @@
 
     python kernels/bench.py [--out results.json]          (GPU: the full shape list below)
     python kernels/bench.py --sweep [--out sweep.json]    (GPU: time each attention kernel's candidate tiles)
-    TRITON_INTERPRET=1 python kernels/bench.py --smoke     (CPU: tiny shapes, checks the script itself)
+    TRITON_INTERPRET=1 python kernels/bench.py --smoke [--sweep]   (CPU: tiny shapes, checks the script itself)
 
 Every provider is timed twice with triton.testing.do_bench (median), on fresh
 random inputs; its output and every input gradient are first checked against
@@ -218,7 +218,8 @@ def sweep_attention(shapes, device, dtype):
         defaults = default_configs(T, D, attention_triton.device_capability(device))
         for kernel, candidates in SWEEP["small_d" if D <= 64 else "large_d"].items():
             for cand in candidates:
-                attention_triton.configs = lambda T_, D_, cap, _k=kernel, _c=cand: {**default_configs(T_, D_, cap), _k: attention_triton.LaunchConfig(*_c)}
+                attention_triton.configs = lambda T_, D_, cap, fp32=False, _k=kernel, _c=cand: {**default_configs(T_, D_, cap, fp32),
+                                                                                             _k: attention_triton.LaunchConfig(*_c)}
                 try:
                     row = measure({"op": "attention", "shape": [B, H, T, D], "provider": "triton", "kernel": kernel, "tile": list(cand),
                                    "default": attention_triton.LaunchConfig(*cand) == defaults[kernel]}, lambda qkv: qkv_attention(qkv, H), args, dy, ref)
@@ -371,7 +372,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     p.add_argument("--out", default="", help="write the report as JSON (rewritten after each section, so a cut-off run keeps what it measured)")
     p.add_argument("--no_compile", action="store_true", help="leave out the torch.compile baseline")
-    p.add_argument("--sweep", action="store_true", help="GPU: time the candidate tiles of each attention kernel instead")
+    p.add_argument("--sweep", action="store_true", help="time the candidate tiles of each attention kernel instead")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -388,10 +389,8 @@ def main() -> None:
             os.replace(args.out + ".tmp", args.out)
 
     if args.sweep:
-        if device.type != "cuda":
-            sys.exit("bench.py: --sweep needs a GPU")
         sweep = {"meta": meta, "sweep": []}
-        for shape in ATTN_SHAPES:
+        for shape in SMOKE_ATTN if args.smoke else ATTN_SHAPES:
             sweep["sweep"] += sweep_attention([shape], device, dtype)
             save(sweep)
         return

@@ -193,6 +193,16 @@ def test_benchmark_script_smoke(tmp_path):
     assert all(g["ok"] for g in report["goals"] if "rel err" in g["goal"])
     assert "# goals (issue #5)" in proc.stdout
 
+    # The tile sweep, which only a GPU run uses: every candidate of every kernel must run and be right.
+    from kernels.bench import SWEEP
+
+    proc = subprocess.run([sys.executable, os.path.join(root, "kernels", "bench.py"), "--smoke", "--sweep", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["sweep"]
+    assert sorted((r["kernel"], tuple(r["tile"])) for r in rows) == sorted((k, c) for k, cs in SWEEP["small_d"].items() for c in cs)
+    assert all("error" not in r and r["max_rel_err"] < 1e-5 and r["grad_rel_err"] < 1e-4 and r["deterministic"] for r in rows)
+
 
 def test_benchmark_baselines_compute_the_same_attention_and_norm(monkeypatch):
     """The baselines the one GPU run compares against, checked here: SDPA fed from our layout by the benchmark's

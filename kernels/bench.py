@@ -50,12 +50,13 @@ def eager_norm(x, w, b, groups, scale, shift, silu):
 
 
 def sdpa_from_qkv(qkv, heads, backend):
-    """SDPA as a drop-in from our [B, 3*H*D, T] layout, transposes included."""
+    """SDPA as a drop-in from our [B, 3*H*D, T] layout, transposes included: its fused kernels need each
+    head's channels contiguous ([B, H, T, D] with stride 1 on D), so q, k and v are copied into that layout."""
     from torch.nn.attention import sdpa_kernel
 
     B, width, T = qkv.shape
     D = width // (3 * heads)
-    q, k, v = qkv.view(B, heads, 3, D, T).permute(2, 0, 1, 4, 3).unbind(0)
+    q, k, v = (t.contiguous() for t in qkv.view(B, heads, 3, D, T).permute(2, 0, 1, 4, 3).unbind(0))
     with sdpa_kernel(backend):
         o = F.scaled_dot_product_attention(q, k, v)
     return o.permute(0, 1, 3, 2).reshape(B, heads * D, T)

@@ -56,6 +56,11 @@ def setup_dist(master_port: Optional[int] = None) -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(master_port or _free_port()))
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if not accelerator_is_cpu():
+        # NCCL collectives (barrier, all_gather_object) run on the current CUDA device: without this every rank of
+        # a tool that builds no DeepSpeed engine (sampling, evaluation) would use GPU 0. LOCAL_RANK is known only
+        # now under mpirun (DeepSpeed's MPI discovery sets it).
+        torch.cuda.set_device(dev())
 
 
 def setup_if_launched(master_port: Optional[int] = None):

@@ -82,13 +82,18 @@ def find_latest_checkpoint(path: str) -> Optional[str]:
 
 def _rng_state() -> Dict:
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "np_keys": torch.from_numpy(np_state[1].astype(np.int64)), "np_pos": int(np_state[2]),
-            "np_has_gauss": int(np_state[3]), "np_gauss": float(np_state[4]), "python": list(random.getstate()[1]),
-            "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
+    state = {"torch": torch.get_rng_state(), "np_keys": torch.from_numpy(np_state[1].astype(np.int64)), "np_pos": int(np_state[2]),
+             "np_has_gauss": int(np_state[3]), "np_gauss": float(np_state[4]), "python": list(random.getstate()[1]),
+             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
+    if torch.cuda.is_available():  # the noise and timesteps of a GPU run come from this rank's CUDA generator
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def _set_rng_state(state: Dict) -> None:
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     np.random.set_state(("MT19937", state["np_keys"].numpy().astype(np.uint32), state["np_pos"], state["np_has_gauss"], state["np_gauss"]))
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
 
@@ -276,11 +281,12 @@ class TrainLoop:
     def log_step(self) -> Optional[Dict[str, float]]:
         """All-reduce the accumulated losses and write one record (rank 0). Collective."""
         keys = sorted(self._stats)
-        stacked = torch.stack([self._stats[k] for k in keys]) if keys else torch.zeros(0, 10, dtype=torch.float64)
+        # Collectives take tensors on this rank's device: NCCL has no CPU tensors.
+        stacked = torch.stack([self._stats[k] for k in keys]) if keys else torch.zeros(0, 10, dtype=torch.float64, device=self.device)
         self._stats = {}
         if self.world > 1:
             dist.all_reduce(stacked)
-            skipped_data = torch.tensor([float(self.data.skipped)], dtype=torch.float64)
+            skipped_data = torch.tensor([float(self.data.skipped)], dtype=torch.float64, device=self.device)
             dist.all_reduce(skipped_data)
             data_skips = int(skipped_data.item())
         else:

@@ -48,7 +48,7 @@ def main() -> None:
                      deterministic=True, num_workers=0, rank=rank, world_size=world)
     num_samples = min(args.num_samples, len(data.source))
     # [count, total_bpd, prior_bpd, vb_sum, L_0, xstart_mse, mse] summed over images
-    sums = torch.zeros(7, dtype=torch.float64)
+    sums = torch.zeros(7, dtype=torch.float64, device=device)  # on the device: NCCL all-reduces no CPU tensors
     steps = -(-num_samples // (args.batch_size * world))
     torch.manual_seed(args.seed + rank)  # the q_sample noise of every term
     for step in range(steps):
@@ -60,7 +60,7 @@ def main() -> None:
             out = diffusion.calc_bpd_loop(model, x, clip_denoised=args.clip_denoised, model_kwargs=cond)
             terms = torch.stack([torch.ones_like(out["total_bpd"]), out["total_bpd"], out["prior_bpd"], out["vb"].sum(1),
                                  out["vb"][:, -1], out["xstart_mse"].mean(1), out["mse"].mean(1)], dim=1)
-            sums += terms.double().sum(0).cpu()
+            sums += terms.double().sum(0)
         running = sums.clone()
         if distributed:
             dist.all_reduce(running)

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -66,14 +67,28 @@ def timed(fn, reps=2):
     """Median ms per call, measured reps times (the spread shows the noise)."""
     if torch.cuda.is_available():
         return [do_bench(fn, return_mode="median") for _ in range(reps)]
-    import time
-
     out = []
     for _ in range(reps):  # the interpreter has no device timer, and is slow: wall clock of one call
         t0 = time.perf_counter()
         fn()
         out.append((time.perf_counter() - t0) * 1e3)
     return out
+
+
+def host_us(fn, calls=20) -> float:
+    """Host microseconds per call while the device runs behind: Python, autograd and launch overhead. A
+    device time near this figure means the op is launch-bound (the small shapes' 20 us goal depends on it)."""
+    cuda = torch.cuda.is_available()
+    calls = calls if cuda else 1  # the interpreter runs everything on the host, slowly: one call tells as much
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.synchronize()
+    return elapsed / calls * 1e6
 
 
 def poison(device):
@@ -133,6 +148,7 @@ def measure(row: dict, fn, args, dy, ref) -> dict:
         row["fwd_ms"] = timed(lambda: fn(*args))
         row["fwd_bwd_ms"] = timed(fwd_bwd(fn, args, dy))
         row["bwd_ms"] = [b - f for f, b in zip(row["fwd_ms"], row["fwd_bwd_ms"])]
+        row["host_us_fwd_bwd"] = host_us(fwd_bwd(fn, args, dy))
     except Exception as e:  # noqa: BLE001 - any failure is a result of this provider, not the end of the run
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
     dispatch._broken.clear()  # a kernel that failed at one shape is tried afresh at the next
@@ -344,7 +360,7 @@ def print_report(report: dict) -> None:
     print(f"# {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['date']} | {meta['dtype']} | "
           f"copy {report['copy_GBps']:.0f} GB/s | bf16 matmul {report['matmul_TFLOPs']:.0f} TFLOP/s")
     print(f"{'op':<10} {'shape':<22} {'pattern':<6} {'provider':<19} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} {'GB/s|TF/s':>10} {'%copy':>6} "
-          f"{'triton x':>8} {'err':>8} {'grad err':>8} {'same bits':>9}")
+          f"{'triton x':>8} {'err':>8} {'grad err':>8} {'same bits':>9} {'host us':>8}")
     for r in rows:
         head = f"{r['op']:<10} {str(r['shape']):<22} {r.get('pattern', ''):<6} {r['provider']:<19}"
         if "error" in r:
@@ -353,7 +369,7 @@ def print_report(report: dict) -> None:
         rate = r.get("fwd_bwd_GBps", r.get("fwd_bwd_TFLOPs"))
         print(f"{head} {min(r['fwd_ms']):>9.3f} {min(r['bwd_ms']):>9.3f} {min(r['fwd_bwd_ms']):>9.3f} {rate:>10.1f} "
               f"{r.get('pct_of_copy', math.nan):>6.1f} {r.get('triton_speedup_fwd_bwd', math.nan):>8.2f} {r['max_rel_err']:>8.1e} {r['grad_rel_err']:>8.1e} "
-              f"{ {True: 'yes', False: 'NO', None: ''}[r.get('deterministic')]:>9}")
+              f"{ {True: 'yes', False: 'NO', None: ''}[r.get('deterministic')]:>9} {r['host_us_fwd_bwd']:>8.0f}")
     step = report.get("training_step")
     if step:
         print(f"training step {step['config']}: kernels off {step['kernels_off']['images_per_s']:.1f} img/s, on {step['kernels_on']['images_per_s']:.1f} img/s, "

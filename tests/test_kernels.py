@@ -186,6 +186,7 @@ def test_benchmark_script_smoke(tmp_path):
     report = json.loads(out.read_text())
     assert {r["provider"] for r in report["rows"]} >= {"triton", "eager"}
     assert not [r["error"] for r in report["rows"] if "error" in r]
+    assert all(r["host_us_fwd_bwd"] > 0 for r in report["rows"])
     assert all(r["max_rel_err"] < 1e-5 and r["grad_rel_err"] < 1e-4 and r["deterministic"] for r in report["rows"] if r["provider"] == "triton")
     step = report["training_step"]
     assert step["kernels_on"]["images_per_s"] > 0 and step["fell_back_to_reference"] == []

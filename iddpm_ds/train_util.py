@@ -260,7 +260,8 @@ class TrainLoop:
             return
         if self.world > 1:
             gathered = torch.empty(self.world * local.numel(), dtype=local.dtype, device=local.device)
-            dist.all_gather_into_tensor(gathered, local.flatten().contiguous())
+            # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single; older torches have only the old name.
+            getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(gathered, local.flatten().contiguous())
             local = gathered.view(self.world, 2, -1).permute(1, 0, 2).reshape(2, -1)
         if apply:
             pairs = local.cpu().numpy()

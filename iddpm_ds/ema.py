@@ -56,7 +56,7 @@ class MasterWeights:
         local = self.local(p)
         if local is None:
             return None
-        flat = full.detach().to(torch.float32).flatten()
+        flat = full.detach().to(device=local.device, dtype=torch.float32).flatten()  # a loaded state_dict is on the CPU; the master may not be
         if self.stage == 3:
             n = p.ds_tensor.numel()
             r = dist.get_rank(group=p.ds_process_group)

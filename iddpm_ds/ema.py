@@ -10,13 +10,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+from torch._utils import _unflatten_dense_tensors
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
 
 
 def _fp16_master_map(engine) -> Dict[int, torch.Tensor]:
-    """id(module param) -> its fp32 copy for ZeRO-0 fp16/bf16 optimizers (FP16_UnfusedOptimizer)."""
+    """id(module param) -> its fp32 master for the ZeRO-0 fp16/bf16 wrappers: FP16_UnfusedOptimizer (a CPU or
+    unfused optimizer) keeps one fp32 tensor per parameter; FP16_Optimizer (DeepSpeed's FusedAdam, i.e. on a GPU)
+    one flat fp32 tensor per group, of which each parameter's master is a view."""
     opt = engine.optimizer
-    groups16, groups32 = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
+    groups16 = getattr(opt, "fp16_groups", None)
+    groups32 = getattr(opt, "fp32_groups", None)
+    if groups32 is None and getattr(opt, "fp32_groups_flat", None) is not None:
+        groups32 = [_unflatten_dense_tensors(flat, g16) for flat, g16 in zip(opt.fp32_groups_flat, groups16)]
     if groups16 is None or groups32 is None:
         return {}
     return {id(p16): p32 for g16, g32 in zip(groups16, groups32) for p16, p32 in zip(g16, g32)}

@@ -171,19 +171,43 @@ applied_next = loop.run_step()
 results["fp16_overflow"]["next_step_applied"] = bool(applied_next)
 
 # A non-finite loss in fp32 / bf16 skips the step (DeepSpeed's ZeRO-0 fp32 optimizer would apply it) and is counted.
-for stage, prec in ((0, "fp32"), (2, "bf16")):
+def nonfinite_case(stage, prec):
     stream = Poisoned(load_data(data_dir="builtin:mnist", batch_size=4, image_size=8, num_workers=0, seed=0))
     loop = make_loop(stage, prec, data=stream)
     loop.run_step()
     before, ema_before = master(loop), loop.ema.full_state_dicts()
     stream.arm()
     applied = loop.run_step()
-    results[f"nonfinite_z{stage}_{prec}"] = {
-        "applied": bool(applied), "counted": loop.nonfinite_steps, "consecutive": loop.consecutive_nonfinite,
-        "master_diff": max_diff(before, master(loop)), "ema_diff": max_diff(ema_before[0.9], loop.ema.full_state_dicts()[0.9]),
-    }
+    result = {"applied": bool(applied), "counted": loop.nonfinite_steps, "consecutive": loop.consecutive_nonfinite,
+              "master_diff": max_diff(before, master(loop)), "ema_diff": max_diff(ema_before[0.9], loop.ema.full_state_dicts()[0.9])}
     loop.run_step()
-    results[f"nonfinite_z{stage}_{prec}"]["consecutive_after_good_step"] = loop.consecutive_nonfinite
+    result["consecutive_after_good_step"] = loop.consecutive_nonfinite
+    return result
+
+
+for stage, prec in ((0, "fp32"), (2, "bf16")):
+    results[f"nonfinite_z{stage}_{prec}"] = nonfinite_case(stage, prec)
+
+# ZeRO-0 fp16/bf16 as a GPU runs it: DeepSpeed's FusedAdam gets the FP16_Optimizer wrapper (one flat fp32 master per
+# parameter group) instead of the FP16_UnfusedOptimizer a CPU optimizer gets. AdamW stands in for FusedAdam here, so
+# this CPU run takes the GPU's path: the master weights must be found, and the EMA must follow its formula.
+import deepspeed.runtime.engine as ds_engine  # noqa: E402
+
+fused_adam, ds_engine.FusedAdam = ds_engine.FusedAdam, torch.optim.AdamW
+for prec in ("fp16", "bf16"):
+    loop = make_loop(0, prec)
+    before = eval_loss(loop)
+    expected = {rate: master(loop) for rate in loop.ema_rates}
+    for _ in range(15):
+        if loop.run_step():
+            current = master(loop)
+            for rate in loop.ema_rates:
+                expected[rate] = {k: rate * expected[rate][k] + (1 - rate) * current[k] for k in current}
+    got = loop.ema.full_state_dicts()
+    results[f"fused_wrapper_z0_{prec}"] = {"wrapper": type(loop.engine.optimizer).__name__, "before": before, "after": eval_loss(loop),
+                                           "ema_formula": max(max_diff(expected[r], got[r]) for r in loop.ema_rates)}
+results["nonfinite_z0_bf16_fused_wrapper"] = nonfinite_case(0, "bf16")
+ds_engine.FusedAdam = fused_adam
 
 if RANK == 0:
     with open(OUT, "w") as f:

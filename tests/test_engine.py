@@ -77,7 +77,16 @@ def test_fp16_overflow_step_is_skipped_and_touches_nothing(scenarios):
     assert r["next_step_applied"]
 
 
-@pytest.mark.parametrize("case", ["nonfinite_z0_fp32", "nonfinite_z2_bf16"])
+@pytest.mark.parametrize("prec", ["fp16", "bf16"])
+def test_zero0_reduced_precision_with_the_gpu_optimizer_wrapper(scenarios, prec):
+    """On a GPU, DeepSpeed's FusedAdam puts ZeRO-0 fp16/bf16 under FP16_Optimizer (flat fp32 master per group);
+    the engine must find those master weights (it refused to start before) and keep the EMA exact."""
+    r = scenarios[f"fused_wrapper_z0_{prec}"]
+    assert r["wrapper"] == "FP16_Optimizer"
+    assert r["after"] < 0.8 * r["before"] and r["ema_formula"] < 1e-5
+
+
+@pytest.mark.parametrize("case", ["nonfinite_z0_fp32", "nonfinite_z2_bf16", "nonfinite_z0_bf16_fused_wrapper"])
 def test_nonfinite_loss_step_is_skipped_and_counted(scenarios, case):
     r = scenarios[case]
     assert not r["applied"] and r["counted"] == 1 and r["consecutive"] == 1

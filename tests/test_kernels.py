@@ -190,7 +190,8 @@ def test_benchmark_script_smoke(tmp_path):
     assert all(r["max_rel_err"] < 1e-5 and r["grad_rel_err"] < 1e-4 and r["deterministic"] for r in report["rows"] if r["provider"] == "triton")
     step = report["training_step"]
     assert step["kernels_on"]["images_per_s"] > 0 and step["fell_back_to_reference"] == []
-    assert step["loss_rel_diff"] < 1e-2  # bf16 model: the kernels and the eager path train the same network
+    # bf16 model with non-zero output convs: the kernels and the eager path compute the same loss and gradients
+    assert step["loss_rel_diff"] < 1e-2 and step["grad_rel_diff"] < 5e-2
     assert all(g["ok"] for g in report["goals"] if "rel err" in g["goal"])
     assert "# goals (issue #5)" in proc.stdout
 

@@ -29,15 +29,22 @@ class GroupNorm32(nn.GroupNorm):
             import kernels
 
             return kernels.group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, scale=scale, shift=shift, silu=silu)
-        # Parameters may be bf16/fp16 under DeepSpeed: upcast them with x.
-        h = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).type(x.dtype)
-        if scale is not None or shift is not None:
-            bshape = (h.shape[0], h.shape[1]) + (1,) * (h.dim() - 2)
-            if scale is not None:
-                h = h * (1 + scale.reshape(bshape))
-            if shift is not None:
-                h = h + shift.reshape(bshape)
-        return F.silu(h) if silu else h
+        return unfused_norm_act(x, self.weight, self.bias, self.num_groups, self.eps, scale=scale, shift=shift, silu=silu)
+
+
+def unfused_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float,
+                     scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None, silu: bool = True) -> torch.Tensor:
+    """The chain in plain PyTorch ops, as improved-diffusion computes it: GroupNorm in float32, cast back to x's
+    dtype, then scale-shift and SiLU in x's dtype. x [N, C, ...], weight/bias [C], scale/shift [N, C]."""
+    # Parameters may be bf16/fp16 under DeepSpeed: upcast them with x.
+    h = F.group_norm(x.float(), num_groups, weight.float(), bias.float(), eps).type(x.dtype)
+    if scale is not None or shift is not None:
+        bshape = (h.shape[0], h.shape[1]) + (1,) * (h.dim() - 2)
+        if scale is not None:
+            h = h * (1 + scale.reshape(bshape))
+        if shift is not None:
+            h = h + shift.reshape(bshape)
+    return F.silu(h) if silu else h
 
 
 def normalization(channels: int) -> GroupNorm32:

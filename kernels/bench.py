@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
+from iddpm_ds.nn import unfused_norm_act  # noqa: E402  (the UNet's own unfused ops: the "eager" baseline)
 from kernels import group_norm_silu, group_norm_silu_reference, qkv_attention, qkv_attention_reference  # noqa: E402
 
 # From the 64 px and 256 px IDDPM UNets (bf16). "ss" = scale-shift + SiLU, "silu" = norm + SiLU, "plain" = norm only.
@@ -40,14 +41,6 @@ GN_SHAPES = [((64, 128, 64, 64), "silu"), ((64, 256, 32, 32), "ss"), ((64, 384, 
 ATTN_SHAPES = [(64, 4, 256, 96), (64, 4, 64, 128), (64, 6, 1024, 64), (64, 9, 256, 64), (64, 12, 64, 64), (8, 8, 1024, 64)]
 SMOKE_GN = [((2, 64, 4, 4), "ss"), ((1, 32, 9, 9), "silu")]
 SMOKE_ATTN = [(1, 2, 20, 32)]
-
-
-def eager_norm(x, w, b, groups, scale, shift, silu):
-    """The UNet's unfused path: fp32 GroupNorm, cast back, then scale-shift and SiLU in x's dtype."""
-    h = F.group_norm(x.float(), groups, w.float(), b.float(), 1e-5).type(x.dtype)
-    if scale is not None:
-        h = h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
-    return F.silu(h) if silu else h
 
 
 def sdpa_from_qkv(qkv, heads, backend):
@@ -174,7 +167,7 @@ def bench_group_norm(shapes, device, dtype, use_compile):
         dy = torch.randn(shape, device=device, dtype=dtype)
 
         def eager(x, w, b, scale, shift):
-            return eager_norm(x, w, b, 32, scale, shift, silu)
+            return unfused_norm_act(x, w, b, 32, 1e-5, scale=scale, shift=shift, silu=silu)
 
         providers = {"triton": lambda x, w, b, scale, shift: group_norm_silu(x, w, b, 32, scale=scale, shift=shift, silu=silu), "eager": eager}
         if use_compile:  # specialised to this shape, as a user compiling a fixed-size model would get it

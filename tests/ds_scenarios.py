@@ -76,6 +76,19 @@ def digest(arr) -> str:
     return hashlib.md5(np.ascontiguousarray(arr).tobytes()).hexdigest()
 
 
+def ema_formula_error(loop, steps):
+    """Run steps optimizer steps; the largest gap between the EMA and rate * ema + (1 - rate) * master applied
+    after every applied step."""
+    expected = {rate: master(loop) for rate in loop.ema_rates}
+    for _ in range(steps):
+        if loop.run_step():
+            current = master(loop)
+            for rate in loop.ema_rates:
+                expected[rate] = {k: rate * expected[rate][k] + (1 - rate) * current[k] for k in current}
+    got = loop.ema.full_state_dicts()
+    return max(max_diff(expected[r], got[r]) for r in loop.ema_rates)
+
+
 def all_equal_across_ranks(s: str) -> bool:
     out = [None] * WORLD
     dist.all_gather_object(out, s)
@@ -115,14 +128,7 @@ results["accumulation_vs_batch"] = max_diff(finals[(4, 2)], finals[(8, 1)])
 # Loss-aware sampler: identical on every rank, warmed up; EMA follows its formula at ZeRO-2 and ZeRO-3.
 for stage in (2, 3):
     loop = make_loop(stage, "fp32", micro=8, sampler=lambda d: LossSecondMomentResampler(d, history_per_term=1))
-    expected = {rate: master(loop) for rate in loop.ema_rates}
-    for _ in range(10):
-        loop.run_step()
-        current = master(loop)
-        for rate in loop.ema_rates:
-            expected[rate] = {k: rate * expected[rate][k] + (1 - rate) * current[k] for k in current}
-    got = loop.ema.full_state_dicts()
-    results[f"ema_formula_z{stage}"] = max(max_diff(expected[r], got[r]) for r in loop.ema_rates)
+    results[f"ema_formula_z{stage}"] = ema_formula_error(loop, 10)
     results[f"sampler_identical_z{stage}"] = all_equal_across_ranks(digest(loop.sampler.weights()) + digest(loop.sampler._loss_history))
     results[f"sampler_warm_z{stage}"] = bool(loop.sampler._warmed_up())
     # EMA memory per rank is a shard: about 1/WORLD of the parameters.
@@ -197,15 +203,9 @@ fused_adam, ds_engine.FusedAdam = ds_engine.FusedAdam, torch.optim.AdamW
 for prec in ("fp16", "bf16"):
     loop = make_loop(0, prec)
     before = eval_loss(loop)
-    expected = {rate: master(loop) for rate in loop.ema_rates}
-    for _ in range(15):
-        if loop.run_step():
-            current = master(loop)
-            for rate in loop.ema_rates:
-                expected[rate] = {k: rate * expected[rate][k] + (1 - rate) * current[k] for k in current}
-    got = loop.ema.full_state_dicts()
+    error = ema_formula_error(loop, 15)
     results[f"fused_wrapper_z0_{prec}"] = {"wrapper": type(loop.engine.optimizer).__name__, "before": before, "after": eval_loss(loop),
-                                           "ema_formula": max(max_diff(expected[r], got[r]) for r in loop.ema_rates)}
+                                           "ema_formula": error}
 results["nonfinite_z0_bf16_fused_wrapper"] = nonfinite_case(0, "bf16")
 ds_engine.FusedAdam = fused_adam
 

@@ -17,7 +17,8 @@ def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
     if tensor is None:
         raise TypeError("normal_kl needs at least one tensor argument")
     logvar1, logvar2 = (
-        a if isinstance(a, torch.Tensor) else torch.tensor(a, dtype=tensor.dtype, device=tensor.device)
+        # A float becomes a float32 tensor first (as in improved-diffusion), then takes tensor's dtype.
+        a if isinstance(a, torch.Tensor) else torch.tensor(a).to(tensor)
         for a in (logvar1, logvar2)
     )
     return 0.5 * (

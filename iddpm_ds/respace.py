@@ -34,7 +34,12 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, List[int]]) -
         if size < section_count:
             raise ValueError(f"cannot divide section of {size} steps into {section_count}")
         frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
-        all_steps += [start_idx + round(frac_stride * j) for j in range(section_count)]
+        # A running sum, not frac_stride * j: the two round differently where a partial sum lands
+        # near .5, and improved-diffusion's checkpoints were sampled with the running sum.
+        cur_idx = 0.0
+        for _ in range(section_count):
+            all_steps.append(start_idx + round(cur_idx))
+            cur_idx += frac_stride
         start_idx += size
     return set(all_steps)
 

@@ -101,6 +101,48 @@ def test_space_timesteps():
         space_timesteps(10, "20")
 
 
+def _reference_space_timesteps(num_timesteps, counts):
+    """improved-diffusion's section walk, transcribed: a running float index, rounded per step."""
+    size_per, extra = num_timesteps // len(counts), num_timesteps % len(counts)
+    start, kept = 0, []
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        idx = 0.0
+        for _ in range(count):
+            kept.append(start + round(idx))
+            idx += stride
+        start += size
+    return set(kept)
+
+
+def test_space_timesteps_matches_improved_diffusion_arithmetic():
+    # A product frac_stride * j lands on an exact .5 where the running sum does not (or the
+    # reverse): 300 steps as "10,15,20" keeps a different step under the two orders.
+    assert space_timesteps(300, "10,15,20") == _reference_space_timesteps(300, [10, 15, 20])
+    rng = np.random.default_rng(0)
+    cases = [(300, [10, 15, 20]), (4000, [1000]), (1000, [1, 1, 1]), (50, [50]), (51, [7, 3])]
+    for _ in range(400):
+        T = int(rng.integers(50, 4001))
+        sections = int(rng.integers(1, 6))
+        counts = [int(rng.integers(1, T // sections + 1)) for _ in range(sections)]
+        cases.append((T, counts))
+    mismatched_by_product = 0
+    for T, counts in cases:
+        want = _reference_space_timesteps(T, counts)
+        assert space_timesteps(T, counts) == want, (T, counts)
+        assert space_timesteps(T, ",".join(map(str, counts))) == want, (T, counts)
+        size_per, extra = divmod(T, len(counts))
+        product, start = set(), 0
+        for i, c in enumerate(counts):
+            size = size_per + (i < extra)
+            stride = 1 if c <= 1 else (size - 1) / (c - 1)
+            product |= {start + round(stride * j) for j in range(c)}
+            start += size
+        mismatched_by_product += product != want
+    assert mismatched_by_product > 0  # the grid does reach cases where the order of arithmetic matters
+
+
 def test_respacing_keeps_alphas_cumprod():
     betas = gd.get_named_beta_schedule("cosine", 1000)
     base = gd.GaussianDiffusion(betas=betas, model_mean_type=gd.ModelMeanType.EPSILON, model_var_type=gd.ModelVarType.FIXED_SMALL, loss_type=gd.LossType.MSE)
@@ -199,3 +241,13 @@ def test_samplers_produce_images_and_ddim_eta0_is_deterministic(tiny):
     assert len(steps) == 5
     with pytest.raises(ValueError):
         d.ddim_reverse_sample(model, noise, torch.zeros(2, dtype=torch.long), eta=0.5)
+
+
+def test_normal_kl_float_arguments_round_through_float32_as_improved_diffusion():
+    # improved-diffusion turns a float log-variance into a float32 tensor, then into the other
+    # argument's dtype; a float64 caller thus sees 0.1 rounded to float32, not 0.1 exactly.
+    mean = torch.tensor([0.3], dtype=torch.float64)
+    got = normal_kl(mean, 0.1, 0.0, torch.tensor([0.2], dtype=torch.float64))
+    logvar1 = torch.tensor(0.1, dtype=torch.float32).double()
+    want = 0.5 * (-1.0 + 0.2 - logvar1 + torch.exp(logvar1 - 0.2) + mean**2 * torch.exp(torch.tensor(-0.2, dtype=torch.float64)))
+    assert torch.equal(got, want)

@@ -32,6 +32,11 @@ PRECISION_KEYS = {"enabled", "auto_cast", "loss_scale", "initial_scale_power", "
                   "consecutive_hysteresis", "min_loss_scale", "fp16_master_weights_and_grads", "immediate_grad_update", "check_grad_overflow"}
 
 
+# improved-diffusion's loss scaling: 2^20 at the start, halved at each overflow, doubled after
+# 1000 good steps (its fp16_scale_growth of 1e-3 per step).
+FP16_IDDPM_DEFAULTS = {"initial_scale_power": 20, "loss_scale_window": 1000, "hysteresis": 1, "min_loss_scale": 1}
+
+
 def _type_name(t) -> str:
     return " or ".join(x.__name__ for x in t) if isinstance(t, tuple) else t.__name__
 
@@ -131,6 +136,17 @@ def resolve(cfg: Dict, args, explicit: Set[str], world_size: int, fp16_supported
         # improved-diffusion grows log2(scale) by this much per good step: doubling every 1/growth steps.
         cfg.setdefault("fp16", {})["loss_scale_window"] = max(1, round(1 / args.fp16_scale_growth))
         notes.append(f"--fp16_scale_growth {args.fp16_scale_growth} -> fp16.loss_scale_window {cfg['fp16']['loss_scale_window']}")
+
+    # DeepSpeed's defaults where the JSON is silent differ from improved-diffusion's training:
+    # it would clip the global gradient norm at 1.0 and start fp16 loss scaling at 2^16 with a
+    # hysteresis of 2. improved-diffusion never clips, starts at 2^20 and halves on every overflow.
+    if "gradient_clipping" not in cfg:
+        cfg["gradient_clipping"] = 0.0
+    clip = cfg["gradient_clipping"]
+    notes.append(f"gradient clipping: {f'global norm {clip:g}' if clip > 0 else 'off'} (the JSON's gradient_clipping)")
+    if cfg.get("fp16", {}).get("enabled"):
+        for key, value in FP16_IDDPM_DEFAULTS.items():
+            cfg["fp16"].setdefault(key, value)
 
     if cfg.get("fp16", {}).get("enabled") and not fp16_supported:
         cfg["fp16"]["enabled"] = False

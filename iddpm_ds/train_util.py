@@ -185,6 +185,7 @@ class TrainLoop:
         self.last_saved_step = -1
         self._stats: Dict[str, torch.Tensor] = {}
         self._pending = []
+        self._grad_norm: Optional[float] = None
         self._t_last, self._samples_last = time.perf_counter(), 0
 
     # ------------------------------------------------------------------ step
@@ -210,6 +211,8 @@ class TrainLoop:
             self.engine.backward(loss)
             if micro == self.gas - 1:
                 all_finite = self._all_ranks_finite(finite)
+                if self.master.plain_fp32:
+                    self._grad_norm = self._plain_grad_norm()
                 with self._update_suppressed(not all_finite):
                     self.engine.step()
             else:
@@ -226,6 +229,12 @@ class TrainLoop:
         if applied:
             self.ema.update()
         return applied
+
+    def _plain_grad_norm(self) -> float:
+        """The global gradient norm, before any clipping, for the one engine that does not report it
+        (ZeRO-0 fp32: its gradients are all-reduced into the parameters' .grad by the last backward)."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0
 
     def _all_ranks_finite(self, finite: torch.Tensor) -> bool:
         """Agree across ranks whether this step's losses were finite, before the update is applied."""
@@ -303,6 +312,8 @@ class TrainLoop:
                 if row[6 + q]:
                     record[f"{k}_q{q}"] = row[2 + q] / row[6 + q]
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = self._grad_norm
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         record["lr"] = float(self.engine.get_lr()[0])

@@ -15,6 +15,7 @@ resumed run, with any number of ranks, continues the same global stream
 from G. Only which rank sees which sample changes with W.
 """
 
+import atexit
 import gzip
 import hashlib
 import io
@@ -22,6 +23,7 @@ import logging
 import os
 import shutil
 import tarfile
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -420,6 +422,18 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
+# Streams with live loader workers. At exit they are stopped before multiprocessing's own exit handler
+# runs: that one ends daemonic children with SIGTERM, which ours ignore, and then waits for them forever.
+# atexit runs last-registered first, and torch (imported above) registered multiprocessing's already.
+_OPEN_STREAMS: "weakref.WeakSet[DataStream]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_streams() -> None:
+    for stream in list(_OPEN_STREAMS):
+        stream.close()
+
+
 class DataStream:
     """Infinite iterator of (images [B, 3, S, S], {'y': labels [B]}) with a resumable position.
 
@@ -453,8 +467,14 @@ class DataStream:
         self._it = None
 
     def close(self) -> None:
-        """Stop the loader workers (they restart on the next batch)."""
-        self._it = None
+        """Stop the loader workers now (they restart on the next batch)."""
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)  # absent with num_workers=0
+        if shutdown is not None:
+            shutdown()
+
+    def __del__(self):
+        self.close()
 
     def __iter__(self):
         return self
@@ -468,6 +488,7 @@ class DataStream:
                                                  persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
                                                  worker_init_fn=_ignore_stop_signals)
             self._it = iter(loader)
+            _OPEN_STREAMS.add(self)
         batch = next(self._it)
         self.position += self.world_size * self.batch_size
         self.skipped += int(batch["skipped"])

@@ -153,17 +153,22 @@ def resolve_trained_model(run_dir: str, model_path: str, use_ema: bool, flags: D
     """(weights file, model flags, number of data classes or None) for sampling or evaluation.
 
     :param run_dir: a training run directory (flags from its config.json, newest EMA or model file).
-    :param model_path: a .pt file, or a checkpoints/stepNNNNNN directory (its consolidated files).
+    :param model_path: a .pt file, a checkpoints/stepNNNNNN directory (its consolidated files), or a
+        run directory (taken as run_dir).
     :param flags: the command line's model flags; explicit: the names given on it.
     """
     import json
 
     data_classes = None
     path = model_path
+    if path and os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        run_dir, path = path, ""  # a run directory where a checkpoint was expected: same as --run_dir
     if path and os.path.isdir(path):
         marker = os.path.join(path, "COMPLETE")
         if not os.path.isfile(marker):
-            raise CheckpointError(f"{path} is not a complete checkpoint directory")
+            raise CheckpointError(f"{path} is neither a run directory (no config.json) nor a complete checkpoint "
+                                  "directory (no COMPLETE): pass --run_dir RUN_DIR, or --model_path with a .pt file "
+                                  "or RUN_DIR/checkpoints/stepNNNNNN")
         with open(marker) as f:
             meta = json.load(f)
         run_dir = os.path.dirname(os.path.dirname(os.path.normpath(path)))

@@ -15,6 +15,11 @@ import torch
 
 MPI_ENV_KEYS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID")
 
+if not torch.cuda.is_available():
+    # Said before anything imports DeepSpeed, which would otherwise guess the accelerator and warn
+    # on every rank that it picked the CPU.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 
 def launched_by_mpi() -> bool:
     return any(k in os.environ for k in MPI_ENV_KEYS) and "RANK" not in os.environ
@@ -37,8 +42,8 @@ def setup_dist(master_port: Optional[int] = None) -> None:
         (deepspeed/torchrun launchers set their own); default 29500 under
         mpirun, a free port for a single process.
     """
-    if accelerator_is_cpu():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import warnings
+
     import deepspeed
     import deepspeed.comm.torch  # noqa: F401  (the module object is needed below)
 
@@ -47,6 +52,9 @@ def setup_dist(master_port: Optional[int] = None) -> None:
     if accelerator_is_cpu():
         # The shm all-reduce op is JIT-built (~1 min, needs a compiler) but only serves inference.
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    # DeepSpeed's ZeRO calls torch's deprecated collective names; the warning is for DeepSpeed, not our users.
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        warnings.filterwarnings("ignore", message=f".*{name}` is deprecated", category=FutureWarning)
     backend = "gloo" if accelerator_is_cpu() else "nccl"
     if "RANK" in os.environ:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)

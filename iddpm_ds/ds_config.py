@@ -12,8 +12,7 @@ import os
 from typing import Dict, List, Set, Tuple
 
 
-class ConfigError(ValueError):
-    """A configuration the run cannot start with; the message is for the user as is."""
+from .flags import ConfigError
 
 
 # Top-level keys DeepSpeed 0.19 understands; anything else is most likely a typo.
@@ -80,11 +79,6 @@ def load(path: str) -> Dict:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
     validate(cfg, path)
     return cfg
-
-
-def explicit_flags(argv: List[str]) -> Set[str]:
-    """Names of the --flags present on a command line (with or without '=value')."""
-    return {tok[2:].split("=", 1)[0] for tok in argv if tok.startswith("--")}
 
 
 def resolve(cfg: Dict, args, explicit: Set[str], world_size: int, fp16_supported: bool) -> Tuple[Dict, List[str]]:

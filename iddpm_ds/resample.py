@@ -13,6 +13,9 @@ import torch
 import torch.distributed as dist
 
 
+SAMPLER_NAMES = ("uniform", "loss-second-moment")
+
+
 def create_named_schedule_sampler(name: str, diffusion) -> "ScheduleSampler":
     """Build a sampler by name: "uniform" or "loss-second-moment"."""
     if name == "uniform":

@@ -1,6 +1,6 @@
 """Drawing images from a trained model, reproducibly per image, and laying them out in a grid."""
 
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -8,8 +8,11 @@ import torch
 
 @torch.no_grad()
 def sample_images(model, diffusion, indices: Sequence[int], image_size: int, seed: int, model_kwargs: Optional[Dict] = None,
-                  use_ddim: bool = False, eta: float = 0.0, clip_denoised: bool = True, device=None) -> np.ndarray:
+                  use_ddim: bool = False, eta: float = 0.0, clip_denoised: bool = True, device=None,
+                  on_step: Optional[Callable[[], None]] = None) -> np.ndarray:
     """Sample the images with these indices; returns uint8 [N, H, W, 3].
+
+    on_step, if given, is called after each denoising step (a progress bar's update).
 
     Image i draws x_T and every step's noise from its own generator seeded by
     (seed, i), so an image does not depend on the batch it is in or on the
@@ -28,6 +31,8 @@ def sample_images(model, diffusion, indices: Sequence[int], image_size: int, see
     for i in reversed(range(diffusion.num_timesteps)):
         t = torch.full((len(indices),), i, device=device, dtype=torch.long)
         x = step(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs, noise=noise(), **extra)["sample"]
+        if on_step is not None:
+            on_step()
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 

@@ -7,7 +7,7 @@ num_heads) and `use_fused_kernels` (route norms/attention through `kernels`).
 
 import argparse
 import inspect
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
@@ -171,11 +171,11 @@ def create_gaussian_diffusion(*, steps=1000, learn_sigma=False, sigma_small=Fals
     )
 
 
-def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: Dict) -> None:
-    """Add a --key flag per entry, typed by its default (bools parsed by str2bool)."""
+def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: Dict, help: Optional[Dict] = None) -> None:
+    """Add a --key flag per entry, typed by its default (bools parsed by str2bool), with help[key] if given."""
     for k, v in default_dict.items():
         v_type = str if v is None else str2bool if isinstance(v, bool) else type(v)
-        parser.add_argument(f"--{k}", default=v, type=v_type)
+        parser.add_argument(f"--{k}", default=v, type=v_type, help=(help or {}).get(k))
 
 
 def args_to_dict(args: argparse.Namespace, keys: Iterable[str]) -> Dict:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from .checkpoint import CheckpointError, load_state_dict_file, verify_checkpoint_files
 from .dist_util import accelerator_is_cpu
-from .ds_config import ConfigError
+from .flags import ConfigError
 from .ema import EMA, MasterWeights
 from .resample import LossAwareSampler
 
@@ -140,6 +140,18 @@ def loss_scale_of(engine) -> Optional[float]:
         if isinstance(value, (int, float, torch.Tensor)):
             return float(value)
     return None
+
+
+# The numbers of a progress record that make the console and log.txt line, in this order.
+LOG_LINE_KEYS = ("loss", "mse", "vb", "grad_norm", "lr", "loss_scale")
+
+
+def format_record(record: Dict[str, float]) -> str:
+    """One compact line of a progress record, as improved-diffusion's logger prints its table."""
+    parts = [f"step {record['step']}"]
+    parts += [f"{k} {record[k]:.4g}" for k in LOG_LINE_KEYS if k in record]
+    parts.append(f"{record['images_per_s']:.1f} img/s")
+    return " | ".join(parts)
 
 
 class TrainLoop:
@@ -328,6 +340,7 @@ class TrainLoop:
         self._t_last, self._samples_last = now, samples
         with open(os.path.join(self.run_dir, "progress.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
+        log.info(format_record(record))
         if self.writer is not None:
             for k, v in record.items():
                 if k != "step":

@@ -7,7 +7,6 @@ every image is decoded and downsampled) to a temporary folder. Prints a table
 and a JSON line.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -19,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from iddpm_ds.flags import ConfigError, make_parser, run_cli  # noqa: E402
 from iddpm_ds.image_datasets import load_data  # noqa: E402
 
 
@@ -31,18 +31,27 @@ def make_folder(root: str, n: int = 256, size: int = 512) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_dir", default="")
-    p.add_argument("--sizes", default="32,64,256")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--num_workers", type=int, default=1)
-    p.add_argument("--batches", type=int, default=20)
+    p = make_parser(__doc__)
+    p.add_argument("--data_dir", default="", help="data to read ('' = a synthetic folder of 512 px JPEGs)")
+    p.add_argument("--sizes", default="32,64,256", help="comma-separated image sizes to time")
+    p.add_argument("--batch_size", type=int, default=16, help="images per batch")
+    p.add_argument("--num_workers", type=int, default=1, help="loader worker processes")
+    p.add_argument("--batches", type=int, default=20, help="batches timed per size")
     args = p.parse_args()
+    for flag in ("batch_size", "batches"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.num_workers < 0:
+        raise ConfigError(f"--num_workers must not be negative, got {args.num_workers}")
+    try:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    except ValueError:
+        raise ConfigError(f"--sizes {args.sizes!r} must be comma-separated integers") from None
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir or make_folder(tmp)
         rows = []
-        for size in (int(s) for s in args.sizes.split(",")):
+        for size in sizes:
             stream = load_data(data_dir=data_dir, batch_size=args.batch_size, image_size=size, num_workers=args.num_workers)
             next(stream)  # worker start-up is not throughput
             t0 = time.perf_counter()
@@ -59,4 +68,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

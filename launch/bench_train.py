@@ -16,7 +16,6 @@ per-rank bytes of parameters, fp32 master + optimizer state, and EMA, as
 measured from the tensors each rank holds. Prints a table, then one JSON line.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -31,12 +30,19 @@ import torch.distributed as dist  # noqa: E402
 from iddpm_ds import dist_util  # noqa: E402
 from iddpm_ds.ds_config import load as load_ds_config  # noqa: E402
 from iddpm_ds.ds_config import precision, resolve  # noqa: E402
+from iddpm_ds.flags import HELP, ConfigError, make_parser, run_cli, validate_model_flags  # noqa: E402
 from iddpm_ds.resample import UniformSampler  # noqa: E402
 from iddpm_ds.script_util import add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
 from iddpm_ds.train_util import TrainLoop, create_engine, seed_everything  # noqa: E402
 
 DEFAULTS = dict(steps=20, warmup=3, ema_rate="0.9999", lr=1e-4, weight_decay=0.0, batch_size=1, microbatch=-1, use_fp16=False,
                 fp16_scale_growth=1e-3, memory=False, memory_input_size=32, out="")
+
+BENCH_HELP = {
+    "steps": "timed optimizer steps per row", "warmup": "untimed steps first", "ema_rate": "EMA rates kept by the engine",
+    "memory": "measure per-rank bytes at ZeRO 0-3 instead of speed", "memory_input_size": "input side for --memory",
+    "out": "also write the JSON here",
+}
 
 
 class SyntheticData:
@@ -154,11 +160,14 @@ def memory_table(flags, base_cfg, args, world) -> list:
 def main() -> None:
     import deepspeed
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dict_to_argparser(p, {**DEFAULTS, **model_and_diffusion_defaults()})
-    p.add_argument("--local_rank", type=int, default=-1)
+    p = make_parser(__doc__)
+    add_dict_to_argparser(p, {**DEFAULTS, **model_and_diffusion_defaults()}, {**HELP, **BENCH_HELP})
+    p.add_argument("--local_rank", type=int, default=-1, help=HELP["local_rank"])
     deepspeed.add_config_arguments(p)
     args = p.parse_args()
+    validate_model_flags(args_to_dict(args, model_and_diffusion_defaults().keys()))
+    if args.steps < 1 or args.warmup < 0:
+        raise ConfigError(f"--steps must be at least 1 and --warmup not negative, got {args.steps} and {args.warmup}")
     dist_util.setup_dist()
     dist_util.set_threads_per_rank()
     from deepspeed.accelerator import get_accelerator
@@ -217,4 +226,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -9,7 +9,6 @@ already complete are kept, the rest are rewritten (each is written to a
 temporary name and renamed when complete).
 """
 
-import argparse
 import io
 import json
 import os
@@ -21,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from iddpm_ds.image_datasets import DataError, FolderSource, center_crop_arr  # noqa: E402
+from iddpm_ds.flags import ConfigError, make_parser, run_cli  # noqa: E402
+from iddpm_ds.image_datasets import FolderSource, center_crop_arr  # noqa: E402
 
 
 def add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -36,17 +36,17 @@ def count_images(path: str) -> int:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("src", help="image folder (labels from the filename prefix before '_')")
     p.add_argument("out", help="output folder for shards and index.json")
-    p.add_argument("--image_size", type=int, required=True)
+    p.add_argument("--image_size", type=int, required=True, help="side in pixels the images are centre-cropped to")
     p.add_argument("--shard_size", type=int, default=1000, help="samples per shard (equal-size images make shards equal in bytes)")
     args = p.parse_args()
+    for flag in ("image_size", "shard_size"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
 
-    try:
-        source = FolderSource(args.src)
-    except DataError as e:
-        sys.exit(f"make_shards: {e}")
+    source = FolderSource(args.src)
     os.makedirs(args.out, exist_ok=True)
     n = len(source)
     num_shards = (n + args.shard_size - 1) // args.shard_size
@@ -87,4 +87,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -9,7 +9,6 @@ decoder term L_0, and the mean x_0 / eps MSEs. Use the full, unrespaced
 process for a paper-comparable number (the model's own diffusion_steps).
 """
 
-import argparse
 import json
 import os
 import sys
@@ -21,9 +20,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from iddpm_ds import dist_util  # noqa: E402
-from iddpm_ds.checkpoint import CheckpointError, load_official_state_dict, load_state_dict_file, resolve_trained_model  # noqa: E402
-from iddpm_ds.ds_config import ConfigError, explicit_flags  # noqa: E402
-from iddpm_ds.image_datasets import DataError, load_data  # noqa: E402
+from iddpm_ds.checkpoint import load_official_state_dict, load_state_dict_file, resolve_trained_model  # noqa: E402
+from iddpm_ds.flags import HELP, ConfigError, explicit_flags, make_parser, run_cli, validate_model_flags  # noqa: E402
+from iddpm_ds.image_datasets import load_data  # noqa: E402
 from iddpm_ds.script_util import add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
 
 NLL_DEFAULTS = dict(run_dir="", model_path="", use_ema=True, data_dir="", num_samples=1000, batch_size=16, clip_denoised=True,
@@ -31,13 +30,17 @@ NLL_DEFAULTS = dict(run_dir="", model_path="", use_ema=True, data_dir="", num_sa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dict_to_argparser(parser, {**NLL_DEFAULTS, **model_and_diffusion_defaults()})
-    parser.add_argument("--local_rank", type=int, default=-1)
+    parser = make_parser(__doc__)
+    add_dict_to_argparser(parser, {**NLL_DEFAULTS, **model_and_diffusion_defaults()}, HELP)
+    parser.add_argument("--local_rank", type=int, default=-1, help=HELP["local_rank"])
     argv = sys.argv[1:]
     args = parser.parse_args(argv)
+    for flag in ("num_samples", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     path, flags, _ = resolve_trained_model(args.run_dir, args.model_path, args.use_ema, flags, explicit_flags(argv), args.override)
+    validate_model_flags(flags)
     rank, world, distributed = dist_util.setup_if_launched(args.master_port or None)
     device = dist_util.dev()
 
@@ -80,9 +83,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-        dist_util.shutdown()
-    except (ConfigError, CheckpointError, DataError) as e:
-        print(f"nll.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

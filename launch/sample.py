@@ -10,7 +10,6 @@ Sampling is ancestral with --timestep_respacing ("250", "ddim50", ...) or DDIM
 seed gives the same images whatever the batch size or number of ranks.
 """
 
-import argparse
 import os
 import sys
 
@@ -22,8 +21,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from iddpm_ds import dist_util  # noqa: E402
-from iddpm_ds.checkpoint import CheckpointError, load_official_state_dict, load_state_dict_file, resolve_trained_model  # noqa: E402
-from iddpm_ds.ds_config import ConfigError, explicit_flags  # noqa: E402
+from iddpm_ds.checkpoint import load_official_state_dict, load_state_dict_file, resolve_trained_model  # noqa: E402
+from iddpm_ds.flags import HELP, ConfigError, explicit_flags, make_parser, run_cli, validate_model_flags, validate_sample_flags  # noqa: E402
 from iddpm_ds.sampling import make_grid, sample_images  # noqa: E402
 from iddpm_ds.script_util import (  # noqa: E402
     NUM_CLASSES,
@@ -42,13 +41,15 @@ SAMPLE_DEFAULTS = dict(run_dir="", model_path="", use_ema=True, num_samples=64, 
 def main(super_res: bool = False) -> None:
     model_defaults = sr_model_and_diffusion_defaults() if super_res else model_and_diffusion_defaults()
     defaults = {**SAMPLE_DEFAULTS, **model_defaults, **({"base_samples": ""} if super_res else {})}
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dict_to_argparser(parser, defaults)
-    parser.add_argument("--local_rank", type=int, default=-1)
+    parser = make_parser(__doc__)
+    add_dict_to_argparser(parser, defaults, HELP)
+    parser.add_argument("--local_rank", type=int, default=-1, help=HELP["local_rank"])
     argv = sys.argv[1:]
     args = parser.parse_args(argv)
     flags = args_to_dict(args, model_defaults.keys())
     path, flags, data_classes = resolve_trained_model(args.run_dir, args.model_path, args.use_ema, flags, explicit_flags(argv), args.override)
+    validate_model_flags(flags, super_res)
+    validate_sample_flags(args, flags, data_classes or NUM_CLASSES)
     image_size = flags["large_size" if super_res else "image_size"]
 
     base, base_labels = None, None
@@ -76,10 +77,7 @@ def main(super_res: bool = False) -> None:
         if base_labels is not None:
             labels = np.asarray(base_labels[: args.num_samples])
         elif args.class_labels:
-            given = [int(c) for c in args.class_labels.split(",")]
-            if max(given) >= NUM_CLASSES or min(given) < 0:
-                raise ConfigError(f"--class_labels must lie in [0, {NUM_CLASSES})")
-            labels = np.resize(np.array(given), args.num_samples)
+            labels = np.resize(np.array([int(c) for c in args.class_labels.split(",")]), args.num_samples)
         else:
             labels = np.random.default_rng(args.seed).integers(0, data_classes or NUM_CLASSES, args.num_samples)
 
@@ -87,7 +85,10 @@ def main(super_res: bool = False) -> None:
     images = []
     from tqdm.auto import tqdm
 
-    for start in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, unit="batch"):
+    starts = range(0, len(mine), args.batch_size)
+    # Denoising steps, not batches: one batch of 64 images is minutes of steps on a CPU.
+    bar = tqdm(total=len(starts) * diffusion.num_timesteps, disable=rank != 0, unit="step", dynamic_ncols=True)
+    for start in starts:
         idx = mine[start : start + args.batch_size]
         kwargs = {}
         if labels is not None:
@@ -95,7 +96,9 @@ def main(super_res: bool = False) -> None:
         if base is not None:
             kwargs["low_res"] = torch.from_numpy(base[idx]).float().div(127.5).sub(1).permute(0, 3, 1, 2).to(device)
         images.append(sample_images(model, diffusion, idx, image_size, args.seed, model_kwargs=kwargs, use_ddim=args.use_ddim,
-                                    eta=args.eta, clip_denoised=args.clip_denoised, device=device))
+                                    eta=args.eta, clip_denoised=args.clip_denoised, device=device,
+                                    on_step=lambda: bar.update(1)))
+    bar.close()
     local = (mine, np.concatenate(images) if images else np.zeros((0, image_size, image_size, 3), dtype=np.uint8))
     gathered = [None] * world
     if distributed:
@@ -108,7 +111,10 @@ def main(super_res: bool = False) -> None:
     if len(np.unique(order)) != len(order) or len(order) != args.num_samples:
         raise RuntimeError("sample indices across ranks are not a partition of range(num_samples)")
     arr = np.concatenate([g[1] for g in gathered])[np.argsort(order)]
-    out = args.out or os.path.join(args.run_dir or os.path.dirname(os.path.abspath(path)), f"samples_{arr.shape[0]}x{image_size}x{image_size}x3.npz")
+    # improved-diffusion's image_sample.py writes into $OPENAI_LOGDIR; so do we when it is set.
+    out_dir = os.environ.get("OPENAI_LOGDIR") or args.run_dir or os.path.dirname(os.path.abspath(path))
+    out = args.out or os.path.join(out_dir, f"samples_{arr.shape[0]}x{image_size}x{image_size}x3.npz")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if labels is not None:
         np.savez(out, arr, labels)
     else:
@@ -121,13 +127,7 @@ def main(super_res: bool = False) -> None:
 
 
 def cli(super_res: bool = False) -> None:
-    name = os.path.basename(sys.argv[0])
-    try:
-        main(super_res)
-        dist_util.shutdown()
-    except (ConfigError, CheckpointError) as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(lambda: main(super_res))
 
 
 if __name__ == "__main__":

@@ -26,9 +26,10 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 from iddpm_ds import dist_util  # noqa: E402
 from iddpm_ds.checkpoint import CheckpointError, load_official_state_dict, load_state_dict_file, merge_run_flags, read_run_config  # noqa: E402
-from iddpm_ds.ds_config import ConfigError, explicit_flags, precision, resolve  # noqa: E402
+from iddpm_ds.ds_config import precision, resolve  # noqa: E402
 from iddpm_ds.ds_config import load as load_ds_config  # noqa: E402
-from iddpm_ds.image_datasets import DataError, SuperResStream, load_data  # noqa: E402
+from iddpm_ds.flags import HELP, explicit_flags, make_parser, run_cli, validate_model_flags, validate_train_flags  # noqa: E402
+from iddpm_ds.image_datasets import SuperResStream, load_data  # noqa: E402
 from iddpm_ds.sampling import make_grid, sample_images  # noqa: E402
 from iddpm_ds.resample import create_named_schedule_sampler  # noqa: E402
 from iddpm_ds.script_util import (  # noqa: E402
@@ -41,7 +42,7 @@ from iddpm_ds.script_util import (  # noqa: E402
     sr_model_and_diffusion_defaults,
 )
 from iddpm_ds.preemption import PreemptionWatch  # noqa: E402
-from iddpm_ds.train_util import TrainingDiverged, TrainLoop, atomic_write_text, create_engine, find_latest_checkpoint, prepare_resume, seed_everything  # noqa: E402
+from iddpm_ds.train_util import TrainLoop, atomic_write_text, create_engine, find_latest_checkpoint, prepare_resume, seed_everything  # noqa: E402
 
 TRAIN_DEFAULTS = dict(
     data_dir="",
@@ -65,6 +66,7 @@ TRAIN_DEFAULTS = dict(
     seed=0,
     num_workers=1,
     master_port=0,
+    override=False,
 )
 PREVIEW_SAMPLES, PREVIEW_RESPACING = 16, "ddim25"
 
@@ -72,9 +74,9 @@ PREVIEW_SAMPLES, PREVIEW_RESPACING = 16, "ddim25"
 def create_argparser(model_defaults: dict) -> argparse.ArgumentParser:
     import deepspeed
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dict_to_argparser(parser, {**TRAIN_DEFAULTS, **model_defaults})
-    parser.add_argument("--local_rank", type=int, default=-1)  # set by the deepspeed launcher
+    parser = make_parser(__doc__)
+    add_dict_to_argparser(parser, {**TRAIN_DEFAULTS, **model_defaults}, HELP)
+    parser.add_argument("--local_rank", type=int, default=-1, help=HELP["local_rank"])
     deepspeed.add_config_arguments(parser)
     return parser
 
@@ -104,6 +106,9 @@ def main(super_res: bool = False) -> None:
     factory = sr_create_model_and_diffusion if super_res else create_model_and_diffusion
     argv = sys.argv[1:]
     args = create_argparser(model_defaults).parse_args(argv)
+    explicit = explicit_flags(argv)
+    validate_train_flags(args, explicit)  # every flag checked before any rank starts work
+    validate_model_flags(args_to_dict(args, model_defaults.keys()), super_res)
     if not args.deepspeed_config:
         args.deepspeed_config = os.path.join(REPO, "ds_configs", "cpu.json")
     ds_cfg = load_ds_config(args.deepspeed_config)  # validated before any rank starts work
@@ -115,7 +120,6 @@ def main(super_res: bool = False) -> None:
     from deepspeed.accelerator import get_accelerator
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    explicit = explicit_flags(argv)
     ds_cfg, notes = resolve(ds_cfg, args, explicit, world, get_accelerator().is_fp16_supported())
     run_dir = resolve_run_dir(args.log_dir)
     os.makedirs(run_dir, exist_ok=True)
@@ -127,7 +131,8 @@ def main(super_res: bool = False) -> None:
 
     model_flags = args_to_dict(args, model_defaults.keys())
     if os.path.isfile(os.path.join(run_dir, "config.json")):  # continuing a run: its flags, unless contradicted
-        model_flags = merge_run_flags(read_run_config(run_dir)["model_flags"], model_flags, explicit, os.path.join(run_dir, "config.json"))
+        model_flags = merge_run_flags(read_run_config(run_dir)["model_flags"], model_flags, explicit, os.path.join(run_dir, "config.json"),
+                                      args.override)
     image_size = model_flags["large_size" if super_res else "image_size"]
     seed_everything(args.seed)  # same initial weights on every rank
     model, diffusion = factory(**model_flags)
@@ -184,16 +189,7 @@ def main(super_res: bool = False) -> None:
 
 
 def cli(super_res: bool = False) -> None:
-    name = os.path.basename(sys.argv[0])
-    try:
-        main(super_res)
-        dist_util.shutdown()
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingDiverged as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        sys.exit(3)
+    run_cli(lambda: main(super_res))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@ import argparse
 
 import pytest
 
-from iddpm_ds.ds_config import ConfigError, explicit_flags, resolve, validate
+from iddpm_ds.ds_config import resolve, validate
+from iddpm_ds.flags import ConfigError, explicit_flags
 
 
 def args(**kw):

@@ -1,0 +1,161 @@
+"""Our trainer beside improved-diffusion's own image_train.py: the same flags, the same digits, the mse curve.
+
+    python benchmarks/parity_curve.py --improved_diffusion DIR [--runs 3] [--steps 400]
+
+DIR is a checkout of openai/improved-diffusion (its scripts/ and improved_diffusion/; it needs
+blobfile and mpi4py). Both trainers get improved-diffusion's small 32 px model (64 channels, 2 res
+blocks, attention at 16 and 8, learn_sigma, cosine schedule, 1000 steps), batch 16, lr 1e-4
+annealed to 0 over --steps, fp32, one process, on the built-in MNIST's digits written out as a PNG
+folder. Ours runs with a DeepSpeed JSON that says nothing about clipping or precision (ZeRO-0),
+so DeepSpeed's defaults are what is tested. Writes benchmarks/parity_curve.{json,md,png}.
+"""
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from iddpm_ds.image_datasets import open_source
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+MODEL_FLAGS = ["--image_size", "32", "--num_channels", "64", "--num_res_blocks", "2", "--attention_resolutions", "16,8",
+               "--learn_sigma", "True", "--noise_schedule", "cosine", "--diffusion_steps", "1000"]
+LATE = (300, 390)  # the window whose mean mse is compared
+
+
+def write_digits(folder: str) -> int:
+    """The built-in MNIST as PNG files named LABEL_INDEX.png (improved-diffusion's class naming)."""
+    source = open_source("builtin:mnist")
+    os.makedirs(folder, exist_ok=True)
+    for i in range(len(source)):
+        source.image(i).save(os.path.join(folder, f"{source.label(i)}_{i:05d}.png"))
+    return len(source)
+
+
+def run_theirs(code_dir: str, data: str, out: str, steps: int, seed: int) -> list:
+    env = dict(os.environ, OPENAI_LOGDIR=out, PYTHONPATH=code_dir, OMP_NUM_THREADS=str(os.cpu_count() or 1))
+    # Their script has no seed flag; a different process start gives a different run.
+    cmd = [sys.executable, os.path.join(code_dir, "scripts", "image_train.py"), "--data_dir", data, *MODEL_FLAGS,
+           "--batch_size", "16", "--lr", "1e-4", "--lr_anneal_steps", str(steps), "--log_interval", "10",
+           "--save_interval", str(10 * steps)]
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(os.path.join(out, "progress.csv")) as f:
+        return [(int(float(r["step"])), float(r["mse"]), float(r["grad_norm"])) for r in csv.DictReader(f) if r["mse"]]
+
+
+def run_ours(data: str, out: str, steps: int, seed: int) -> list:
+    config = os.path.join(out, "zero0_fp32.json")
+    os.makedirs(out, exist_ok=True)
+    with open(config, "w") as f:
+        json.dump({"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 0},
+                   "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}, f)
+    env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1))
+    cmd = [sys.executable, os.path.join(REPO, "launch", "train.py"), "--deepspeed_config", config, "--data_dir", data,
+           *MODEL_FLAGS, "--lr_anneal_steps", str(steps), "--log_interval", "10", "--save_interval", str(10 * steps),
+           "--seed", str(seed), "--log_dir", os.path.join(out, "run")]
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(os.path.join(out, "run", "progress.jsonl")) as f:
+        return [(r["step"], r["mse"], r.get("grad_norm")) for r in map(json.loads, f)]
+
+
+def late_mse(curve: list) -> float:
+    """Mean mse of the records logged at steps LATE[0]..LATE[1]."""
+    values = [mse for step, mse, _ in curve if LATE[0] <= step <= LATE[1]]
+    return float(np.mean(values))
+
+
+def plot(curves: dict, path: str) -> None:
+    """Both trainers' mse against step, one line per run, drawn with PIL (no plotting dependency)."""
+    width, height, pad = 800, 480, 50
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    points = [(s, m) for runs in curves.values() for curve in runs for s, m, _ in curve]
+    max_step = max(s for s, _ in points)
+    lo, hi = 0.0, min(0.5, max(m for _, m in points))
+
+    def xy(step, mse):
+        return (pad + (width - 2 * pad) * step / max_step,
+                height - pad - (height - 2 * pad) * (min(mse, hi) - lo) / (hi - lo))
+
+    draw.rectangle([pad, pad, width - pad, height - pad], outline="black")
+    for tick in np.linspace(lo, hi, 6):
+        draw.text((5, xy(0, tick)[1] - 6), f"{tick:.2f}", fill="black")
+    for step in range(0, max_step + 1, 100):
+        draw.text((xy(step, lo)[0] - 10, height - pad + 5), str(step), fill="black")
+    colours = {"improved-diffusion": (200, 60, 40), "iddpm_ds": (40, 90, 200)}
+    for i, (name, runs) in enumerate(curves.items()):
+        for curve in runs:
+            draw.line([xy(s, m) for s, m, _ in curve], fill=colours[name], width=2)
+        draw.text((pad + 10, pad + 10 + 15 * i), f"{name} ({len(runs)} runs)", fill=colours[name])
+    draw.text((width // 2 - 60, 15), "training mse against step", fill="black")
+    img.save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--improved_diffusion", required=True, help="a checkout of openai/improved-diffusion")
+    parser.add_argument("--runs", type=int, default=3, help="runs of each trainer (default 3)")
+    parser.add_argument("--steps", type=int, default=400, help="optimizer steps; lr anneals to 0 over them (default 400)")
+    parser.add_argument("--out", default=HERE, help="where parity_curve.{json,md,png} go (default benchmarks/)")
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="parity_")
+    data = os.path.join(work, "digits")
+    num_images = write_digits(data)
+    curves, seconds = {"improved-diffusion": [], "iddpm_ds": []}, {"improved-diffusion": [], "iddpm_ds": []}
+    for run in range(args.runs):
+        for name in curves:
+            start = time.perf_counter()
+            out = os.path.join(work, f"{name}_{run}")
+            if name == "iddpm_ds":
+                curves[name].append(run_ours(data, out, args.steps, seed=run))
+            else:
+                curves[name].append(run_theirs(args.improved_diffusion, data, out, args.steps, seed=run))
+            seconds[name].append(time.perf_counter() - start)
+            print(f"{name} run {run}: late mse {late_mse(curves[name][-1]):.4f} ({seconds[name][-1]:.0f} s)", flush=True)
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    late = {name: [late_mse(c) for c in runs] for name, runs in curves.items()}
+    report = {"cpu": cpu, "threads": os.cpu_count(), "images": num_images, "steps": args.steps, "late_window": LATE,
+              "late_mse": late, "seconds": seconds, "curves": curves}
+    with open(os.path.join(args.out, "parity_curve.json"), "w") as f:
+        json.dump(report, f)
+    plot(curves, os.path.join(args.out, "parity_curve.png"))
+    band = (min(late["improved-diffusion"]), max(late["improved-diffusion"]))
+    inside = [band[0] <= v <= band[1] for v in late["iddpm_ds"]]
+    lines = [
+        "# Learning curve beside improved-diffusion",
+        "",
+        f"`python benchmarks/parity_curve.py --improved_diffusion DIR --runs {args.runs} --steps {args.steps}` on {cpu}"
+        f" ({os.cpu_count()} threads), {num_images} built-in MNIST digits as a PNG folder, improved-diffusion's"
+        " 32 px config (64 channels, 2 res blocks, attention 16,8, learn_sigma, cosine, 1000 steps), batch 16,"
+        f" lr 1e-4 annealed to 0 over {args.steps} steps, fp32, one process. Ours: ZeRO-0 JSON silent on clipping.",
+        "",
+        f"| trainer | mean mse, steps {LATE[0]}-{LATE[1]}, per run | seconds per run |",
+        "|---|---|---|",
+    ]
+    for name in curves:
+        lines.append(f"| {name} | {', '.join(f'{v:.4f}' for v in late[name])} | "
+                     f"{', '.join(f'{s:.0f}' for s in seconds[name])} |")
+    lines += ["", f"improved-diffusion's run-to-run band: {band[0]:.4f} to {band[1]:.4f}; ours inside it in "
+              f"{sum(inside)} of {len(inside)} runs (mean {np.mean(late['iddpm_ds']):.4f} against "
+              f"{np.mean(late['improved-diffusion']):.4f}). Curves: parity_curve.png."]
+    with open(os.path.join(args.out, "parity_curve.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""The entry points' command lines: each flag's help, a parser that refuses abbreviations, flag
+validation before any work starts, and one-line errors instead of tracebacks.
+
+Every check here raises ConfigError with a message meant for the user as is: it names the flag,
+the value and what to do instead. Entry points call `run_cli(main)`, which prints such an error as
+one `NAME: error: ...` line and exits with status 2.
+"""
+
+import argparse
+import os
+import sys
+from typing import Callable, Dict, Iterable, List, Optional, Set
+
+import numpy as np
+
+
+class ConfigError(ValueError):
+    """A configuration the run cannot start with; the message is for the user as is."""
+
+
+HELP = {
+    # improved-diffusion's model and diffusion flags
+    "image_size": "image side in pixels (the UNet's input and output resolution)",
+    "num_channels": "base channel width of the UNet (a multiple of 32: GroupNorm uses 32 groups)",
+    "num_res_blocks": "residual blocks per resolution level",
+    "num_heads": "attention heads (used when num_head_channels is -1)",
+    "num_heads_upsample": "attention heads in the upsampling path (-1 = num_heads)",
+    "attention_resolutions": "comma-separated resolutions in pixels with self-attention, e.g. 16,8",
+    "dropout": "dropout probability in the residual blocks",
+    "learn_sigma": "learn the reverse-process variances (paper Eq. 15; 6 output channels)",
+    "sigma_small": "fixed variances: beta~_t (True) instead of beta_t (False); ignored with learn_sigma",
+    "class_cond": "condition on class labels (the data must carry labels)",
+    "diffusion_steps": "T, the number of diffusion steps",
+    "noise_schedule": "beta schedule: linear (DDPM) or cosine (paper Eq. 17)",
+    "timestep_respacing": "respaced steps for sampling, e.g. 250, 10,15,20 or ddim50 ('' = all T)",
+    "use_kl": "train on the variational bound L_vlb alone",
+    "predict_xstart": "the model predicts x_0 instead of the noise",
+    "rescale_timesteps": "feed the model t * 1000 / T, so any T spans the same range",
+    "rescale_learned_sigmas": "L_hybrid: L_simple + L_vlb / 1000 (paper Eq. 16) instead of their plain sum",
+    "use_checkpoint": "activation checkpointing in the UNet's blocks (less memory, more compute)",
+    "use_scale_shift_norm": "timestep embedding as GroupNorm scale and shift (else added)",
+    "channel_mult": "per-level channel multipliers, e.g. 1,2,2,2 ('' = the image size's default)",
+    "num_head_channels": "channels per attention head (-1 = use num_heads)",
+    "use_fused_kernels": "Triton GroupNorm+SiLU and attention kernels where they run (GPU); PyTorch elsewhere",
+    "large_size": "super-resolution: output image side in pixels",
+    "small_size": "super-resolution: low-resolution input side in pixels",
+    # training
+    "data_dir": "image folder, tar shard(s), builtin:NAME, or '' for the built-in MNIST",
+    "schedule_sampler": "timestep sampler: uniform or loss-second-moment (paper Sec. 3.3)",
+    "lr": "learning rate (overrides the DeepSpeed JSON's when given)",
+    "weight_decay": "AdamW weight decay (overrides the DeepSpeed JSON's when given)",
+    "lr_anneal_steps": "decay the lr linearly to 0 over this many steps and stop there (0 = constant lr)",
+    "batch_size": "images per rank per optimizer step (overrides the DeepSpeed JSON's when given)",
+    "microbatch": "images per forward pass; batch_size / microbatch accumulation steps (-1 = batch_size)",
+    "ema_rate": "comma-separated EMA decay rates of the weights, each in (0, 1)",
+    "log_interval": "optimizer steps between log lines (console, log.txt, progress.jsonl, TensorBoard)",
+    "save_interval": "optimizer steps between checkpoints (0 = only at the end)",
+    "resume_checkpoint": "a run or checkpoint directory to resume, or an improved-diffusion modelNNNNNN.pt to start from",
+    "use_fp16": "fp16 with dynamic loss scaling (overrides the DeepSpeed JSON's precision when given)",
+    "fp16_scale_growth": "log2 loss-scale growth per good step (overrides fp16.loss_scale_window when given)",
+    "max_steps": "stop after this many optimizer steps (0 = no limit)",
+    "max_nonfinite_steps": "stop after this many consecutive steps with a non-finite loss (each is skipped)",
+    "sample_interval": "steps between EMA sample grids in TensorBoard (0 = never)",
+    "log_dir": "the run directory ('' = $OPENAI_LOGDIR, else runs/<timestamp>)",
+    "seed": "random seed (weights, data order, noise)",
+    "num_workers": "data loader worker processes per rank",
+    "master_port": "rendezvous port for mpirun and single-process runs (0 = 29500 under mpirun, else a free one)",
+    "override": "let flags on the command line win over the run's saved config.json",
+    "local_rank": "set by the deepspeed launcher; do not pass it yourself",
+    # sampling and evaluation
+    "run_dir": "a training run directory: flags from its config.json, weights from its newest EMA",
+    "model_path": "a .pt weights file, a checkpoints/stepNNNNNN directory, or a run directory",
+    "use_ema": "use the EMA weights (else the raw model weights)",
+    "num_samples": "number of images",
+    "clip_denoised": "clip each predicted x_0 to [-1, 1]",
+    "use_ddim": "DDIM sampling (deterministic with eta 0) instead of ancestral",
+    "eta": "DDIM noise: 0 is the deterministic ODE, 1 is ancestral-like",
+    "class_labels": "comma-separated labels to sample, cycled ('' = drawn at random)",
+    "out": "output file ('' = $OPENAI_LOGDIR, else beside the model)",
+    "base_samples": "super-resolution: .npz of low-resolution images (arr_0 uint8 NHWC, optional labels arr_1)",
+}
+
+
+def explicit_flags(argv: List[str]) -> Set[str]:
+    """Names of the --flags present on a command line (with or without '=value')."""
+    return {tok[2:].split("=", 1)[0] for tok in argv if tok.startswith("--")}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and each flag's default after its help."""
+
+
+def make_parser(description: Optional[str]) -> argparse.ArgumentParser:
+    """An entry point's parser: the docstring as description, no abbreviated flags.
+
+    With abbreviations `--batch 8` would set batch_size while the explicit-flag detection sees
+    `batch`, and the DeepSpeed JSON would silently win; a misspelt flag must be an error.
+    """
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run an entry point's main: a user error becomes one `NAME: error: ...` line and exit status
+    2 (3 for a diverged run), and the process group is left together after success."""
+    from . import dist_util
+    from .checkpoint import CheckpointError
+    from .image_datasets import DataError
+    from .train_util import TrainingDiverged
+
+    name = os.path.basename(sys.argv[0])
+    try:
+        main()
+        dist_util.shutdown()
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        sys.exit(3)
+
+
+# --------------------------------------------------------------------------- validation
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _int_list(flag: str, text: str) -> list:
+    try:
+        return [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--{flag} {text!r} must be comma-separated integers") from None
+
+
+def validate_model_flags(flags: Dict, super_res: bool = False) -> None:
+    """Reject model and diffusion flags that could not build, or would build something else than asked.
+
+    :param flags: model_and_diffusion_defaults()-style keywords (sr_ variants with super_res).
+    """
+    from .gaussian_diffusion import get_named_beta_schedule
+    from .respace import space_timesteps
+    from .script_util import DEFAULT_CHANNEL_MULT
+
+    size_flag = "large_size" if super_res else "image_size"
+    size = flags[size_flag]
+    _require(size > 0, f"--{size_flag} must be positive, got {size}")
+    if super_res:
+        small = flags["small_size"]
+        _require(0 < small <= size, f"--small_size {small} must be positive and at most --large_size {size}")
+    _require(flags["num_channels"] > 0, f"--num_channels must be positive, got {flags['num_channels']}")
+    _require(flags["num_res_blocks"] >= 1, f"--num_res_blocks must be at least 1, got {flags['num_res_blocks']}")
+    if flags["channel_mult"]:
+        mult = _int_list("channel_mult", flags["channel_mult"])
+        _require(len(mult) > 0 and min(mult) > 0, f"--channel_mult {flags['channel_mult']!r} needs positive integers")
+    else:
+        _require(size in DEFAULT_CHANNEL_MULT,
+                 f"--{size_flag} {size} has no default channel_mult (defaults exist for {sorted(DEFAULT_CHANNEL_MULT)}): "
+                 "pass --channel_mult, e.g. 1,2,2 for 16 px or 1,1,2,2,4,4,4 for 512 px")
+        mult = list(DEFAULT_CHANNEL_MULT[size])
+    levels = len(mult)
+    _require(size % 2 ** (levels - 1) == 0,
+             f"--{size_flag} {size} is not divisible by 2^{levels - 1}, as {levels} levels of channel_mult {mult} need")
+    widths = sorted({flags["num_channels"] * m for m in mult})
+    bad = [w for w in widths if w % 32]
+    _require(not bad, f"--num_channels {flags['num_channels']} with channel_mult {mult} gives widths {bad} that are not "
+             "multiples of 32, which GroupNorm's 32 groups need: use a multiple of 32")
+    reached = [size // 2**level for level in range(levels)]
+    attention = _int_list("attention_resolutions", flags["attention_resolutions"])
+    never = [r for r in attention if r not in reached]
+    _require(not never, f"--attention_resolutions {','.join(map(str, never))} is never reached: this model's "
+             f"resolutions are {','.join(map(str, reached))} px")
+    # Attention widths are level widths (each block's output width is its level's); the middle
+    # block always attends, at the deepest width, with num_heads.
+    attention_widths = {flags["num_channels"] * mult[reached.index(r)] for r in attention}
+    deepest = flags["num_channels"] * mult[-1]
+    if flags["num_head_channels"] != -1:
+        head_ch = flags["num_head_channels"]
+        _require(head_ch > 0, f"--num_head_channels must be positive or -1, got {head_ch}")
+        bad = sorted(w for w in attention_widths | {deepest} if w % head_ch)
+        _require(not bad, f"--num_head_channels {head_ch} does not divide the attention widths {bad}")
+    else:
+        upsample = flags["num_heads_upsample"]
+        for flag, value, widths in (("num_heads", flags["num_heads"], attention_widths | {deepest}),
+                                    ("num_heads_upsample", upsample, attention_widths if upsample != -1 else set())):
+            _require(value >= 1 or (flag == "num_heads_upsample" and value == -1),
+                     f"--{flag} must be at least 1{' (or -1)' if flag == 'num_heads_upsample' else ''}, got {value}")
+            bad = sorted(w for w in widths if w % value)
+            _require(not bad, f"--{flag} {value} does not divide the attention widths {bad}")
+    _require(0.0 <= flags["dropout"] < 1.0, f"--dropout must lie in [0, 1), got {flags['dropout']}")
+
+    steps, schedule = flags["diffusion_steps"], flags["noise_schedule"]
+    _require(steps >= 1, f"--diffusion_steps must be at least 1, got {steps}")
+    _require(schedule in ("linear", "cosine"), f"--noise_schedule must be linear or cosine, got {schedule!r}")
+    betas = get_named_beta_schedule(schedule, steps)
+    _require(bool((betas > 0).all() and (betas <= 1).all()),
+             f"--diffusion_steps {steps} with --noise_schedule {schedule} gives betas above 1 (its betas scale as "
+             f"1000/T and need T >= 20): use --diffusion_steps 20 or more, or --noise_schedule cosine")
+    if flags["timestep_respacing"]:
+        try:
+            space_timesteps(steps, flags["timestep_respacing"])
+        except ValueError as e:
+            raise ConfigError(f"--timestep_respacing {flags['timestep_respacing']!r} does not fit --diffusion_steps "
+                              f"{steps}: {e}") from None
+
+
+def validate_train_flags(args: argparse.Namespace, explicit: Iterable[str]) -> None:
+    """Reject training flags with values that make no sense (sizes, intervals, rates, names)."""
+    from .resample import SAMPLER_NAMES
+
+    explicit = set(explicit)
+    _require(args.schedule_sampler in SAMPLER_NAMES,
+             f"--schedule_sampler must be one of {', '.join(SAMPLER_NAMES)}, got {args.schedule_sampler!r}")
+    _require(args.lr >= 0, f"--lr must not be negative, got {args.lr}")
+    _require(args.weight_decay >= 0, f"--weight_decay must not be negative, got {args.weight_decay}")
+    if "batch_size" in explicit or "microbatch" in explicit:
+        _require(args.batch_size >= 1, f"--batch_size must be at least 1, got {args.batch_size}")
+        _require(args.microbatch == -1 or 1 <= args.microbatch <= args.batch_size,
+                 f"--microbatch must be -1 or between 1 and --batch_size {args.batch_size}, got {args.microbatch}")
+    rates = [r for r in str(args.ema_rate).split(",") if r.strip()]
+    _require(len(rates) > 0, "--ema_rate needs at least one rate, e.g. 0.9999")
+    for rate in rates:
+        try:
+            value = float(rate)
+        except ValueError:
+            raise ConfigError(f"--ema_rate {args.ema_rate!r} must be comma-separated numbers") from None
+        _require(0.0 < value < 1.0, f"--ema_rate {rate} must lie strictly between 0 and 1")
+    _require(args.log_interval >= 1, f"--log_interval must be at least 1, got {args.log_interval}")
+    for flag in ("save_interval", "sample_interval", "max_steps", "lr_anneal_steps", "num_workers", "seed"):
+        _require(getattr(args, flag) >= 0, f"--{flag} must not be negative, got {getattr(args, flag)}")
+    _require(args.max_nonfinite_steps >= 1, f"--max_nonfinite_steps must be at least 1, got {args.max_nonfinite_steps}")
+    _require(args.fp16_scale_growth > 0, f"--fp16_scale_growth must be positive, got {args.fp16_scale_growth}")
+    _require(0 <= args.master_port <= 65535, f"--master_port must be a TCP port (0-65535), got {args.master_port}")
+
+
+def validate_sample_flags(args: argparse.Namespace, flags: Dict, num_classes: Optional[int]) -> None:
+    """Reject sampling flags that cannot work with the model's flags."""
+    _require(args.num_samples >= 1, f"--num_samples must be at least 1, got {args.num_samples}")
+    _require(args.batch_size >= 1, f"--batch_size must be at least 1, got {args.batch_size}")
+    _require(args.eta >= 0, f"--eta must not be negative, got {args.eta}")
+    _require(args.seed >= 0, f"--seed must not be negative, got {args.seed}")
+    if args.class_labels:
+        _require(flags["class_cond"], "--class_labels needs a class-conditional model (this one has class_cond False)")
+        labels = np.array(_int_list("class_labels", args.class_labels))
+        _require(len(labels) > 0 and labels.min() >= 0 and labels.max() < num_classes,
+                 f"--class_labels must lie in [0, {num_classes})")

@@ -1,0 +1,168 @@
+"""The entry points' command lines: invalid flags fail in one line before any work, abbreviations
+are refused, every flag is documented, and each error's suggested fix works when run."""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from iddpm_ds.flags import run_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENTRY_POINTS = ["train.py", "sample.py", "nll.py", "make_shards.py", "bench_data.py", "bench_train.py",
+                "super_res_train.py", "super_res_sample.py"]
+_modules = {}
+
+
+def entry_point(script: str):
+    """launch/SCRIPT imported as a module (its main is not run)."""
+    if script not in _modules:
+        spec = importlib.util.spec_from_file_location(script[:-3], os.path.join(ROOT, "launch", script))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _modules[script] = module
+    return _modules[script]
+
+
+def fails_in_one_line(script, argv, monkeypatch, capsys):
+    """Run the entry point's main in this process; return its one stderr line after exit status 2."""
+    module = entry_point(script)
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as exit_:
+        module.cli() if hasattr(module, "cli") else run_cli(module.main)
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert exit_.value.code == 2, captured.err
+    assert "Traceback" not in captured.err and lines[-1].startswith(f"{script}: error: "), captured.err
+    assert sum("error:" in line for line in lines) == 1, captured.err
+    assert "run dir" not in captured.out  # nothing started
+    return lines[-1]
+
+
+TRAIN_CASES = [
+    (["--diffusion_steps", "10"], "--noise_schedule cosine"),
+    (["--image_size", "48"], "no default channel_mult"),
+    (["--image_size", "34", "--channel_mult", "1,2,2"], "not divisible by 2^2"),
+    (["--image_size", "32", "--num_channels", "48"], "multiples of 32"),
+    (["--image_size", "32", "--attention_resolutions", "12"], "never reached"),
+    (["--image_size", "32", "--attention_resolutions", "a,b"], "comma-separated integers"),
+    (["--image_size", "32", "--num_heads", "3"], "--num_heads 3 does not divide"),
+    (["--image_size", "32", "--num_heads_upsample", "5"], "--num_heads_upsample 5 does not divide"),
+    (["--image_size", "32", "--num_head_channels", "48"], "--num_head_channels 48 does not divide"),
+    (["--num_res_blocks", "0"], "--num_res_blocks"),
+    (["--dropout", "1.5"], "--dropout"),
+    (["--noise_schedule", "quadratic"], "linear or cosine"),
+    (["--timestep_respacing", "2000"], "does not fit"),
+    (["--diffusion_steps", "100", "--timestep_respacing", "ddim33"], "does not fit"),
+    (["--ema_rate", "1.0"], "strictly between 0 and 1"),
+    (["--ema_rate", "0"], "strictly between 0 and 1"),
+    (["--ema_rate", "0.99,x"], "comma-separated numbers"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--batch_size", "4", "--microbatch", "5"], "--microbatch"),
+    (["--log_interval", "0"], "--log_interval"),
+    (["--save_interval", "-1"], "--save_interval"),
+    (["--max_steps", "-5"], "--max_steps"),
+    (["--schedule_sampler", "importance"], "--schedule_sampler"),
+    (["--lr", "-1"], "--lr"),
+    (["--master_port", "70000"], "--master_port"),
+    (["--max_nonfinite_steps", "0"], "--max_nonfinite_steps"),
+    (["--use_fp16", "maybe"], "boolean value expected"),
+]
+
+
+@pytest.mark.parametrize("argv,message", TRAIN_CASES, ids=[" ".join(a) for a, _ in TRAIN_CASES])
+def test_invalid_training_flags_fail_in_one_line_before_any_work(argv, message, monkeypatch, capsys):
+    assert message in fails_in_one_line("train.py", argv, monkeypatch, capsys)
+
+
+def test_invalid_super_resolution_sizes(monkeypatch, capsys):
+    line = fails_in_one_line("super_res_train.py", ["--large_size", "64", "--small_size", "128"], monkeypatch, capsys)
+    assert "--small_size 128" in line
+
+
+@pytest.fixture
+def bare_model(tmp_path):
+    import torch
+
+    from iddpm_ds.script_util import create_model_and_diffusion
+
+    from conftest import tiny_flags
+
+    model, _ = create_model_and_diffusion(**tiny_flags())
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    return ["--model_path", str(path), "--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1",
+            "--channel_mult", "1,2", "--attention_resolutions", "4", "--num_heads", "2", "--diffusion_steps", "20",
+            "--noise_schedule", "cosine"]
+
+
+SAMPLE_CASES = [
+    (["--num_samples", "0"], "--num_samples"),
+    (["--batch_size", "0"], "--batch_size"),
+    (["--eta", "-1"], "--eta"),
+    (["--class_labels", "3"], "class-conditional"),
+    (["--timestep_respacing", "100"], "does not fit"),
+]
+
+
+@pytest.mark.parametrize("argv,message", SAMPLE_CASES, ids=[" ".join(a) for a, _ in SAMPLE_CASES])
+def test_invalid_sampling_flags_fail_in_one_line(argv, message, bare_model, monkeypatch, capsys):
+    assert message in fails_in_one_line("sample.py", [*bare_model, *argv], monkeypatch, capsys)
+
+
+def test_other_entry_points_fail_in_one_line(tmp_path, monkeypatch, capsys):
+    assert "--num_samples" in fails_in_one_line("nll.py", ["--num_samples", "0"], monkeypatch, capsys)
+    assert "no images" in fails_in_one_line("make_shards.py", [str(tmp_path / "nope"), str(tmp_path / "out"),
+                                                                     "--image_size", "8"], monkeypatch, capsys)
+    assert "--shard_size" in fails_in_one_line("make_shards.py", [str(tmp_path), str(tmp_path / "out"), "--image_size", "8",
+                                                                  "--shard_size", "0"], monkeypatch, capsys)
+    assert "--batch_size" in fails_in_one_line("bench_data.py", ["--batch_size", "0"], monkeypatch, capsys)
+    assert "--sizes" in fails_in_one_line("bench_data.py", ["--sizes", "big"], monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("script", ENTRY_POINTS)
+def test_abbreviated_flags_are_refused(script, monkeypatch, capsys):
+    module = entry_point(script)
+    # --batch for --batch_size (or --batches); make_shards has --shard_size and its positionals.
+    argv = ["src", "out", "--image_size", "8", "--shard", "4"] if script == "make_shards.py" else ["--batch", "8"]
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as exit_:
+        module.cli() if hasattr(module, "cli") else module.main()
+    assert exit_.value.code == 2 and f"unrecognized arguments: {argv[-2]}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ENTRY_POINTS)
+def test_help_describes_every_flag_with_its_default(script):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", COLUMNS="200")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), "--help"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    options = proc.stdout.split("options:", 1)[1]
+    entries = re.split(r"\n  (?=-)", "\n" + options)[1:]
+    assert len(entries) >= 3
+    for entry in entries:
+        flag = entry.split()[0].rstrip(",")
+        if flag in ("-h", "--deepspeed", "--deepscale", "--deepscale_config"):  # argparse's and DeepSpeed's own
+            continue
+        # "--flag VALUE   description (default: x)": a description, not just the metavar.
+        description = re.sub(r"^\S+( [A-Z_]+)?", "", entry.strip()).strip()
+        assert description and not description.startswith("(default"), f"{script}: {flag} has no description"
+        if entry.split()[1:2] != ["SRC"] and flag not in ("src", "out", "--image_size", "--deepspeed_config"):
+            assert "(default:" in entry, f"{script}: {flag} shows no default"
+
+
+def test_suggested_fixes_for_flag_errors_work(monkeypatch, capsys):
+    from iddpm_ds.flags import validate_model_flags
+    from iddpm_ds.script_util import model_and_diffusion_defaults
+
+    line = fails_in_one_line("train.py", ["--diffusion_steps", "10"], monkeypatch, capsys)
+    assert "use --diffusion_steps 20 or more, or --noise_schedule cosine" in line
+    for fix in ({"diffusion_steps": 20}, {"diffusion_steps": 10, "noise_schedule": "cosine"}):
+        validate_model_flags({**model_and_diffusion_defaults(), **fix})
+    line = fails_in_one_line("train.py", ["--image_size", "16"], monkeypatch, capsys)
+    assert "e.g. 1,2,2 for 16 px" in line
+    validate_model_flags({**model_and_diffusion_defaults(), "image_size": 16, "channel_mult": "1,2,2",
+                          "attention_resolutions": "8"})

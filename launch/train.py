@@ -126,7 +126,7 @@ def main(super_res: bool = False) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s",
                         handlers=[logging.StreamHandler(sys.stdout)] + ([logging.FileHandler(os.path.join(run_dir, "log.txt"))] if rank == 0 else []))
     log = logging.getLogger("iddpm_ds")
-    for line in notes:
+    for line in notes if rank == 0 else []:  # the same on every rank: said once
         log.warning(line) if line.startswith("WARNING") else log.info(line)
 
     model_flags = args_to_dict(args, model_defaults.keys())

@@ -33,11 +33,17 @@ def run(cmd, timeout=300, check=True):
     return proc
 
 
-def launch(ranks, log_dir, *flags, config="ds_configs/cpu.json"):
+def launch(ranks, log_dir, *flags, config="ds_configs/cpu.json", fp16_supported=None):
+    """train.py on `ranks` CPU ranks; fp16_supported True/False forces DeepSpeed's fp16 answer (any CPU)."""
     train = ["--deepspeed_config", config, "--log_dir", str(log_dir), *TINY, *flags]
+    script = TRAIN
+    env_prefix = []
+    if fp16_supported is not None:
+        script = os.path.join(ROOT, "tests", "train_forcing_fp16.py")
+        env_prefix = ["env", f"FP16_SUPPORTED={int(fp16_supported)}"]
     if ranks == 1:
-        return run([sys.executable, TRAIN, *train])
-    return run(["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), TRAIN, *train])
+        return run([*env_prefix, sys.executable, script, *train])
+    return run([*env_prefix, "deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), script, *train])
 
 
 @pytest.fixture(scope="module")
@@ -135,10 +141,14 @@ def test_killed_save_is_never_resumed_from(tmp_path):
 
 def test_run_dir_holds_config_logs_and_tensorboard(tmp_path):
     run_dir = tmp_path / "run"
-    launch(2, run_dir, "--max_steps", "2", "--lr", "3e-4", "--sample_interval", "2", config="ds_configs/zero2.json")
+    proc = launch(2, run_dir, "--max_steps", "2", "--lr", "3e-4", "--sample_interval", "2", config="ds_configs/zero2.json",
+                  fp16_supported=False)
     config = json.loads((run_dir / "config.json").read_text())
     assert config["model_flags"]["image_size"] == 8 and config["world_size"] == 2
-    assert config["deepspeed"]["fp16"]["enabled"] is False and config["precision"] == "bf16"  # fp16 -> bf16 on CPU
+    # A CPU without fp16 (forced here, so on any CPU): the fp16 config runs in bf16, and says so once.
+    assert config["deepspeed"]["fp16"]["enabled"] is False and config["precision"] == "bf16"
+    assert proc.stdout.count("running the fp16 config in bf16 instead") == 1
+    assert "gradient clipping: off" in (run_dir / "log.txt").read_text()
     assert config["deepspeed"]["optimizer"]["params"]["lr"] == 3e-4
     record = json.loads((run_dir / "progress.jsonl").read_text().splitlines()[-1])
     for key in ("loss", "mse", "vb", "loss_q0", "grad_norm", "lr", "skipped_steps", "images_per_s", "data_skipped"):
@@ -159,6 +169,26 @@ def test_run_dir_holds_config_logs_and_tensorboard(tmp_path):
     # Contradicting the saved model flags in the same run dir is a one-line error.
     proc = run([sys.executable, TRAIN, "--log_dir", str(run_dir), *TINY, "--num_channels", "64", "--max_steps", "3"], check=False)
     assert proc.returncode == 2 and "num_channels" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_fp16_with_dynamic_loss_scaling_where_the_device_offers_it(tmp_path):
+    """Real fp16 (forced, so on any CPU): the scale backs off on overflow, those steps are skipped and
+    counted, and it grows again after loss_scale_window good steps."""
+    config = tmp_path / "fp16.json"
+    config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2},
+                                  "fp16": {"enabled": True, "initial_scale_power": 24, "loss_scale_window": 2}}))
+    run_dir = tmp_path / "run"
+    launch(1, run_dir, "--max_steps", "14", config=str(config), fp16_supported=True)
+    assert json.loads((run_dir / "config.json").read_text())["precision"] == "fp16"
+    log = [json.loads(line) for line in open(run_dir / "progress.jsonl")]
+    scales = [r["loss_scale"] for r in log]
+    skipped = [r["skipped_steps"] for r in log]
+    assert scales[0] < 2.0**24 and skipped[-1] >= 1  # 2^24 overflows fp16 at once
+    for before, after, skips_before, skips_after in zip(scales, scales[1:], skipped, skipped[1:]):
+        assert (after < before) == (skips_after > skips_before)  # a halved scale is a skipped step
+    assert any(after > before for before, after in zip(scales, scales[1:]))  # and it grows again
+    assert all(r["loss"] == r["loss"] for r in log)
+    assert all(torch.isfinite(v).all() for v in torch.load(run_dir / "model000014.pt", weights_only=True).values())
 
 
 def hostfile(tmp_path):
@@ -233,3 +263,34 @@ def test_fine_tune_from_an_improved_diffusion_checkpoint(tmp_path):
     tuned = torch.load(run_dir / "model000001.pt", weights_only=True)
     original = torch.load(official, weights_only=True)
     assert all(torch.allclose(tuned[k], original[k], atol=1e-6) for k in original)  # started from those weights
+
+
+def test_suggested_fixes_of_run_errors_work_and_sampling_finds_the_run(tmp_path):
+    run_dir = tmp_path / "run"
+    launch(1, run_dir, "--max_steps", "1")
+    log_txt = (run_dir / "log.txt").read_text()
+    assert "step 1 | loss " in log_txt and "img/s" in log_txt  # the per-interval line, as improved-diffusion prints
+    # A contradicting model flag on the same run: the error names its fix, and the fix works.
+    proc = run([sys.executable, TRAIN, "--log_dir", str(run_dir), *TINY, "--noise_schedule", "linear", "--max_steps", "2"],
+               check=False)
+    assert proc.returncode == 2 and "--override True" in proc.stderr and "Traceback" not in proc.stderr
+    run([sys.executable, TRAIN, "--log_dir", str(run_dir), *TINY, "--noise_schedule", "linear", "--max_steps", "2",
+         "--override", "True"])
+    assert json.loads((run_dir / "config.json").read_text())["model_flags"]["noise_schedule"] == "linear"
+    # A JSON without a batch size: the error says to pass --batch_size, and that works.
+    silent = tmp_path / "silent.json"
+    silent.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    proc = run([sys.executable, TRAIN, "--deepspeed_config", str(silent), "--log_dir", str(tmp_path / "b"), *TINY,
+                "--max_steps", "1"], check=False)
+    assert proc.returncode == 2 and "pass --batch_size" in proc.stderr
+    run([sys.executable, TRAIN, "--deepspeed_config", str(silent), "--log_dir", str(tmp_path / "b"), *TINY, "--max_steps", "1",
+         "--batch_size", "4"])
+    # sample.py: a run directory as --model_path, $OPENAI_LOGDIR honoured, progress counted in denoising steps.
+    sample = os.path.join(ROOT, "launch", "sample.py")
+    out_dir = tmp_path / "openai_logdir"
+    proc = subprocess.run([sys.executable, sample, "--model_path", str(run_dir), "--num_samples", "3", "--batch_size", "2",
+                           "--timestep_respacing", "4"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**env(), "OPENAI_LOGDIR": str(out_dir)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out_dir / "samples_3x8x8x3.npz").exists() and (out_dir / "samples_3x8x8x3.png").exists()
+    assert "8/8" in proc.stderr  # 2 batches x 4 steps

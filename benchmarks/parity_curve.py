@@ -29,7 +29,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 MODEL_FLAGS = ["--image_size", "32", "--num_channels", "64", "--num_res_blocks", "2", "--attention_resolutions", "16,8",
                "--learn_sigma", "True", "--noise_schedule", "cosine", "--diffusion_steps", "1000"]
-LATE = (300, 390)  # the window whose mean mse is compared
 
 
 def write_digits(folder: str) -> int:
@@ -67,10 +66,15 @@ def run_ours(data: str, out: str, steps: int, seed: int) -> list:
         return [(r["step"], r["mse"], r.get("grad_norm")) for r in map(json.loads, f)]
 
 
-def late_mse(curve: list) -> float:
-    """Mean mse of the records logged at steps LATE[0]..LATE[1]."""
-    values = [mse for step, mse, _ in curve if LATE[0] <= step <= LATE[1]]
-    return float(np.mean(values))
+def late_window(steps: int) -> tuple:
+    """The steps whose logged mse is compared: 300-390 of 400, the same fractions of other lengths."""
+    return round(0.75 * steps), round(0.975 * steps)
+
+
+def late_mse(curve: list, steps: int) -> float:
+    """Mean mse of the records logged inside late_window(steps)."""
+    lo, hi = late_window(steps)
+    return float(np.mean([mse for step, mse, _ in curve if lo <= step <= hi]))
 
 
 def plot(curves: dict, path: str) -> None:
@@ -121,13 +125,14 @@ def main() -> None:
             else:
                 curves[name].append(run_theirs(args.improved_diffusion, data, out, args.steps, seed=run))
             seconds[name].append(time.perf_counter() - start)
-            print(f"{name} run {run}: late mse {late_mse(curves[name][-1]):.4f} ({seconds[name][-1]:.0f} s)", flush=True)
+            print(f"{name} run {run}: late mse {late_mse(curves[name][-1], args.steps):.4f} ({seconds[name][-1]:.0f} s)", flush=True)
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    late = {name: [late_mse(c) for c in runs] for name, runs in curves.items()}
+    LATE = late_window(args.steps)
+    late = {name: [late_mse(c, args.steps) for c in runs] for name, runs in curves.items()}
     report = {"cpu": cpu, "threads": os.cpu_count(), "images": num_images, "steps": args.steps, "late_window": LATE,
               "late_mse": late, "seconds": seconds, "curves": curves}
     with open(os.path.join(args.out, "parity_curve.json"), "w") as f:

@@ -30,9 +30,16 @@ print((after - before) * 1024, sum(p.numel() for p in model.parameters()))
 
 
 def peak(size: int, ckpt: bool, batch: int):
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # freed blocks go back to the OS, so RSS tracks live memory
-    out = subprocess.run([sys.executable, "-c", CASE.format(root=ROOT, size=size, ckpt=ckpt, batch=batch)], capture_output=True,
-                         text=True, env=env, check=True).stdout.split()
+    env = dict(
+        os.environ, MALLOC_MMAP_THRESHOLD_="65536"
+    )  # freed blocks go back to the OS, so RSS tracks live memory
+    out = subprocess.run(
+        [sys.executable, "-c", CASE.format(root=ROOT, size=size, ckpt=ckpt, batch=batch)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout.split()
     return int(out[0]), int(out[1])
 
 
@@ -41,12 +48,24 @@ def main() -> None:
     for size in (64, 256):
         for ckpt in (False, True):
             (b1, params), (b2, _) = peak(size, ckpt, 1), peak(size, ckpt, 2)
-            rows.append({"image_size": size, "use_checkpoint": ckpt, "params": params, "peak_delta_batch1": b1, "peak_delta_batch2": b2,
-                         "activation_bytes_per_image": b2 - b1})
-    print(f"{'size':>5} {'checkpointing':>14} {'params M':>9} {'batch-1 MB':>11} {'batch-2 MB':>11} {'MB per image':>13}")
+            rows.append(
+                {
+                    "image_size": size,
+                    "use_checkpoint": ckpt,
+                    "params": params,
+                    "peak_delta_batch1": b1,
+                    "peak_delta_batch2": b2,
+                    "activation_bytes_per_image": b2 - b1,
+                }
+            )
+    print(
+        f"{'size':>5} {'checkpointing':>14} {'params M':>9} {'batch-1 MB':>11} {'batch-2 MB':>11} {'MB per image':>13}"
+    )
     for r in rows:
-        print(f"{r['image_size']:>5} {str(r['use_checkpoint']):>14} {r['params'] / 1e6:>9.1f} {r['peak_delta_batch1'] / 2**20:>11.0f} "
-              f"{r['peak_delta_batch2'] / 2**20:>11.0f} {r['activation_bytes_per_image'] / 2**20:>13.0f}")
+        print(
+            f"{r['image_size']:>5} {str(r['use_checkpoint']):>14} {r['params'] / 1e6:>9.1f} {r['peak_delta_batch1'] / 2**20:>11.0f} "
+            f"{r['peak_delta_batch2'] / 2**20:>11.0f} {r['activation_bytes_per_image'] / 2**20:>13.0f}"
+        )
     print(json.dumps(rows))
 
 

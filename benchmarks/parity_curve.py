@@ -27,8 +27,22 @@ from iddpm_ds.image_datasets import open_source
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-MODEL_FLAGS = ["--image_size", "32", "--num_channels", "64", "--num_res_blocks", "2", "--attention_resolutions", "16,8",
-               "--learn_sigma", "True", "--noise_schedule", "cosine", "--diffusion_steps", "1000"]
+MODEL_FLAGS = [
+    "--image_size",
+    "32",
+    "--num_channels",
+    "64",
+    "--num_res_blocks",
+    "2",
+    "--attention_resolutions",
+    "16,8",
+    "--learn_sigma",
+    "True",
+    "--noise_schedule",
+    "cosine",
+    "--diffusion_steps",
+    "1000",
+]
 
 
 def write_digits(folder: str) -> int:
@@ -43,24 +57,64 @@ def write_digits(folder: str) -> int:
 def run_theirs(code_dir: str, data: str, out: str, steps: int, seed: int) -> list:
     env = dict(os.environ, OPENAI_LOGDIR=out, PYTHONPATH=code_dir, OMP_NUM_THREADS=str(os.cpu_count() or 1))
     # Their script has no seed flag; a different process start gives a different run.
-    cmd = [sys.executable, os.path.join(code_dir, "scripts", "image_train.py"), "--data_dir", data, *MODEL_FLAGS,
-           "--batch_size", "16", "--lr", "1e-4", "--lr_anneal_steps", str(steps), "--log_interval", "10",
-           "--save_interval", str(10 * steps)]
+    cmd = [
+        sys.executable,
+        os.path.join(code_dir, "scripts", "image_train.py"),
+        "--data_dir",
+        data,
+        *MODEL_FLAGS,
+        "--batch_size",
+        "16",
+        "--lr",
+        "1e-4",
+        "--lr_anneal_steps",
+        str(steps),
+        "--log_interval",
+        "10",
+        "--save_interval",
+        str(10 * steps),
+    ]
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(os.path.join(out, "progress.csv")) as f:
-        return [(int(float(r["step"])), float(r["mse"]), float(r["grad_norm"])) for r in csv.DictReader(f) if r["mse"]]
+        return [
+            (int(float(r["step"])), float(r["mse"]), float(r["grad_norm"]))
+            for r in csv.DictReader(f)
+            if r["mse"]
+        ]
 
 
 def run_ours(data: str, out: str, steps: int, seed: int) -> list:
     config = os.path.join(out, "zero0_fp32.json")
     os.makedirs(out, exist_ok=True)
     with open(config, "w") as f:
-        json.dump({"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 0},
-                   "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}, f)
+        json.dump(
+            {
+                "train_micro_batch_size_per_gpu": 16,
+                "zero_optimization": {"stage": 0},
+                "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+            },
+            f,
+        )
     env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1))
-    cmd = [sys.executable, os.path.join(REPO, "launch", "train.py"), "--deepspeed_config", config, "--data_dir", data,
-           *MODEL_FLAGS, "--lr_anneal_steps", str(steps), "--log_interval", "10", "--save_interval", str(10 * steps),
-           "--seed", str(seed), "--log_dir", os.path.join(out, "run")]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "launch", "train.py"),
+        "--deepspeed_config",
+        config,
+        "--data_dir",
+        data,
+        *MODEL_FLAGS,
+        "--lr_anneal_steps",
+        str(steps),
+        "--log_interval",
+        "10",
+        "--save_interval",
+        str(10 * steps),
+        "--seed",
+        str(seed),
+        "--log_dir",
+        os.path.join(out, "run"),
+    ]
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(os.path.join(out, "run", "progress.jsonl")) as f:
         return [(r["step"], r["mse"], r.get("grad_norm")) for r in map(json.loads, f)]
@@ -87,8 +141,10 @@ def plot(curves: dict, path: str) -> None:
     lo, hi = 0.0, min(0.5, max(m for _, m in points))
 
     def xy(step, mse):
-        return (pad + (width - 2 * pad) * step / max_step,
-                height - pad - (height - 2 * pad) * (min(mse, hi) - lo) / (hi - lo))
+        return (
+            pad + (width - 2 * pad) * step / max_step,
+            height - pad - (height - 2 * pad) * (min(mse, hi) - lo) / (hi - lo),
+        )
 
     draw.rectangle([pad, pad, width - pad, height - pad], outline="black")
     for tick in np.linspace(lo, hi, 6):
@@ -105,12 +161,17 @@ def plot(curves: dict, path: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--improved_diffusion", required=True, help="a checkout of openai/improved-diffusion")
     parser.add_argument("--runs", type=int, default=3, help="runs of each trainer (default 3)")
-    parser.add_argument("--steps", type=int, default=400, help="optimizer steps; lr anneals to 0 over them (default 400)")
-    parser.add_argument("--out", default=HERE, help="where parity_curve.{json,md,png} go (default benchmarks/)")
+    parser.add_argument(
+        "--steps", type=int, default=400, help="optimizer steps; lr anneals to 0 over them (default 400)"
+    )
+    parser.add_argument(
+        "--out", default=HERE, help="where parity_curve.{json,md,png} go (default benchmarks/)"
+    )
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="parity_")
     data = os.path.join(work, "digits")
@@ -125,16 +186,29 @@ def main() -> None:
             else:
                 curves[name].append(run_theirs(args.improved_diffusion, data, out, args.steps, seed=run))
             seconds[name].append(time.perf_counter() - start)
-            print(f"{name} run {run}: late mse {late_mse(curves[name][-1], args.steps):.4f} ({seconds[name][-1]:.0f} s)", flush=True)
+            print(
+                f"{name} run {run}: late mse {late_mse(curves[name][-1], args.steps):.4f} ({seconds[name][-1]:.0f} s)",
+                flush=True,
+            )
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     LATE = late_window(args.steps)
     late = {name: [late_mse(c, args.steps) for c in runs] for name, runs in curves.items()}
-    report = {"cpu": cpu, "threads": os.cpu_count(), "images": num_images, "steps": args.steps, "late_window": LATE,
-              "late_mse": late, "seconds": seconds, "curves": curves}
+    report = {
+        "cpu": cpu,
+        "threads": os.cpu_count(),
+        "images": num_images,
+        "steps": args.steps,
+        "late_window": LATE,
+        "late_mse": late,
+        "seconds": seconds,
+        "curves": curves,
+    }
     with open(os.path.join(args.out, "parity_curve.json"), "w") as f:
         json.dump(report, f)
     plot(curves, os.path.join(args.out, "parity_curve.png"))
@@ -152,11 +226,16 @@ def main() -> None:
         "|---|---|---|",
     ]
     for name in curves:
-        lines.append(f"| {name} | {', '.join(f'{v:.4f}' for v in late[name])} | "
-                     f"{', '.join(f'{s:.0f}' for s in seconds[name])} |")
-    lines += ["", f"improved-diffusion's run-to-run band: {band[0]:.4f} to {band[1]:.4f}; ours inside it in "
-              f"{sum(inside)} of {len(inside)} runs (mean {np.mean(late['iddpm_ds']):.4f} against "
-              f"{np.mean(late['improved-diffusion']):.4f}). Curves: parity_curve.png."]
+        lines.append(
+            f"| {name} | {', '.join(f'{v:.4f}' for v in late[name])} | "
+            f"{', '.join(f'{s:.0f}' for s in seconds[name])} |"
+        )
+    lines += [
+        "",
+        f"improved-diffusion's run-to-run band: {band[0]:.4f} to {band[1]:.4f}; ours inside it in "
+        f"{sum(inside)} of {len(inside)} runs (mean {np.mean(late['iddpm_ds']):.4f} against "
+        f"{np.mean(late['improved-diffusion']):.4f}). Curves: parity_curve.png.",
+    ]
     with open(os.path.join(args.out, "parity_curve.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,6 +1,6 @@
 """Regenerate benchmarks/RELIABILITY.md by running the fault tests (tests/test_faults.py).
 
-    python benchmarks/reliability.py
+python benchmarks/reliability.py
 """
 
 import datetime
@@ -16,8 +16,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         records = os.path.join(tmp, "faults.jsonl")
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_faults.py"], cwd=ROOT,
-                              env=dict(os.environ, IDDPM_DS_RELIABILITY_REPORT=records))
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "tests/test_faults.py"],
+            cwd=ROOT,
+            env=dict(os.environ, IDDPM_DS_RELIABILITY_REPORT=records),
+        )
         rows = [json.loads(line) for line in open(records)] if os.path.exists(records) else []
     lines = [
         "# Reliability report",

@@ -33,9 +33,13 @@ def load_state_dict_file(path: str, map_location="cpu") -> Dict[str, torch.Tenso
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"refusing to load {path}: it holds more than tensors and plain values ({_first_line(e)})") from None
+        raise CheckpointError(
+            f"refusing to load {path}: it holds more than tensors and plain values ({_first_line(e)})"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {_first_line(e)}") from None
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable (truncated or corrupt?): {_first_line(e)}"
+        ) from None
 
 
 def _deepspeed_safe_globals() -> list:
@@ -64,9 +68,13 @@ def verify_checkpoint_files(ckpt_dir: str) -> None:
             with torch.serialization.safe_globals(allowed):
                 torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise CheckpointError(f"refusing to load {path}: it holds objects that could run code ({_first_line(e)})") from None
+            raise CheckpointError(
+                f"refusing to load {path}: it holds objects that could run code ({_first_line(e)})"
+            ) from None
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-            raise CheckpointError(f"checkpoint file {path} is unreadable (truncated or corrupt?): {_first_line(e)}") from None
+            raise CheckpointError(
+                f"checkpoint file {path} is unreadable (truncated or corrupt?): {_first_line(e)}"
+            ) from None
 
 
 def _describe_mismatch(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> List[str]:
@@ -77,22 +85,36 @@ def _describe_mismatch(model: nn.Module, state_dict: Dict[str, torch.Tensor]) ->
     def shape(sd, key):
         return tuple(sd[key].shape) if key in sd else None
 
-    if shape(own, "out.2.weight") and shape(state_dict, "out.2.weight") and shape(own, "out.2.weight")[0] != shape(state_dict, "out.2.weight")[0]:
-        hints.append(f"learn_sigma (checkpoint has {shape(state_dict, 'out.2.weight')[0]} output channels, model {shape(own, 'out.2.weight')[0]})")
+    if (
+        shape(own, "out.2.weight")
+        and shape(state_dict, "out.2.weight")
+        and shape(own, "out.2.weight")[0] != shape(state_dict, "out.2.weight")[0]
+    ):
+        hints.append(
+            f"learn_sigma (checkpoint has {shape(state_dict, 'out.2.weight')[0]} output channels, model {shape(own, 'out.2.weight')[0]})"
+        )
     if ("label_emb.weight" in own) != ("label_emb.weight" in state_dict):
-        hints.append(f"class_cond (checkpoint {'is' if 'label_emb.weight' in state_dict else 'is not'} class-conditional)")
+        hints.append(
+            f"class_cond (checkpoint {'is' if 'label_emb.weight' in state_dict else 'is not'} class-conditional)"
+        )
     ck_in, my_in = shape(state_dict, "input_blocks.0.0.weight"), shape(own, "input_blocks.0.0.weight")
     if ck_in and my_in:
         if ck_in[0] != my_in[0]:
             hints.append(f"num_channels (checkpoint {ck_in[0]}, model {my_in[0]})")
         if ck_in[1] != my_in[1]:
-            hints.append(f"model type: checkpoint takes {ck_in[1]} input channels, model {my_in[1]} (super-resolution vs base model?)")
+            hints.append(
+                f"model type: checkpoint takes {ck_in[1]} input channels, model {my_in[1]} (super-resolution vs base model?)"
+            )
     n_in = lambda sd: len({k.split(".")[1] for k in sd if k.startswith("input_blocks.")})
     if n_in(own) != n_in(state_dict):
-        hints.append(f"image_size / channel_mult / num_res_blocks (checkpoint has {n_in(state_dict)} input blocks, model {n_in(own)})")
+        hints.append(
+            f"image_size / channel_mult / num_res_blocks (checkpoint has {n_in(state_dict)} input blocks, model {n_in(own)})"
+        )
     attn = lambda sd: sorted(k[: -len(".qkv.weight")] for k in sd if k.endswith(".qkv.weight"))
     if attn(own) != attn(state_dict):
-        hints.append(f"attention_resolutions (checkpoint has attention at {attn(state_dict)}, model at {attn(own)})")
+        hints.append(
+            f"attention_resolutions (checkpoint has attention at {attn(state_dict)}, model at {attn(own)})"
+        )
     return hints
 
 
@@ -107,8 +129,12 @@ def load_official_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tenso
     wrong = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
     if missing or unexpected or wrong:
         hints = _describe_mismatch(model, state_dict)
-        detail = "; ".join(hints) if hints else (
-            f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped keys (first: {(missing + unexpected + wrong)[0]})"
+        detail = (
+            "; ".join(hints)
+            if hints
+            else (
+                f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped keys (first: {(missing + unexpected + wrong)[0]})"
+            )
         )
         raise CheckpointError(f"checkpoint does not match the model flags: {detail}")
     model.load_state_dict(state_dict, strict=True)
@@ -138,18 +164,24 @@ def merge_run_flags(saved: Dict, flags: Dict, explicit, source: str, override: b
         if k not in explicit:
             merged[k] = v
         elif k not in RUNTIME_ONLY_FLAGS and flags.get(k) != v and not override:
-            raise CheckpointError(f"--{k} {flags.get(k)} contradicts {v!r} in {source} (use the same flags, or --override True to force)")
+            raise CheckpointError(
+                f"--{k} {flags.get(k)} contradicts {v!r} in {source} (use the same flags, or --override True to force)"
+            )
     return merged
 
 
 def _newest(run_dir: str, prefix: str) -> str:
-    files = sorted(f for f in os.listdir(run_dir) if f.startswith(prefix) and f.endswith(".pt") and ".tmp" not in f)
+    files = sorted(
+        f for f in os.listdir(run_dir) if f.startswith(prefix) and f.endswith(".pt") and ".tmp" not in f
+    )
     if not files:
         raise CheckpointError(f"no {prefix}*.pt in {run_dir}")
     return os.path.join(run_dir, files[-1])
 
 
-def resolve_trained_model(run_dir: str, model_path: str, use_ema: bool, flags: Dict, explicit, override: bool = False):
+def resolve_trained_model(
+    run_dir: str, model_path: str, use_ema: bool, flags: Dict, explicit, override: bool = False
+):
     """(weights file, model flags, number of data classes or None) for sampling or evaluation.
 
     :param run_dir: a training run directory (flags from its config.json, newest EMA or model file).
@@ -166,16 +198,20 @@ def resolve_trained_model(run_dir: str, model_path: str, use_ema: bool, flags: D
     if path and os.path.isdir(path):
         marker = os.path.join(path, "COMPLETE")
         if not os.path.isfile(marker):
-            raise CheckpointError(f"{path} is neither a run directory (no config.json) nor a complete checkpoint "
-                                  "directory (no COMPLETE): pass --run_dir RUN_DIR, or --model_path with a .pt file "
-                                  "or RUN_DIR/checkpoints/stepNNNNNN")
+            raise CheckpointError(
+                f"{path} is neither a run directory (no config.json) nor a complete checkpoint "
+                "directory (no COMPLETE): pass --run_dir RUN_DIR, or --model_path with a .pt file "
+                "or RUN_DIR/checkpoints/stepNNNNNN"
+            )
         with open(marker) as f:
             meta = json.load(f)
         run_dir = os.path.dirname(os.path.dirname(os.path.normpath(path)))
         path = os.path.join(run_dir, next(iter(meta["ema"].values())) if use_ema else meta["model"])
     if run_dir:
         config = read_run_config(run_dir)
-        flags = merge_run_flags(config["model_flags"], flags, explicit, os.path.join(run_dir, "config.json"), override)
+        flags = merge_run_flags(
+            config["model_flags"], flags, explicit, os.path.join(run_dir, "config.json"), override
+        )
         data_classes = config.get("data_classes")
         if not path:
             path = _newest(run_dir, "ema_") if use_ema else _newest(run_dir, "model")

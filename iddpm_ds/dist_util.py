@@ -59,10 +59,18 @@ def setup_dist(master_port: Optional[int] = None) -> None:
     if "RANK" in os.environ:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     elif launched_by_mpi():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, distributed_port=master_port or 29500)
+        deepspeed.init_distributed(
+            dist_backend=backend, auto_mpi_discovery=True, distributed_port=master_port or 29500
+        )
     else:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(master_port or _free_port()))
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(master_port or _free_port()),
+        )
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     if not accelerator_is_cpu():
         # NCCL collectives (barrier, all_gather_object) run on the current CUDA device: without this every rank of
@@ -121,7 +129,11 @@ def abort_all_ranks_on_error() -> None:
     def hook(exc_type, exc, tb):
         previous(exc_type, exc, tb)
         rank = os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
-        print(f"rank {rank} failed ({exc_type.__name__}: {exc}); aborting all ranks", file=sys.stderr, flush=True)
+        print(
+            f"rank {rank} failed ({exc_type.__name__}: {exc}); aborting all ranks",
+            file=sys.stderr,
+            flush=True,
+        )
         time.sleep(1)  # let mpirun forward the message before the abort tears the job down
         from mpi4py import MPI
 

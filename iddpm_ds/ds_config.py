@@ -17,23 +17,67 @@ from .flags import ConfigError
 
 # Top-level keys DeepSpeed 0.19 understands; anything else is most likely a typo.
 KNOWN_KEYS = {
-    "train_batch_size": int, "train_micro_batch_size_per_gpu": int, "gradient_accumulation_steps": int,
-    "optimizer": dict, "scheduler": dict, "fp16": dict, "bf16": dict, "zero_optimization": dict,
-    "gradient_clipping": (int, float), "steps_per_print": int, "wall_clock_breakdown": bool, "tensorboard": dict,
-    "csv_monitor": dict, "wandb": dict, "comet": dict, "checkpoint": dict, "activation_checkpointing": dict,
-    "data_types": dict, "zero_allow_untested_optimizer": bool, "zero_force_ds_cpu_optimizer": bool,
-    "communication_data_type": str, "prescale_gradients": bool, "gradient_predivide_factor": (int, float),
-    "sparse_gradients": bool, "flops_profiler": dict, "amp": dict, "dump_state": bool, "memory_breakdown": bool,
-    "torch_autocast": dict, "compile": dict, "elasticity": dict, "aio": dict, "comms_logger": dict,
-    "seq_parallel_communication_data_type": str, "timers": dict, "graph_harvesting": bool, "use_data_before_expert_parallelism": bool,
+    "train_batch_size": int,
+    "train_micro_batch_size_per_gpu": int,
+    "gradient_accumulation_steps": int,
+    "optimizer": dict,
+    "scheduler": dict,
+    "fp16": dict,
+    "bf16": dict,
+    "zero_optimization": dict,
+    "gradient_clipping": (int, float),
+    "steps_per_print": int,
+    "wall_clock_breakdown": bool,
+    "tensorboard": dict,
+    "csv_monitor": dict,
+    "wandb": dict,
+    "comet": dict,
+    "checkpoint": dict,
+    "activation_checkpointing": dict,
+    "data_types": dict,
+    "zero_allow_untested_optimizer": bool,
+    "zero_force_ds_cpu_optimizer": bool,
+    "communication_data_type": str,
+    "prescale_gradients": bool,
+    "gradient_predivide_factor": (int, float),
+    "sparse_gradients": bool,
+    "flops_profiler": dict,
+    "amp": dict,
+    "dump_state": bool,
+    "memory_breakdown": bool,
+    "torch_autocast": dict,
+    "compile": dict,
+    "elasticity": dict,
+    "aio": dict,
+    "comms_logger": dict,
+    "seq_parallel_communication_data_type": str,
+    "timers": dict,
+    "graph_harvesting": bool,
+    "use_data_before_expert_parallelism": bool,
 }
-PRECISION_KEYS = {"enabled", "auto_cast", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis",
-                  "consecutive_hysteresis", "min_loss_scale", "fp16_master_weights_and_grads", "immediate_grad_update", "check_grad_overflow"}
+PRECISION_KEYS = {
+    "enabled",
+    "auto_cast",
+    "loss_scale",
+    "initial_scale_power",
+    "loss_scale_window",
+    "hysteresis",
+    "consecutive_hysteresis",
+    "min_loss_scale",
+    "fp16_master_weights_and_grads",
+    "immediate_grad_update",
+    "check_grad_overflow",
+}
 
 
 # improved-diffusion's loss scaling: 2^20 at the start, halved at each overflow, doubled after
 # 1000 good steps (its fp16_scale_growth of 1e-3 per step).
-FP16_IDDPM_DEFAULTS = {"initial_scale_power": 20, "loss_scale_window": 1000, "hysteresis": 1, "min_loss_scale": 1}
+FP16_IDDPM_DEFAULTS = {
+    "initial_scale_power": 20,
+    "loss_scale_window": 1000,
+    "hysteresis": 1,
+    "min_loss_scale": 1,
+}
 
 
 def _type_name(t) -> str:
@@ -51,7 +95,9 @@ def validate(cfg: Dict, path: str = "config") -> None:
             raise ConfigError(f"{path}: unknown key {key!r}")
         want = KNOWN_KEYS[key]
         if isinstance(value, bool) and want in (int, (int, float)) or not isinstance(value, want):
-            raise ConfigError(f"{path}: {key!r} must be {_type_name(want)}, got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"{path}: {key!r} must be {_type_name(want)}, got {type(value).__name__} {value!r}"
+            )
     for section in ("fp16", "bf16"):
         for key in cfg.get(section, {}):
             if key not in PRECISION_KEYS:
@@ -81,7 +127,9 @@ def load(path: str) -> Dict:
     return cfg
 
 
-def resolve(cfg: Dict, args, explicit: Set[str], world_size: int, fp16_supported: bool) -> Tuple[Dict, List[str]]:
+def resolve(
+    cfg: Dict, args, explicit: Set[str], world_size: int, fp16_supported: bool
+) -> Tuple[Dict, List[str]]:
     """Apply explicit seed flags to a validated config and fill in batch sizes.
 
     :param args: namespace with lr, weight_decay, batch_size, microbatch, use_fp16, fp16_scale_growth.
@@ -100,20 +148,30 @@ def resolve(cfg: Dict, args, explicit: Set[str], world_size: int, fp16_supported
             raise ConfigError(f"--batch_size {batch} is not a multiple of --microbatch {micro_flag}")
         micro, gas = micro_flag, batch // micro_flag
         cfg.pop("train_batch_size", None)
-        notes.append(f"--batch_size/--microbatch override the JSON: micro-batch {micro} x accumulation {gas} per rank")
+        notes.append(
+            f"--batch_size/--microbatch override the JSON: micro-batch {micro} x accumulation {gas} per rank"
+        )
     if micro is None:
         if "train_batch_size" not in cfg:
-            raise ConfigError("the DeepSpeed config sets no batch size: add train_micro_batch_size_per_gpu (or pass --batch_size)")
+            raise ConfigError(
+                "the DeepSpeed config sets no batch size: add train_micro_batch_size_per_gpu (or pass --batch_size)"
+            )
         total = cfg["train_batch_size"]
         if total % (gas * world_size):
-            raise ConfigError(f"train_batch_size {total} is not divisible by gradient_accumulation_steps {gas} x {world_size} ranks")
+            raise ConfigError(
+                f"train_batch_size {total} is not divisible by gradient_accumulation_steps {gas} x {world_size} ranks"
+            )
         micro = total // (gas * world_size)
     if "train_batch_size" in cfg and cfg["train_batch_size"] != micro * gas * world_size:
         raise ConfigError(
             f"train_batch_size {cfg['train_batch_size']} != micro-batch {micro} x accumulation {gas} x {world_size} ranks; "
             "remove train_batch_size or make them agree"
         )
-    cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=gas, train_batch_size=micro * gas * world_size)
+    cfg.update(
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=gas,
+        train_batch_size=micro * gas * world_size,
+    )
 
     for flag in ("lr", "weight_decay"):
         if flag in explicit:
@@ -129,7 +187,9 @@ def resolve(cfg: Dict, args, explicit: Set[str], world_size: int, fp16_supported
     if "fp16_scale_growth" in explicit:
         # improved-diffusion grows log2(scale) by this much per good step: doubling every 1/growth steps.
         cfg.setdefault("fp16", {})["loss_scale_window"] = max(1, round(1 / args.fp16_scale_growth))
-        notes.append(f"--fp16_scale_growth {args.fp16_scale_growth} -> fp16.loss_scale_window {cfg['fp16']['loss_scale_window']}")
+        notes.append(
+            f"--fp16_scale_growth {args.fp16_scale_growth} -> fp16.loss_scale_window {cfg['fp16']['loss_scale_window']}"
+        )
 
     # DeepSpeed's defaults where the JSON is silent differ from improved-diffusion's training:
     # it would clip the global gradient norm at 1.0 and start fp16 loss scaling at 2^16 with a
@@ -137,7 +197,9 @@ def resolve(cfg: Dict, args, explicit: Set[str], world_size: int, fp16_supported
     if "gradient_clipping" not in cfg:
         cfg["gradient_clipping"] = 0.0
     clip = cfg["gradient_clipping"]
-    notes.append(f"gradient clipping: {f'global norm {clip:g}' if clip > 0 else 'off'} (the JSON's gradient_clipping)")
+    notes.append(
+        f"gradient clipping: {f'global norm {clip:g}' if clip > 0 else 'off'} (the JSON's gradient_clipping)"
+    )
     if cfg.get("fp16", {}).get("enabled"):
         for key, value in FP16_IDDPM_DEFAULTS.items():
             cfg["fp16"].setdefault(key, value)
@@ -145,7 +207,9 @@ def resolve(cfg: Dict, args, explicit: Set[str], world_size: int, fp16_supported
     if cfg.get("fp16", {}).get("enabled") and not fp16_supported:
         cfg["fp16"]["enabled"] = False
         cfg.setdefault("bf16", {})["enabled"] = True
-        notes.append("WARNING: this accelerator cannot train in fp16 (CPU); running the fp16 config in bf16 instead")
+        notes.append(
+            "WARNING: this accelerator cannot train in fp16 (CPU); running the fp16 config in bf16 instead"
+        )
     if cfg.get("fp16", {}).get("enabled") and cfg.get("bf16", {}).get("enabled"):
         raise ConfigError("fp16 and bf16 are both enabled in the DeepSpeed config; enable one")
     cfg.setdefault("steps_per_print", 10**9)  # we log ourselves; keep DeepSpeed's per-step prints off

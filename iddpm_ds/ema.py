@@ -34,10 +34,14 @@ class MasterWeights:
     def __init__(self, engine):
         self.engine = engine
         self.stage = engine.zero_optimization_stage()
-        self.named: List[Tuple[str, torch.nn.Parameter]] = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+        self.named: List[Tuple[str, torch.nn.Parameter]] = [
+            (n, p) for n, p in engine.module.named_parameters() if p.requires_grad
+        ]
         self._fp32_copy = _fp16_master_map(engine) if self.stage == 0 else {}
         if self.stage == 0 and self.named and self.named[0][1].dtype != torch.float32 and not self._fp32_copy:
-            raise RuntimeError(f"cannot find the fp32 master weights of {type(engine.optimizer).__name__} at ZeRO stage 0")
+            raise RuntimeError(
+                f"cannot find the fp32 master weights of {type(engine.optimizer).__name__} at ZeRO stage 0"
+            )
 
     @property
     def plain_fp32(self) -> bool:
@@ -62,11 +66,15 @@ class MasterWeights:
         local = self.local(p)
         if local is None:
             return None
-        flat = full.detach().to(device=local.device, dtype=torch.float32).flatten()  # a loaded state_dict is on the CPU; the master may not be
+        flat = (
+            full.detach().to(device=local.device, dtype=torch.float32).flatten()
+        )  # a loaded state_dict is on the CPU; the master may not be
         if self.stage == 3:
             n = p.ds_tensor.numel()
             r = dist.get_rank(group=p.ds_process_group)
-            flat = torch.nn.functional.pad(flat, (0, n * dist.get_world_size(group=p.ds_process_group) - flat.numel()))
+            flat = torch.nn.functional.pad(
+                flat, (0, n * dist.get_world_size(group=p.ds_process_group) - flat.numel())
+            )
             return flat[n * r : n * (r + 1)].view_as(local).clone()
         if self.stage > 0:
             a = p._hp_mapping.lp_fragment_address

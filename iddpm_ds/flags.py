@@ -148,27 +148,42 @@ def validate_model_flags(flags: Dict, super_res: bool = False) -> None:
         small = flags["small_size"]
         _require(0 < small <= size, f"--small_size {small} must be positive and at most --large_size {size}")
     _require(flags["num_channels"] > 0, f"--num_channels must be positive, got {flags['num_channels']}")
-    _require(flags["num_res_blocks"] >= 1, f"--num_res_blocks must be at least 1, got {flags['num_res_blocks']}")
+    _require(
+        flags["num_res_blocks"] >= 1, f"--num_res_blocks must be at least 1, got {flags['num_res_blocks']}"
+    )
     if flags["channel_mult"]:
         mult = _int_list("channel_mult", flags["channel_mult"])
-        _require(len(mult) > 0 and min(mult) > 0, f"--channel_mult {flags['channel_mult']!r} needs positive integers")
+        _require(
+            len(mult) > 0 and min(mult) > 0,
+            f"--channel_mult {flags['channel_mult']!r} needs positive integers",
+        )
     else:
-        _require(size in DEFAULT_CHANNEL_MULT,
-                 f"--{size_flag} {size} has no default channel_mult (defaults exist for {sorted(DEFAULT_CHANNEL_MULT)}): "
-                 "pass --channel_mult, e.g. 1,2,2 for 16 px or 1,1,2,2,4,4,4 for 512 px")
+        _require(
+            size in DEFAULT_CHANNEL_MULT,
+            f"--{size_flag} {size} has no default channel_mult (defaults exist for {sorted(DEFAULT_CHANNEL_MULT)}): "
+            "pass --channel_mult, e.g. 1,2,2 for 16 px or 1,1,2,2,4,4,4 for 512 px",
+        )
         mult = list(DEFAULT_CHANNEL_MULT[size])
     levels = len(mult)
-    _require(size % 2 ** (levels - 1) == 0,
-             f"--{size_flag} {size} is not divisible by 2^{levels - 1}, as {levels} levels of channel_mult {mult} need")
+    _require(
+        size % 2 ** (levels - 1) == 0,
+        f"--{size_flag} {size} is not divisible by 2^{levels - 1}, as {levels} levels of channel_mult {mult} need",
+    )
     widths = sorted({flags["num_channels"] * m for m in mult})
     bad = [w for w in widths if w % 32]
-    _require(not bad, f"--num_channels {flags['num_channels']} with channel_mult {mult} gives widths {bad} that are not "
-             "multiples of 32, which GroupNorm's 32 groups need: use a multiple of 32")
+    _require(
+        not bad,
+        f"--num_channels {flags['num_channels']} with channel_mult {mult} gives widths {bad} that are not "
+        "multiples of 32, which GroupNorm's 32 groups need: use a multiple of 32",
+    )
     reached = [size // 2**level for level in range(levels)]
     attention = _int_list("attention_resolutions", flags["attention_resolutions"])
     never = [r for r in attention if r not in reached]
-    _require(not never, f"--attention_resolutions {','.join(map(str, never))} is never reached: this model's "
-             f"resolutions are {','.join(map(str, reached))} px")
+    _require(
+        not never,
+        f"--attention_resolutions {','.join(map(str, never))} is never reached: this model's "
+        f"resolutions are {','.join(map(str, reached))} px",
+    )
     # Attention widths are level widths (each block's output width is its level's); the middle
     # block always attends, at the deepest width, with num_heads.
     attention_widths = {flags["num_channels"] * mult[reached.index(r)] for r in attention}
@@ -180,10 +195,14 @@ def validate_model_flags(flags: Dict, super_res: bool = False) -> None:
         _require(not bad, f"--num_head_channels {head_ch} does not divide the attention widths {bad}")
     else:
         upsample = flags["num_heads_upsample"]
-        for flag, value, widths in (("num_heads", flags["num_heads"], attention_widths | {deepest}),
-                                    ("num_heads_upsample", upsample, attention_widths if upsample != -1 else set())):
-            _require(value >= 1 or (flag == "num_heads_upsample" and value == -1),
-                     f"--{flag} must be at least 1{' (or -1)' if flag == 'num_heads_upsample' else ''}, got {value}")
+        for flag, value, widths in (
+            ("num_heads", flags["num_heads"], attention_widths | {deepest}),
+            ("num_heads_upsample", upsample, attention_widths if upsample != -1 else set()),
+        ):
+            _require(
+                value >= 1 or (flag == "num_heads_upsample" and value == -1),
+                f"--{flag} must be at least 1{' (or -1)' if flag == 'num_heads_upsample' else ''}, got {value}",
+            )
             bad = sorted(w for w in widths if w % value)
             _require(not bad, f"--{flag} {value} does not divide the attention widths {bad}")
     _require(0.0 <= flags["dropout"] < 1.0, f"--dropout must lie in [0, 1), got {flags['dropout']}")
@@ -192,15 +211,19 @@ def validate_model_flags(flags: Dict, super_res: bool = False) -> None:
     _require(steps >= 1, f"--diffusion_steps must be at least 1, got {steps}")
     _require(schedule in ("linear", "cosine"), f"--noise_schedule must be linear or cosine, got {schedule!r}")
     betas = get_named_beta_schedule(schedule, steps)
-    _require(bool((betas > 0).all() and (betas <= 1).all()),
-             f"--diffusion_steps {steps} with --noise_schedule {schedule} gives betas above 1 (its betas scale as "
-             f"1000/T and need T >= 20): use --diffusion_steps 20 or more, or --noise_schedule cosine")
+    _require(
+        bool((betas > 0).all() and (betas <= 1).all()),
+        f"--diffusion_steps {steps} with --noise_schedule {schedule} gives betas above 1 (its betas scale as "
+        f"1000/T and need T >= 20): use --diffusion_steps 20 or more, or --noise_schedule cosine",
+    )
     if flags["timestep_respacing"]:
         try:
             space_timesteps(steps, flags["timestep_respacing"])
         except ValueError as e:
-            raise ConfigError(f"--timestep_respacing {flags['timestep_respacing']!r} does not fit --diffusion_steps "
-                              f"{steps}: {e}") from None
+            raise ConfigError(
+                f"--timestep_respacing {flags['timestep_respacing']!r} does not fit --diffusion_steps "
+                f"{steps}: {e}"
+            ) from None
 
 
 def validate_train_flags(args: argparse.Namespace, explicit: Iterable[str]) -> None:
@@ -208,14 +231,18 @@ def validate_train_flags(args: argparse.Namespace, explicit: Iterable[str]) -> N
     from .resample import SAMPLER_NAMES
 
     explicit = set(explicit)
-    _require(args.schedule_sampler in SAMPLER_NAMES,
-             f"--schedule_sampler must be one of {', '.join(SAMPLER_NAMES)}, got {args.schedule_sampler!r}")
+    _require(
+        args.schedule_sampler in SAMPLER_NAMES,
+        f"--schedule_sampler must be one of {', '.join(SAMPLER_NAMES)}, got {args.schedule_sampler!r}",
+    )
     _require(args.lr >= 0, f"--lr must not be negative, got {args.lr}")
     _require(args.weight_decay >= 0, f"--weight_decay must not be negative, got {args.weight_decay}")
     if "batch_size" in explicit or "microbatch" in explicit:
         _require(args.batch_size >= 1, f"--batch_size must be at least 1, got {args.batch_size}")
-        _require(args.microbatch == -1 or 1 <= args.microbatch <= args.batch_size,
-                 f"--microbatch must be -1 or between 1 and --batch_size {args.batch_size}, got {args.microbatch}")
+        _require(
+            args.microbatch == -1 or 1 <= args.microbatch <= args.batch_size,
+            f"--microbatch must be -1 or between 1 and --batch_size {args.batch_size}, got {args.microbatch}",
+        )
     rates = [r for r in str(args.ema_rate).split(",") if r.strip()]
     _require(len(rates) > 0, "--ema_rate needs at least one rate, e.g. 0.9999")
     for rate in rates:
@@ -227,9 +254,16 @@ def validate_train_flags(args: argparse.Namespace, explicit: Iterable[str]) -> N
     _require(args.log_interval >= 1, f"--log_interval must be at least 1, got {args.log_interval}")
     for flag in ("save_interval", "sample_interval", "max_steps", "lr_anneal_steps", "num_workers", "seed"):
         _require(getattr(args, flag) >= 0, f"--{flag} must not be negative, got {getattr(args, flag)}")
-    _require(args.max_nonfinite_steps >= 1, f"--max_nonfinite_steps must be at least 1, got {args.max_nonfinite_steps}")
-    _require(args.fp16_scale_growth > 0, f"--fp16_scale_growth must be positive, got {args.fp16_scale_growth}")
-    _require(0 <= args.master_port <= 65535, f"--master_port must be a TCP port (0-65535), got {args.master_port}")
+    _require(
+        args.max_nonfinite_steps >= 1,
+        f"--max_nonfinite_steps must be at least 1, got {args.max_nonfinite_steps}",
+    )
+    _require(
+        args.fp16_scale_growth > 0, f"--fp16_scale_growth must be positive, got {args.fp16_scale_growth}"
+    )
+    _require(
+        0 <= args.master_port <= 65535, f"--master_port must be a TCP port (0-65535), got {args.master_port}"
+    )
 
 
 def validate_sample_flags(args: argparse.Namespace, flags: Dict, num_classes: Optional[int]) -> None:
@@ -239,7 +273,12 @@ def validate_sample_flags(args: argparse.Namespace, flags: Dict, num_classes: Op
     _require(args.eta >= 0, f"--eta must not be negative, got {args.eta}")
     _require(args.seed >= 0, f"--seed must not be negative, got {args.seed}")
     if args.class_labels:
-        _require(flags["class_cond"], "--class_labels needs a class-conditional model (this one has class_cond False)")
+        _require(
+            flags["class_cond"],
+            "--class_labels needs a class-conditional model (this one has class_cond False)",
+        )
         labels = np.array(_int_list("class_labels", args.class_labels))
-        _require(len(labels) > 0 and labels.min() >= 0 and labels.max() < num_classes,
-                 f"--class_labels must lie in [0, {num_classes})")
+        _require(
+            len(labels) > 0 and labels.min() >= 0 and labels.max() < num_classes,
+            f"--class_labels must lie in [0, {num_classes})",
+        )

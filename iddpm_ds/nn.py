@@ -23,17 +23,35 @@ class GroupNorm32(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm_act(x, silu=False)
 
-    def norm_act(self, x: torch.Tensor, scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None, silu: bool = True) -> torch.Tensor:
+    def norm_act(
+        self,
+        x: torch.Tensor,
+        scale: Optional[torch.Tensor] = None,
+        shift: Optional[torch.Tensor] = None,
+        silu: bool = True,
+    ) -> torch.Tensor:
         """silu(groupnorm(x) * (1 + scale) + shift) for x [N, C, ...] and scale/shift [N, C] (each optional)."""
         if self.use_fused_kernels:
             import kernels
 
-            return kernels.group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, scale=scale, shift=shift, silu=silu)
-        return unfused_norm_act(x, self.weight, self.bias, self.num_groups, self.eps, scale=scale, shift=shift, silu=silu)
+            return kernels.group_norm_silu(
+                x, self.weight, self.bias, self.num_groups, self.eps, scale=scale, shift=shift, silu=silu
+            )
+        return unfused_norm_act(
+            x, self.weight, self.bias, self.num_groups, self.eps, scale=scale, shift=shift, silu=silu
+        )
 
 
-def unfused_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float,
-                     scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None, silu: bool = True) -> torch.Tensor:
+def unfused_norm_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    num_groups: int,
+    eps: float,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    silu: bool = True,
+) -> torch.Tensor:
     """The chain in plain PyTorch ops, as improved-diffusion computes it: GroupNorm in float32, cast back to x's
     dtype, then scale-shift and SiLU in x's dtype. x [N, C, ...], weight/bias [C], scale/shift [N, C]."""
     # Parameters may be bf16/fp16 under DeepSpeed: upcast them with x.
@@ -99,7 +117,9 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     The first half are cosines, the second sines, of t * max_period^(-i / half).
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    )
     args = timesteps[:, None].float() * freqs[None]
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:

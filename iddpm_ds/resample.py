@@ -67,11 +67,13 @@ class LossAwareSampler(ScheduleSampler):
         it. Ranks may hold different batch sizes; one fixed-size all_gather of
         padded [3, max_B] (valid, t, loss) rows carries them.
         """
-        local = torch.stack([
-            torch.ones_like(local_losses, dtype=torch.float64),
-            local_ts.to(torch.float64),
-            local_losses.detach().to(torch.float64),
-        ])
+        local = torch.stack(
+            [
+                torch.ones_like(local_losses, dtype=torch.float64),
+                local_ts.to(torch.float64),
+                local_losses.detach().to(torch.float64),
+            ]
+        )
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             size = torch.tensor([local.shape[1]], device=local.device)
             sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
@@ -163,7 +165,10 @@ class LossSecondMomentResampler(LossAwareSampler):
         return {"loss_history": self._loss_history.copy(), "loss_counts": self._loss_counts.copy()}
 
     def load_state_dict(self, state: dict) -> None:
-        history, counts = np.asarray(state["loss_history"], dtype=np.float64), np.asarray(state["loss_counts"], dtype=np.int64)
+        history, counts = (
+            np.asarray(state["loss_history"], dtype=np.float64),
+            np.asarray(state["loss_counts"], dtype=np.int64),
+        )
         if history.shape != self._loss_history.shape or counts.shape != self._loss_counts.shape:
             raise ValueError(
                 f"resampler state has history {history.shape}, this diffusion needs {self._loss_history.shape}: "

@@ -20,11 +20,13 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, List[int]]) -
     """
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
-            desired_count = int(section_counts[len("ddim"):])
+            desired_count = int(section_counts[len("ddim") :])
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == desired_count:
                     return set(range(0, num_timesteps, stride))
-            raise ValueError(f"cannot create exactly {desired_count} steps with an integer stride over {num_timesteps}")
+            raise ValueError(
+                f"cannot create exactly {desired_count} steps with an integer stride over {num_timesteps}"
+            )
         section_counts = [int(x) for x in section_counts.split(",")]
     size_per, extra = divmod(num_timesteps, len(section_counts))
     start_idx = 0
@@ -59,7 +61,9 @@ class SpacedDiffusion(GaussianDiffusion):
         self.use_timesteps = set(use_timesteps)
         self.original_num_steps = len(kwargs["betas"])
         base_diffusion = GaussianDiffusion(**kwargs)
-        kept = np.array(sorted(i for i in self.use_timesteps if 0 <= i < self.original_num_steps), dtype=np.int64)
+        kept = np.array(
+            sorted(i for i in self.use_timesteps if 0 <= i < self.original_num_steps), dtype=np.int64
+        )
         if len(kept) != len(self.use_timesteps) or len(kept) == 0:
             raise ValueError(f"use_timesteps must be a non-empty subset of range({self.original_num_steps})")
         self.timestep_map = kept.tolist()

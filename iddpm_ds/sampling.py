@@ -7,9 +7,19 @@ import torch
 
 
 @torch.no_grad()
-def sample_images(model, diffusion, indices: Sequence[int], image_size: int, seed: int, model_kwargs: Optional[Dict] = None,
-                  use_ddim: bool = False, eta: float = 0.0, clip_denoised: bool = True, device=None,
-                  on_step: Optional[Callable[[], None]] = None) -> np.ndarray:
+def sample_images(
+    model,
+    diffusion,
+    indices: Sequence[int],
+    image_size: int,
+    seed: int,
+    model_kwargs: Optional[Dict] = None,
+    use_ddim: bool = False,
+    eta: float = 0.0,
+    clip_denoised: bool = True,
+    device=None,
+    on_step: Optional[Callable[[], None]] = None,
+) -> np.ndarray:
     """Sample the images with these indices; returns uint8 [N, H, W, 3].
 
     on_step, if given, is called after each denoising step (a progress bar's update).
@@ -30,7 +40,9 @@ def sample_images(model, diffusion, indices: Sequence[int], image_size: int, see
     extra = {"eta": eta} if use_ddim else {}
     for i in reversed(range(diffusion.num_timesteps)):
         t = torch.full((len(indices),), i, device=device, dtype=torch.long)
-        x = step(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs, noise=noise(), **extra)["sample"]
+        x = step(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs, noise=noise(), **extra)[
+            "sample"
+        ]
         if on_step is not None:
             on_step()
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -44,5 +56,7 @@ def make_grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
     grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
     for i, img in enumerate(images):
         r, c = divmod(i, cols)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = img
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = (
+            img
+        )
     return grid

@@ -52,29 +52,71 @@ def model_and_diffusion_defaults() -> Dict:
     )
 
 
-def create_model_and_diffusion(image_size, class_cond, learn_sigma, sigma_small, num_channels, num_res_blocks, num_heads,
-                               num_heads_upsample, attention_resolutions, dropout, diffusion_steps, noise_schedule,
-                               timestep_respacing, use_kl, predict_xstart, rescale_timesteps, rescale_learned_sigmas,
-                               use_checkpoint, use_scale_shift_norm, channel_mult="", num_head_channels=-1, use_fused_kernels=True):
+def create_model_and_diffusion(
+    image_size,
+    class_cond,
+    learn_sigma,
+    sigma_small,
+    num_channels,
+    num_res_blocks,
+    num_heads,
+    num_heads_upsample,
+    attention_resolutions,
+    dropout,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    use_checkpoint,
+    use_scale_shift_norm,
+    channel_mult="",
+    num_head_channels=-1,
+    use_fused_kernels=True,
+):
     """Build (UNetModel, SpacedDiffusion) from model_and_diffusion_defaults()-style keywords."""
     model = create_model(
-        image_size, num_channels, num_res_blocks, learn_sigma=learn_sigma, class_cond=class_cond, use_checkpoint=use_checkpoint,
-        attention_resolutions=attention_resolutions, num_heads=num_heads, num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm, dropout=dropout, channel_mult=channel_mult,
-        num_head_channels=num_head_channels, use_fused_kernels=use_fused_kernels,
+        image_size,
+        num_channels,
+        num_res_blocks,
+        learn_sigma=learn_sigma,
+        class_cond=class_cond,
+        use_checkpoint=use_checkpoint,
+        attention_resolutions=attention_resolutions,
+        num_heads=num_heads,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        dropout=dropout,
+        channel_mult=channel_mult,
+        num_head_channels=num_head_channels,
+        use_fused_kernels=use_fused_kernels,
     )
     diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps, learn_sigma=learn_sigma, sigma_small=sigma_small, noise_schedule=noise_schedule, use_kl=use_kl,
-        predict_xstart=predict_xstart, rescale_timesteps=rescale_timesteps, rescale_learned_sigmas=rescale_learned_sigmas,
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        sigma_small=sigma_small,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
         timestep_respacing=timestep_respacing,
     )
     return model, diffusion
 
 
-def _resolve_unet_shape(image_size: int, channel_mult, attention_resolutions: str, flag: str) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+def _resolve_unet_shape(
+    image_size: int, channel_mult, attention_resolutions: str, flag: str
+) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
     """Per-level channel multipliers and attention downsample rates for an image size."""
     if channel_mult:
-        mult = tuple(int(m) for m in str(channel_mult).split(",")) if isinstance(channel_mult, str) else tuple(channel_mult)
+        mult = (
+            tuple(int(m) for m in str(channel_mult).split(","))
+            if isinstance(channel_mult, str)
+            else tuple(channel_mult)
+        )
     elif image_size in DEFAULT_CHANNEL_MULT:
         mult = DEFAULT_CHANNEL_MULT[image_size]
     else:
@@ -83,21 +125,48 @@ def _resolve_unet_shape(image_size: int, channel_mult, attention_resolutions: st
             f"{sorted(DEFAULT_CHANNEL_MULT)}); pass channel_mult, e.g. --channel_mult 1,2,2 for 16 px or 1,1,2,2,4,4,4 for 512 px"
         )
     if image_size % (2 ** (len(mult) - 1)):
-        raise ValueError(f"{flag}={image_size} is not divisible by 2^{len(mult) - 1}, as channel_mult={mult} needs")
-    attention_ds = tuple(image_size // int(res) for res in str(attention_resolutions).split(",") if res.strip())
+        raise ValueError(
+            f"{flag}={image_size} is not divisible by 2^{len(mult) - 1}, as channel_mult={mult} needs"
+        )
+    attention_ds = tuple(
+        image_size // int(res) for res in str(attention_resolutions).split(",") if res.strip()
+    )
     return mult, attention_ds
 
 
-def create_model(image_size, num_channels, num_res_blocks, learn_sigma, class_cond, use_checkpoint, attention_resolutions,
-                 num_heads, num_heads_upsample, use_scale_shift_norm, dropout, channel_mult="", num_head_channels=-1,
-                 use_fused_kernels=True) -> UNetModel:
+def create_model(
+    image_size,
+    num_channels,
+    num_res_blocks,
+    learn_sigma,
+    class_cond,
+    use_checkpoint,
+    attention_resolutions,
+    num_heads,
+    num_heads_upsample,
+    use_scale_shift_norm,
+    dropout,
+    channel_mult="",
+    num_head_channels=-1,
+    use_fused_kernels=True,
+) -> UNetModel:
     """Build the UNet for RGB images of image_size px (6 output channels with learn_sigma)."""
     mult, attention_ds = _resolve_unet_shape(image_size, channel_mult, attention_resolutions, "image_size")
     return UNetModel(
-        in_channels=3, model_channels=num_channels, out_channels=(6 if learn_sigma else 3), num_res_blocks=num_res_blocks,
-        attention_resolutions=attention_ds, dropout=dropout, channel_mult=mult, num_classes=(NUM_CLASSES if class_cond else None),
-        use_checkpoint=use_checkpoint, num_heads=num_heads, num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm, num_head_channels=num_head_channels, use_fused_kernels=use_fused_kernels,
+        in_channels=3,
+        model_channels=num_channels,
+        out_channels=(6 if learn_sigma else 3),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=attention_ds,
+        dropout=dropout,
+        channel_mult=mult,
+        num_classes=(NUM_CLASSES if class_cond else None),
+        use_checkpoint=use_checkpoint,
+        num_heads=num_heads,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        num_head_channels=num_head_channels,
+        use_fused_kernels=use_fused_kernels,
     )
 
 
@@ -110,43 +179,112 @@ def sr_model_and_diffusion_defaults() -> Dict:
     return {k: v for k, v in res.items() if k in arg_names}
 
 
-def sr_create_model_and_diffusion(large_size, small_size, class_cond, learn_sigma, num_channels, num_res_blocks, num_heads,
-                                  num_heads_upsample, attention_resolutions, dropout, diffusion_steps, noise_schedule,
-                                  timestep_respacing, use_kl, predict_xstart, rescale_timesteps, rescale_learned_sigmas,
-                                  use_checkpoint, use_scale_shift_norm, channel_mult="", num_head_channels=-1, use_fused_kernels=True):
+def sr_create_model_and_diffusion(
+    large_size,
+    small_size,
+    class_cond,
+    learn_sigma,
+    num_channels,
+    num_res_blocks,
+    num_heads,
+    num_heads_upsample,
+    attention_resolutions,
+    dropout,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    use_checkpoint,
+    use_scale_shift_norm,
+    channel_mult="",
+    num_head_channels=-1,
+    use_fused_kernels=True,
+):
     """Build (SuperResModel, SpacedDiffusion) for small_size -> large_size upsampling."""
     model = sr_create_model(
-        large_size, small_size, num_channels, num_res_blocks, learn_sigma=learn_sigma, class_cond=class_cond,
-        use_checkpoint=use_checkpoint, attention_resolutions=attention_resolutions, num_heads=num_heads,
-        num_heads_upsample=num_heads_upsample, use_scale_shift_norm=use_scale_shift_norm, dropout=dropout,
-        channel_mult=channel_mult, num_head_channels=num_head_channels, use_fused_kernels=use_fused_kernels,
+        large_size,
+        small_size,
+        num_channels,
+        num_res_blocks,
+        learn_sigma=learn_sigma,
+        class_cond=class_cond,
+        use_checkpoint=use_checkpoint,
+        attention_resolutions=attention_resolutions,
+        num_heads=num_heads,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        dropout=dropout,
+        channel_mult=channel_mult,
+        num_head_channels=num_head_channels,
+        use_fused_kernels=use_fused_kernels,
     )
     diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps, learn_sigma=learn_sigma, noise_schedule=noise_schedule, use_kl=use_kl,
-        predict_xstart=predict_xstart, rescale_timesteps=rescale_timesteps, rescale_learned_sigmas=rescale_learned_sigmas,
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
         timestep_respacing=timestep_respacing,
     )
     return model, diffusion
 
 
-def sr_create_model(large_size, small_size, num_channels, num_res_blocks, learn_sigma, class_cond, use_checkpoint,
-                    attention_resolutions, num_heads, num_heads_upsample, use_scale_shift_norm, dropout, channel_mult="",
-                    num_head_channels=-1, use_fused_kernels=True) -> SuperResModel:
+def sr_create_model(
+    large_size,
+    small_size,
+    num_channels,
+    num_res_blocks,
+    learn_sigma,
+    class_cond,
+    use_checkpoint,
+    attention_resolutions,
+    num_heads,
+    num_heads_upsample,
+    use_scale_shift_norm,
+    dropout,
+    channel_mult="",
+    num_head_channels=-1,
+    use_fused_kernels=True,
+) -> SuperResModel:
     """Build the super-resolution UNet for large_size px outputs (small_size only documents the input)."""
     if small_size > large_size:
         raise ValueError(f"small_size ({small_size}) must not exceed large_size ({large_size})")
     mult, attention_ds = _resolve_unet_shape(large_size, channel_mult, attention_resolutions, "large_size")
     return SuperResModel(
-        in_channels=3, model_channels=num_channels, out_channels=(6 if learn_sigma else 3), num_res_blocks=num_res_blocks,
-        attention_resolutions=attention_ds, dropout=dropout, channel_mult=mult, num_classes=(NUM_CLASSES if class_cond else None),
-        use_checkpoint=use_checkpoint, num_heads=num_heads, num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm, num_head_channels=num_head_channels, use_fused_kernels=use_fused_kernels,
+        in_channels=3,
+        model_channels=num_channels,
+        out_channels=(6 if learn_sigma else 3),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=attention_ds,
+        dropout=dropout,
+        channel_mult=mult,
+        num_classes=(NUM_CLASSES if class_cond else None),
+        use_checkpoint=use_checkpoint,
+        num_heads=num_heads,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        num_head_channels=num_head_channels,
+        use_fused_kernels=use_fused_kernels,
     )
 
 
-def create_gaussian_diffusion(*, steps=1000, learn_sigma=False, sigma_small=False, noise_schedule="linear", use_kl=False,
-                              predict_xstart=False, rescale_timesteps=False, rescale_learned_sigmas=False,
-                              timestep_respacing="") -> SpacedDiffusion:
+def create_gaussian_diffusion(
+    *,
+    steps=1000,
+    learn_sigma=False,
+    sigma_small=False,
+    noise_schedule="linear",
+    use_kl=False,
+    predict_xstart=False,
+    rescale_timesteps=False,
+    rescale_learned_sigmas=False,
+    timestep_respacing="",
+) -> SpacedDiffusion:
     """Build the diffusion process; without respacing it is the plain T-step GaussianDiffusion."""
     betas = gd.get_named_beta_schedule(noise_schedule, steps)
     if use_kl:
@@ -171,7 +309,9 @@ def create_gaussian_diffusion(*, steps=1000, learn_sigma=False, sigma_small=Fals
     )
 
 
-def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: Dict, help: Optional[Dict] = None) -> None:
+def add_dict_to_argparser(
+    parser: argparse.ArgumentParser, default_dict: Dict, help: Optional[Dict] = None
+) -> None:
     """Add a --key flag per entry, typed by its default (bools parsed by str2bool), with help[key] if given."""
     for k, v in default_dict.items():
         v_type = str if v is None else str2bool if isinstance(v, bool) else type(v)

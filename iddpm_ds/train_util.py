@@ -76,15 +76,26 @@ def find_latest_checkpoint(path: str) -> Optional[str]:
         tag = open(latest).read().strip()
         if os.path.isfile(os.path.join(root, tag, "COMPLETE")):
             return os.path.join(root, tag)
-    complete = sorted(d for d in os.listdir(root) if d.startswith("step") and os.path.isfile(os.path.join(root, d, "COMPLETE")))
+    complete = sorted(
+        d
+        for d in os.listdir(root)
+        if d.startswith("step") and os.path.isfile(os.path.join(root, d, "COMPLETE"))
+    )
     return os.path.join(root, complete[-1]) if complete else None
 
 
 def _rng_state() -> Dict:
     np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "np_keys": torch.from_numpy(np_state[1].astype(np.int64)), "np_pos": int(np_state[2]),
-             "np_has_gauss": int(np_state[3]), "np_gauss": float(np_state[4]), "python": list(random.getstate()[1]),
-             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
+    state = {
+        "torch": torch.get_rng_state(),
+        "np_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "np_pos": int(np_state[2]),
+        "np_has_gauss": int(np_state[3]),
+        "np_gauss": float(np_state[4]),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+    }
     if torch.cuda.is_available():  # the noise and timesteps of a GPU run come from this rank's CUDA generator
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -94,11 +105,27 @@ def _set_rng_state(state: Dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    np.random.set_state(("MT19937", state["np_keys"].numpy().astype(np.uint32), state["np_pos"], state["np_has_gauss"], state["np_gauss"]))
+    np.random.set_state(
+        (
+            "MT19937",
+            state["np_keys"].numpy().astype(np.uint32),
+            state["np_pos"],
+            state["np_has_gauss"],
+            state["np_gauss"],
+        )
+    )
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
 
 
-def create_engine(model: torch.nn.Module, ds_cfg: Dict, *, args=None, lr: float = 1e-4, weight_decay: float = 0.0, lr_anneal_steps: int = 0):
+def create_engine(
+    model: torch.nn.Module,
+    ds_cfg: Dict,
+    *,
+    args=None,
+    lr: float = 1e-4,
+    weight_decay: float = 0.0,
+    lr_anneal_steps: int = 0,
+):
     """deepspeed.initialize with the fastest optimizer for the device and improved-diffusion's LR annealing.
 
     On CPU a fused torch AdamW, built from the JSON optimizer's params, replaces
@@ -115,16 +142,28 @@ def create_engine(model: torch.nn.Module, ds_cfg: Dict, *, args=None, lr: float 
         if opt.get("type", "AdamW").lower() not in ("adamw", "adam"):
             raise ConfigError(f"optimizer type {opt['type']!r} is not supported on CPU (use AdamW)")
         params = opt.get("params", {})
-        kwargs = dict(lr=params.get("lr", lr), betas=tuple(params.get("betas", (0.9, 0.999))), eps=params.get("eps", 1e-8),
-                      weight_decay=params.get("weight_decay", weight_decay))
+        kwargs = dict(
+            lr=params.get("lr", lr),
+            betas=tuple(params.get("betas", (0.9, 0.999))),
+            eps=params.get("eps", 1e-8),
+            weight_decay=params.get("weight_decay", weight_decay),
+        )
         optimizer = lambda ps: torch.optim.AdamW(ps, fused=accelerator_is_cpu() or None, **kwargs)  # noqa: E731
     if lr_anneal_steps and "scheduler" in cfg:
         raise ConfigError("--lr_anneal_steps and a JSON 'scheduler' both set the learning rate; keep one")
     scheduler = None
     if lr_anneal_steps:
-        scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / lr_anneal_steps))  # noqa: E731
-    engine, _, _, _ = deepspeed.initialize(args=args, model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                           optimizer=optimizer, lr_scheduler=scheduler, config=cfg)
+        scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: max(0.0, 1 - s / lr_anneal_steps)
+        )  # noqa: E731
+    engine, _, _, _ = deepspeed.initialize(
+        args=args,
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=cfg,
+    )
     return engine
 
 
@@ -135,7 +174,11 @@ def seed_everything(seed: int) -> None:
 
 
 def loss_scale_of(engine) -> Optional[float]:
-    for owner, attr in ((engine.optimizer, "cur_scale"), (getattr(engine.optimizer, "loss_scaler", None), "cur_scale"), (engine.optimizer, "loss_scale")):
+    for owner, attr in (
+        (engine.optimizer, "cur_scale"),
+        (getattr(engine.optimizer, "loss_scaler", None), "cur_scale"),
+        (engine.optimizer, "loss_scale"),
+    ):
         value = getattr(owner, attr, None) if owner is not None else None
         if isinstance(value, (int, float, torch.Tensor)):
             return float(value)
@@ -174,10 +217,26 @@ class TrainLoop:
         the same step with a complete checkpoint.
     """
 
-    def __init__(self, *, engine, diffusion, data, schedule_sampler, ema_rate: str, run_dir: str, log_interval: int,
-                 save_interval: int, max_steps: int = 0, lr_anneal_steps: int = 0, writer=None, progress: bool = True,
-                 sample_interval: int = 0, preview_fn: Optional[Callable[[Dict[str, torch.Tensor]], np.ndarray]] = None,
-                 max_nonfinite_steps: int = 10, preemption=None):
+    def __init__(
+        self,
+        *,
+        engine,
+        diffusion,
+        data,
+        schedule_sampler,
+        ema_rate: str,
+        run_dir: str,
+        log_interval: int,
+        save_interval: int,
+        max_steps: int = 0,
+        lr_anneal_steps: int = 0,
+        writer=None,
+        progress: bool = True,
+        sample_interval: int = 0,
+        preview_fn: Optional[Callable[[Dict[str, torch.Tensor]], np.ndarray]] = None,
+        max_nonfinite_steps: int = 10,
+        preemption=None,
+    ):
         self.engine, self.diffusion, self.data, self.sampler = engine, diffusion, data, schedule_sampler
         self.ema_rates = [float(r) for r in str(ema_rate).split(",") if r.strip()]
         self.run_dir, self.log_interval, self.save_interval = run_dir, log_interval, save_interval
@@ -207,7 +266,10 @@ class TrainLoop:
         return self.engine.global_steps
 
     def done(self) -> bool:
-        return bool((self.max_steps and self.step >= self.max_steps) or (self.lr_anneal_steps and self.step >= self.lr_anneal_steps))
+        return bool(
+            (self.max_steps and self.step >= self.max_steps)
+            or (self.lr_anneal_steps and self.step >= self.lr_anneal_steps)
+        )
 
     def run_step(self) -> bool:
         """One optimizer step over gas micro-batches; returns whether the update was applied."""
@@ -229,7 +291,9 @@ class TrainLoop:
                     self.engine.step()
             else:
                 self.engine.step()
-            self._pending.append(torch.stack([t.to(torch.float64), losses["loss"].detach().to(torch.float64)]))
+            self._pending.append(
+                torch.stack([t.to(torch.float64), losses["loss"].detach().to(torch.float64)])
+            )
             self._accumulate({k: v.detach() * weights for k, v in losses.items()}, t)
         applied = self.engine.was_step_applied() and all_finite
         if all_finite:
@@ -282,7 +346,9 @@ class TrainLoop:
         if self.world > 1:
             gathered = torch.empty(self.world * local.numel(), dtype=local.dtype, device=local.device)
             # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single; older torches have only the old name.
-            getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(gathered, local.flatten().contiguous())
+            getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(
+                gathered, local.flatten().contiguous()
+            )
             local = gathered.view(self.world, 2, -1).permute(1, 0, 2).reshape(2, -1)
         if apply:
             pairs = local.cpu().numpy()
@@ -304,7 +370,11 @@ class TrainLoop:
         """All-reduce the accumulated losses and write one record (rank 0). Collective."""
         keys = sorted(self._stats)
         # Collectives take tensors on this rank's device: NCCL has no CPU tensors.
-        stacked = torch.stack([self._stats[k] for k in keys]) if keys else torch.zeros(0, 10, dtype=torch.float64, device=self.device)
+        stacked = (
+            torch.stack([self._stats[k] for k in keys])
+            if keys
+            else torch.zeros(0, 10, dtype=torch.float64, device=self.device)
+        )
         self._stats = {}
         if self.world > 1:
             dist.all_reduce(stacked)
@@ -358,7 +428,12 @@ class TrainLoop:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item():
             self.stop_reason = reason or "another rank was asked to stop"
-            log.warning("stopping after step %d: %s (rank %d); saving a checkpoint", self.step, self.stop_reason, self.rank)
+            log.warning(
+                "stopping after step %d: %s (rank %d); saving a checkpoint",
+                self.step,
+                self.stop_reason,
+                self.rank,
+            )
             return True
         return False
 
@@ -366,15 +441,22 @@ class TrainLoop:
         """Sample a small grid from the EMA weights into TensorBoard. Collective (the EMA is gathered)."""
         state_dict = self.ema.full_state_dicts()[self.ema_rates[0]]
         if self.rank == 0 and self.preview_fn is not None and self.writer is not None:
-            self.writer.add_image(f"samples/ema_{self.ema_rates[0]}", self.preview_fn(state_dict), self.step, dataformats="HWC")
+            self.writer.add_image(
+                f"samples/ema_{self.ema_rates[0]}", self.preview_fn(state_dict), self.step, dataformats="HWC"
+            )
             self.writer.flush()
 
     # ------------------------------------------------------------------ loop
     def run_loop(self) -> None:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=self.max_steps or self.lr_anneal_steps or None, initial=self.step, disable=not self.progress,
-                   unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=self.max_steps or self.lr_anneal_steps or None,
+            initial=self.step,
+            disable=not self.progress,
+            unit="step",
+            dynamic_ncols=True,
+        )
         self._t_last, self._samples_last = time.perf_counter(), self.engine.global_samples
         try:
             self._loop(bar)
@@ -388,7 +470,9 @@ class TrainLoop:
             if self.step % self.log_interval == 0:
                 record = self.log_step()
                 if record is not None:
-                    bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", img_s=f"{record['images_per_s']:.1f}")
+                    bar.set_postfix(
+                        loss=f"{record.get('loss', float('nan')):.4f}", img_s=f"{record['images_per_s']:.1f}"
+                    )
             if self.consecutive_nonfinite >= self.max_nonfinite_steps:
                 self.save()
                 raise TrainingDiverged(
@@ -419,8 +503,12 @@ class TrainLoop:
         model_sd = self.master.full_state_dict()
         ema_sds = self.ema.full_state_dicts()
         ema_files = {str(rate): f"ema_{rate}_{step:06d}.pt" for rate in self.ema_rates}
-        client_state = {"data": self.data.state_dict(), "iddpm_ds_step": step, "nonfinite_steps": self.nonfinite_steps,
-                        "universal_checkpoint_info": {}}  # lets deepspeed.checkpoint.ds_to_universal convert it
+        client_state = {
+            "data": self.data.state_dict(),
+            "iddpm_ds_step": step,
+            "nonfinite_steps": self.nonfinite_steps,
+            "universal_checkpoint_info": {},
+        }  # lets deepspeed.checkpoint.ds_to_universal convert it
         if isinstance(self.sampler, LossAwareSampler):
             client_state["sampler"] = {k: torch.from_numpy(v) for k, v in self.sampler.state_dict().items()}
         error = ""
@@ -440,9 +528,17 @@ class TrainLoop:
         errors = [e for e in errors if e]
         if errors:
             last = find_latest_checkpoint(self.run_dir)
-            raise CheckpointError(f"saving checkpoint {tag} failed ({errors[0]}); resume will use {last or 'no checkpoint (none complete)'}")
+            raise CheckpointError(
+                f"saving checkpoint {tag} failed ({errors[0]}); resume will use {last or 'no checkpoint (none complete)'}"
+            )
         if self.rank == 0:
-            meta = {"step": step, "world_size": self.world, "zero_stage": self.master.stage, "model": f"model{step:06d}.pt", "ema": ema_files}
+            meta = {
+                "step": step,
+                "world_size": self.world,
+                "zero_stage": self.master.stage,
+                "model": f"model{step:06d}.pt",
+                "ema": ema_files,
+            }
             atomic_write_text(os.path.join(ckpt_dir, "COMPLETE"), json.dumps(meta))
             atomic_write_text(os.path.join(root, "latest"), tag)
             log.info("saved checkpoint %s", ckpt_dir)
@@ -460,30 +556,42 @@ class TrainLoop:
             meta = json.load(f)
         root, tag = os.path.split(os.path.normpath(ckpt_dir))
         if meta["world_size"] != self.world and load_tag is None:
-            raise CheckpointError(f"{ckpt_dir} was written by {meta['world_size']} ranks; this run has {self.world} (use prepare_resume)")
+            raise CheckpointError(
+                f"{ckpt_dir} was written by {meta['world_size']} ranks; this run has {self.world} (use prepare_resume)"
+            )
         verify_checkpoint_files(ckpt_dir)
-        load_path, client = self.engine.load_checkpoint(root, load_tag or tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        load_path, client = self.engine.load_checkpoint(
+            root, load_tag or tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint in {ckpt_dir}")
         self.data.load_state_dict(client["data"])
         self.nonfinite_steps = int(client.get("nonfinite_steps", 0))
         if isinstance(self.sampler, LossAwareSampler):
             if "sampler" not in client:
-                raise CheckpointError(f"{ckpt_dir} has no loss-aware sampler state (it was trained with --schedule_sampler uniform)")
+                raise CheckpointError(
+                    f"{ckpt_dir} has no loss-aware sampler state (it was trained with --schedule_sampler uniform)"
+                )
             self.sampler.load_state_dict({k: v.numpy() for k, v in client["sampler"].items()})
         run_dir = os.path.dirname(os.path.dirname(os.path.normpath(ckpt_dir)))
         for rate in self.ema_rates:
             name = meta["ema"].get(str(rate))
             if name is None:
-                raise CheckpointError(f"{ckpt_dir} has no EMA for rate {rate} (it has {', '.join(meta['ema'])})")
+                raise CheckpointError(
+                    f"{ckpt_dir} has no EMA for rate {rate} (it has {', '.join(meta['ema'])})"
+                )
             self.ema.load_full(rate, load_state_dict_file(os.path.join(run_dir, name)))
         rng_file = os.path.join(ckpt_dir, f"rng_rank{self.rank:03d}.pt")
         if meta["world_size"] == self.world:
             _set_rng_state(torch.load(rng_file, weights_only=True))
         else:  # a new rank layout has no saved per-rank streams: fresh ones, distinct per rank and step
             seed_everything(1_000_003 * self.step + self.rank)
-            log.warning("resumed %d-rank checkpoint on %d ranks: weights, optimizer, EMA, sampler and data position are exact; "
-                        "random streams restart", meta["world_size"], self.world)
+            log.warning(
+                "resumed %d-rank checkpoint on %d ranks: weights, optimizer, EMA, sampler and data position are exact; "
+                "random streams restart",
+                meta["world_size"],
+                self.world,
+            )
         self.last_saved_step = self.step
         log.info("resumed from %s at step %d", ckpt_dir, self.step)
 
@@ -505,8 +613,19 @@ def prepare_resume(ckpt_dir: str, world_size: int) -> Optional[str]:
     if dist.get_rank() == 0 and not os.path.isdir(universal):
         verify_checkpoint_files(ckpt_dir)
         tmp = universal + ".tmp"
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", ckpt_dir, "--output_folder", tmp,
-               "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            ckpt_dir,
+            "--output_folder",
+            tmp,
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             error = f"converting {ckpt_dir} to a universal checkpoint failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"

@@ -11,7 +11,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .nn import GroupNorm32, avg_pool_nd, conv_nd, normalization, qkv_attention, timestep_embedding, zero_module
+from .nn import (
+    GroupNorm32,
+    avg_pool_nd,
+    conv_nd,
+    normalization,
+    qkv_attention,
+    timestep_embedding,
+    zero_module,
+)
 
 
 class TimestepBlock(nn.Module):
@@ -52,7 +60,11 @@ class Downsample(nn.Module):
         super().__init__()
         self.channels, self.use_conv, self.dims = channels, use_conv, dims
         stride = 2 if dims != 3 else (1, 2, 2)
-        self.op = conv_nd(dims, channels, channels, 3, stride=stride, padding=1) if use_conv else avg_pool_nd(dims, stride)
+        self.op = (
+            conv_nd(dims, channels, channels, 3, stride=stride, padding=1)
+            if use_conv
+            else avg_pool_nd(dims, stride)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert x.shape[1] == self.channels
@@ -70,16 +82,30 @@ class ResBlock(TimestepBlock):
     :param use_conv: a 3x3 (not 1x1) conv on the skip path when channels change.
     """
 
-    def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: Optional[int] = None, use_conv: bool = False,
-                 use_scale_shift_norm: bool = False, dims: int = 2, use_checkpoint: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        dropout: float,
+        out_channels: Optional[int] = None,
+        use_conv: bool = False,
+        use_scale_shift_norm: bool = False,
+        dims: int = 2,
+        use_checkpoint: bool = False,
+    ):
         super().__init__()
         self.channels = channels
         self.out_channels = out_channels or channels
         self.use_checkpoint = use_checkpoint
         self.use_scale_shift_norm = use_scale_shift_norm
 
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), conv_nd(dims, channels, self.out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels))
+        self.in_layers = nn.Sequential(
+            normalization(channels), nn.SiLU(), conv_nd(dims, channels, self.out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(),
+            nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels),
+        )
         self.out_layers = nn.Sequential(
             normalization(self.out_channels),
             nn.SiLU(),
@@ -119,12 +145,16 @@ class AttentionBlock(nn.Module):
         fixes the channels per head and derives the head count.
     """
 
-    def __init__(self, channels: int, num_heads: int = 1, use_checkpoint: bool = False, num_head_channels: int = -1):
+    def __init__(
+        self, channels: int, num_heads: int = 1, use_checkpoint: bool = False, num_head_channels: int = -1
+    ):
         super().__init__()
         self.channels = channels
         if num_head_channels != -1:
             if channels % num_head_channels:
-                raise ValueError(f"attention channels {channels} are not divisible by num_head_channels={num_head_channels}")
+                raise ValueError(
+                    f"attention channels {channels} are not divisible by num_head_channels={num_head_channels}"
+                )
             num_heads = channels // num_head_channels
         if channels % num_heads:
             raise ValueError(f"attention channels {channels} are not divisible by num_heads={num_heads}")
@@ -165,10 +195,25 @@ class UNetModel(nn.Module):
     :param use_fused_kernels: route norms and attention through the `kernels` package.
     """
 
-    def __init__(self, in_channels: int, model_channels: int, out_channels: int, num_res_blocks: int, attention_resolutions: Iterable[int],
-                 dropout: float = 0, channel_mult: Sequence[int] = (1, 2, 4, 8), conv_resample: bool = True, dims: int = 2,
-                 num_classes: Optional[int] = None, use_checkpoint: bool = False, num_heads: int = 1, num_heads_upsample: int = -1,
-                 use_scale_shift_norm: bool = False, num_head_channels: int = -1, use_fused_kernels: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        model_channels: int,
+        out_channels: int,
+        num_res_blocks: int,
+        attention_resolutions: Iterable[int],
+        dropout: float = 0,
+        channel_mult: Sequence[int] = (1, 2, 4, 8),
+        conv_resample: bool = True,
+        dims: int = 2,
+        num_classes: Optional[int] = None,
+        use_checkpoint: bool = False,
+        num_heads: int = 1,
+        num_heads_upsample: int = -1,
+        use_scale_shift_norm: bool = False,
+        num_head_channels: int = -1,
+        use_fused_kernels: bool = False,
+    ):
         super().__init__()
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
@@ -181,17 +226,31 @@ class UNetModel(nn.Module):
         self.num_classes = num_classes
 
         time_embed_dim = model_channels * 4
-        self.time_embed = nn.Sequential(nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim))
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
+        )
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
 
         def res_block(ch_in, ch_out=None):
-            return ResBlock(ch_in, time_embed_dim, dropout, out_channels=ch_out, dims=dims, use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm)
+            return ResBlock(
+                ch_in,
+                time_embed_dim,
+                dropout,
+                out_channels=ch_out,
+                dims=dims,
+                use_checkpoint=use_checkpoint,
+                use_scale_shift_norm=use_scale_shift_norm,
+            )
 
         def attention(ch, heads):
-            return AttentionBlock(ch, num_heads=heads, use_checkpoint=use_checkpoint, num_head_channels=num_head_channels)
+            return AttentionBlock(
+                ch, num_heads=heads, use_checkpoint=use_checkpoint, num_head_channels=num_head_channels
+            )
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))])
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))]
+        )
         input_block_chans = [model_channels]
         ch, ds = model_channels, 1
         for level, mult in enumerate(self.channel_mult):
@@ -221,7 +280,11 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)))
+        self.out = nn.Sequential(
+            normalization(ch),
+            nn.SiLU(),
+            zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)),
+        )
         self.set_fused_kernels(use_fused_kernels)
 
     def set_fused_kernels(self, enabled: bool) -> None:
@@ -231,7 +294,9 @@ class UNetModel(nn.Module):
             if isinstance(m, (GroupNorm32, AttentionBlock)):
                 m.use_fused_kernels = enabled
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """x: [N, C, ...]; timesteps: [N] (int or float); y: [N] labels if class-conditional.
 
         Runs in the dtype of the model's parameters and returns x's dtype, so
@@ -264,7 +329,9 @@ class SuperResModel(UNetModel):
     def __init__(self, in_channels: int, *args, **kwargs):
         super().__init__(in_channels * 2, *args, **kwargs)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, low_res: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, low_res: Optional[torch.Tensor] = None, **kwargs
+    ) -> torch.Tensor:
         """x: [N, C, H, W]; low_res: [N, C, h, w] with h, w <= H, W."""
         if low_res is None:
             raise ValueError("SuperResModel needs the low-resolution image as low_res=")

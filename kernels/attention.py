@@ -34,7 +34,9 @@ def qkv_attention_reference(qkv: torch.Tensor, num_heads: int, order: str = "leg
     B, H, ch, T = q.shape
     scale = 1 / math.sqrt(math.sqrt(ch))
     weight = torch.einsum("bhct,bhcs->bhts", q * scale, k * scale)
-    weight = torch.softmax(weight.to(torch.promote_types(weight.dtype, torch.float32)), dim=-1).type(qkv.dtype)
+    weight = torch.softmax(weight.to(torch.promote_types(weight.dtype, torch.float32)), dim=-1).type(
+        qkv.dtype
+    )
     return torch.einsum("bhts,bhcs->bhct", weight, v).reshape(B, H * ch, T)
 
 
@@ -51,5 +53,7 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, order: str = "legacy") -> t
     if use_triton(qkv) and not exact_fp32 and not interpreted_bf16:
         from .attention_triton import FlashQKVAttention
 
-        return run_triton_or_reference("qkv_attention", lambda: FlashQKVAttention.apply(qkv, num_heads, order), reference)
+        return run_triton_or_reference(
+            "qkv_attention", lambda: FlashQKVAttention.apply(qkv, num_heads, order), reference
+        )
     return reference()

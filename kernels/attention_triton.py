@@ -41,8 +41,21 @@ def _head_offsets(bh, H, T, head_stride, part_stride, D: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(QKV, O, LSE, H, T, head_stride, part_stride, sm_scale,
-                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _fwd_kernel(
+    QKV,
+    O,
+    LSE,
+    H,
+    T,
+    head_stride,
+    part_stride,
+    sm_scale,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     q_off, k_off, v_off, o_off = _head_offsets(bh, H, T, head_stride, part_stride, D)
@@ -50,7 +63,9 @@ def _fwd_kernel(QKV, O, LSE, H, T, head_stride, part_stride, sm_scale,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    q = tl.load(_tile_ptrs(q_base, offs_m, offs_d, T), mask=(offs_m[:, None] < T) & d_mask[None, :], other=0.0)
+    q = tl.load(
+        _tile_ptrs(q_base, offs_m, offs_d, T), mask=(offs_m[:, None] < T) & d_mask[None, :], other=0.0
+    )
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -69,9 +84,15 @@ def _fwd_kernel(QKV, O, LSE, H, T, head_stride, part_stride, sm_scale,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
-    tl.store(_tile_ptrs(O + o_off, offs_m, offs_d, T), acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < T) & d_mask[None, :])
+    tl.store(
+        _tile_ptrs(O + o_off, offs_m, offs_d, T),
+        acc.to(O.dtype.element_ty),
+        mask=(offs_m[:, None] < T) & d_mask[None, :],
+    )
     # Natural-log LSE of the scaled logits, for the backward recomputation.
-    tl.store(LSE + bh.to(tl.int64) * T + offs_m, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=offs_m < T)
+    tl.store(
+        LSE + bh.to(tl.int64) * T + offs_m, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=offs_m < T
+    )
 
 
 @triton.jit
@@ -103,8 +124,23 @@ def _query_block(QKV, DO, LSE, Delta, q_off, o_off, bh, offs_m, offs_d, d_mask, 
 
 
 @triton.jit
-def _bwd_dkdv_kernel(QKV, DO, LSE, Delta, DQKV, H, T, head_stride, part_stride, sm_scale,
-                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _bwd_dkdv_kernel(
+    QKV,
+    DO,
+    LSE,
+    Delta,
+    DQKV,
+    H,
+    T,
+    head_stride,
+    part_stride,
+    sm_scale,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One program per (key block, b*h): loops over query blocks."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -120,7 +156,9 @@ def _bwd_dkdv_kernel(QKV, DO, LSE, Delta, DQKV, H, T, head_stride, part_stride, 
     n_valid = offs_n < T
     for start_m in range(0, T, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q, do, lse, delta, m_valid, _ = _query_block(QKV, DO, LSE, Delta, q_off, o_off, bh, offs_m, offs_d, d_mask, T)
+        q, do, lse, delta, m_valid, _ = _query_block(
+            QKV, DO, LSE, Delta, q_off, o_off, bh, offs_m, offs_d, d_mask, T
+        )
         # Transposed tiles [N, M] (rows = this program's keys): every dot then has BLOCK_N rows, which Hopper's
         # warpgroup MMA needs (64+); with query rows, the small BLOCK_M would put two of the four on mma.sync.
         pT = tl.exp(tl.dot(k, tl.trans(q), input_precision=PRECISION) * sm_scale - lse[None, :])
@@ -134,8 +172,23 @@ def _bwd_dkdv_kernel(QKV, DO, LSE, Delta, DQKV, H, T, head_stride, part_stride, 
 
 
 @triton.jit
-def _bwd_dq_kernel(QKV, DO, LSE, Delta, DQKV, H, T, head_stride, part_stride, sm_scale,
-                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _bwd_dq_kernel(
+    QKV,
+    DO,
+    LSE,
+    Delta,
+    DQKV,
+    H,
+    T,
+    head_stride,
+    part_stride,
+    sm_scale,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One program per (query block, b*h): loops over key blocks."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -143,7 +196,9 @@ def _bwd_dq_kernel(QKV, DO, LSE, Delta, DQKV, H, T, head_stride, part_stride, sm
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    q, do, lse, delta, m_valid, m_mask = _query_block(QKV, DO, LSE, Delta, q_off, o_off, bh, offs_m, offs_d, d_mask, T)
+    q, do, lse, delta, m_valid, m_mask = _query_block(
+        QKV, DO, LSE, Delta, q_off, o_off, bh, offs_m, offs_d, d_mask, T
+    )
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, T, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -184,27 +239,63 @@ def configs(T: int, D: int, capability: Optional[int], fp32: bool = False) -> di
         return {"fwd": c, "dkdv": c, "dq": c, "pre": c}
     small_d = D <= 64
     if T % 16:
-        return {"fwd": LaunchConfig(32 if fp32 else 64, 32, 8, 3), "dkdv": LaunchConfig(32, 32, 8, 3),
-                "dq": LaunchConfig(64, 32, 8, 3) if small_d else LaunchConfig(32, 64, 8, 3), "pre": LaunchConfig(64, 0, 8, 1)}
+        return {
+            "fwd": LaunchConfig(32 if fp32 else 64, 32, 8, 3),
+            "dkdv": LaunchConfig(32, 32, 8, 3),
+            "dq": LaunchConfig(64, 32, 8, 3) if small_d else LaunchConfig(32, 64, 8, 3),
+            "pre": LaunchConfig(64, 0, 8, 1),
+        }
     if fp32:  # TF32 dots on fp32 tiles: twice the bytes and registers of a 16-bit tile
         if small_d:
-            cfg = {"fwd": LaunchConfig(64, 32, 8, 2), "dkdv": LaunchConfig(32, 32, 8, 2), "dq": LaunchConfig(64, 32, 8, 2)}
+            cfg = {
+                "fwd": LaunchConfig(64, 32, 8, 2),
+                "dkdv": LaunchConfig(32, 32, 8, 2),
+                "dq": LaunchConfig(64, 32, 8, 2),
+            }
         else:
-            cfg = {"fwd": LaunchConfig(32, 32, 8, 2), "dkdv": LaunchConfig(32, 32, 8, 2), "dq": LaunchConfig(32, 16, 8, 2)}
+            cfg = {
+                "fwd": LaunchConfig(32, 32, 8, 2),
+                "dkdv": LaunchConfig(32, 32, 8, 2),
+                "dq": LaunchConfig(32, 16, 8, 2),
+            }
     elif capability >= 90:
         short = T <= 64  # one 64-row tile covers the sequence: larger tiles would be half masked
         if small_d and short:
-            cfg = {"fwd": LaunchConfig(64, 64, 4, 3), "dkdv": LaunchConfig(32, 64, 4, 3), "dq": LaunchConfig(64, 64, 4, 3)}
+            cfg = {
+                "fwd": LaunchConfig(64, 64, 4, 3),
+                "dkdv": LaunchConfig(32, 64, 4, 3),
+                "dq": LaunchConfig(64, 64, 4, 3),
+            }
         elif small_d:
-            cfg = {"fwd": LaunchConfig(128, 64, 8, 3), "dkdv": LaunchConfig(32, 128, 8, 3), "dq": LaunchConfig(128, 64, 8, 3)}
+            cfg = {
+                "fwd": LaunchConfig(128, 64, 8, 3),
+                "dkdv": LaunchConfig(32, 128, 8, 3),
+                "dq": LaunchConfig(128, 64, 8, 3),
+            }
         elif short:
-            cfg = {"fwd": LaunchConfig(64, 64, 8, 2), "dkdv": LaunchConfig(32, 64, 8, 2), "dq": LaunchConfig(64, 32, 8, 3)}
+            cfg = {
+                "fwd": LaunchConfig(64, 64, 8, 2),
+                "dkdv": LaunchConfig(32, 64, 8, 2),
+                "dq": LaunchConfig(64, 32, 8, 3),
+            }
         else:
-            cfg = {"fwd": LaunchConfig(128, 64, 8, 2), "dkdv": LaunchConfig(32, 64, 8, 2), "dq": LaunchConfig(128, 32, 8, 2)}
+            cfg = {
+                "fwd": LaunchConfig(128, 64, 8, 2),
+                "dkdv": LaunchConfig(32, 64, 8, 2),
+                "dq": LaunchConfig(128, 32, 8, 2),
+            }
     elif small_d:
-        cfg = {"fwd": LaunchConfig(64 if T <= 64 else 128, 32, 8, 3), "dkdv": LaunchConfig(64, 32, 8, 3), "dq": LaunchConfig(64, 64, 8, 3)}
+        cfg = {
+            "fwd": LaunchConfig(64 if T <= 64 else 128, 32, 8, 3),
+            "dkdv": LaunchConfig(64, 32, 8, 3),
+            "dq": LaunchConfig(64, 64, 8, 3),
+        }
     else:
-        cfg = {"fwd": LaunchConfig(64, 32, 8, 3), "dkdv": LaunchConfig(64, 64, 8, 2), "dq": LaunchConfig(64 if T <= 64 else 128, 32, 8, 3)}
+        cfg = {
+            "fwd": LaunchConfig(64, 32, 8, 3),
+            "dkdv": LaunchConfig(64, 64, 8, 2),
+            "dq": LaunchConfig(64 if T <= 64 else 128, 32, 8, 3),
+        }
     return {**cfg, "pre": LaunchConfig(64, 0, 8, 1)}
 
 
@@ -238,9 +329,23 @@ class FlashQKVAttention(torch.autograd.Function):
         lse = torch.empty(B * H, T, device=qkv.device, dtype=torch.float32)
         sm_scale = 1.0 / math.sqrt(D)
         f = cfg["fwd"]
-        _fwd_kernel[(triton.cdiv(T, f.block_m), B * H)](qkv, out, lse, H, T, head_stride, part_stride, sm_scale, D=D, BLOCK_D=BLOCK_D,
-                                                       BLOCK_M=f.block_m, BLOCK_N=f.block_n, PRECISION=precision,
-                                                       num_warps=f.num_warps, num_stages=f.num_stages)
+        _fwd_kernel[(triton.cdiv(T, f.block_m), B * H)](
+            qkv,
+            out,
+            lse,
+            H,
+            T,
+            head_stride,
+            part_stride,
+            sm_scale,
+            D=D,
+            BLOCK_D=BLOCK_D,
+            BLOCK_M=f.block_m,
+            BLOCK_N=f.block_n,
+            PRECISION=precision,
+            num_warps=f.num_warps,
+            num_stages=f.num_stages,
+        )
         ctx.save_for_backward(qkv, out, lse)
         ctx.meta = (H, D, order, sm_scale, BLOCK_D, cfg, precision)
         return out
@@ -253,12 +358,24 @@ class FlashQKVAttention(torch.autograd.Function):
         dout = dout.contiguous()
         delta = torch.empty_like(lse)
         pre = cfg["pre"]
-        _bwd_preprocess[(triton.cdiv(T, pre.block_m), B * H)](out, dout, delta, H, T, D=D, BLOCK_D=BLOCK_D, BLOCK_M=pre.block_m,
-                                                             num_warps=pre.num_warps)
+        _bwd_preprocess[(triton.cdiv(T, pre.block_m), B * H)](
+            out, dout, delta, H, T, D=D, BLOCK_D=BLOCK_D, BLOCK_M=pre.block_m, num_warps=pre.num_warps
+        )
         dqkv = torch.empty_like(qkv)
         head_stride, part_stride = _strides(order, H, D)
         args = (qkv, dout, lse, delta, dqkv, H, T, head_stride, part_stride, sm_scale)
-        for kernel, c, blocks in ((_bwd_dkdv_kernel, cfg["dkdv"], cfg["dkdv"].block_n), (_bwd_dq_kernel, cfg["dq"], cfg["dq"].block_m)):
-            kernel[(triton.cdiv(T, blocks), B * H)](*args, D=D, BLOCK_D=BLOCK_D, BLOCK_M=c.block_m, BLOCK_N=c.block_n, PRECISION=precision,
-                                                    num_warps=c.num_warps, num_stages=c.num_stages)
+        for kernel, c, blocks in (
+            (_bwd_dkdv_kernel, cfg["dkdv"], cfg["dkdv"].block_n),
+            (_bwd_dq_kernel, cfg["dq"], cfg["dq"].block_m),
+        ):
+            kernel[(triton.cdiv(T, blocks), B * H)](
+                *args,
+                D=D,
+                BLOCK_D=BLOCK_D,
+                BLOCK_M=c.block_m,
+                BLOCK_N=c.block_n,
+                PRECISION=precision,
+                num_warps=c.num_warps,
+                num_stages=c.num_stages,
+            )
         return dqkv, None, None

@@ -35,10 +35,23 @@ from iddpm_ds.nn import unfused_norm_act  # noqa: E402  (the UNet's own unfused 
 from kernels import group_norm_silu, group_norm_silu_reference, qkv_attention, qkv_attention_reference  # noqa: E402
 
 # From the 64 px and 256 px IDDPM UNets (bf16). "ss" = scale-shift + SiLU, "silu" = norm + SiLU, "plain" = norm only.
-GN_SHAPES = [((64, 128, 64, 64), "silu"), ((64, 256, 32, 32), "ss"), ((64, 384, 16, 16), "plain"), ((64, 512, 8, 8), "ss"),
-             ((8, 256, 256, 256), "silu"), ((8, 1024, 16, 16), "ss")]
+GN_SHAPES = [
+    ((64, 128, 64, 64), "silu"),
+    ((64, 256, 32, 32), "ss"),
+    ((64, 384, 16, 16), "plain"),
+    ((64, 512, 8, 8), "ss"),
+    ((8, 256, 256, 256), "silu"),
+    ((8, 1024, 16, 16), "ss"),
+]
 # (B, heads, T, D)
-ATTN_SHAPES = [(64, 4, 256, 96), (64, 4, 64, 128), (64, 6, 1024, 64), (64, 9, 256, 64), (64, 12, 64, 64), (8, 8, 1024, 64)]
+ATTN_SHAPES = [
+    (64, 4, 256, 96),
+    (64, 4, 64, 128),
+    (64, 6, 1024, 64),
+    (64, 9, 256, 64),
+    (64, 12, 64, 64),
+    (8, 8, 1024, 64),
+]
 SMOKE_GN = [((2, 64, 4, 4), "ss"), ((1, 32, 9, 9), "silu")]
 SMOKE_ATTN = [(1, 2, 20, 32)]
 
@@ -72,7 +85,9 @@ def host_us(fn, calls=20) -> float:
     """Host microseconds per call while the device runs behind: Python, autograd and launch overhead. A
     device time near this figure means the op is launch-bound (the small shapes' 20 us goal depends on it)."""
     cuda = torch.cuda.is_available()
-    calls = calls if cuda else 1  # the interpreter runs everything on the host, slowly: one call tells as much
+    calls = (
+        calls if cuda else 1
+    )  # the interpreter runs everything on the host, slowly: one call tells as much
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -145,12 +160,17 @@ def measure(row: dict, fn, args, dy, ref) -> dict:
     except Exception as e:  # noqa: BLE001 - any failure is a result of this provider, not the end of the run
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
     dispatch._broken.clear()  # a kernel that failed at one shape is tried afresh at the next
-    label = " ".join(str(row[k]) for k in ("op", "shape", "pattern", "provider", "kernel", "tile") if k in row)
+    label = " ".join(
+        str(row[k]) for k in ("op", "shape", "pattern", "provider", "kernel", "tile") if k in row
+    )
     if "error" in row:  # printed as it lands, so a run cut off by its time limit still leaves its numbers
         print(f"{label}: FAILED {row['error']}", flush=True)
     else:
-        print(f"{label}: fwd ms {row['fwd_ms']}, fwd+bwd ms {row['fwd_bwd_ms']}, rel err out {row['max_rel_err']:.1e} "
-              f"grads {row['grad_rel_err']:.1e}{'' if row.get('deterministic', True) else ', NOT DETERMINISTIC'}", flush=True)
+        print(
+            f"{label}: fwd ms {row['fwd_ms']}, fwd+bwd ms {row['fwd_bwd_ms']}, rel err out {row['max_rel_err']:.1e} "
+            f"grads {row['grad_rel_err']:.1e}{'' if row.get('deterministic', True) else ', NOT DETERMINISTIC'}",
+            flush=True,
+        )
     return row
 
 
@@ -160,23 +180,45 @@ def bench_group_norm(shapes, device, dtype, use_compile):
         B, C = shape[:2]
         ss = kind == "ss"
         silu = kind != "plain"
-        args = [torch.randn(shape, device=device, dtype=dtype, requires_grad=True),
-                torch.randn(C, device=device, dtype=dtype, requires_grad=True), torch.randn(C, device=device, dtype=dtype, requires_grad=True),
-                torch.randn(B, C, device=device, dtype=dtype, requires_grad=True) if ss else None,
-                torch.randn(B, C, device=device, dtype=dtype, requires_grad=True) if ss else None]
+        args = [
+            torch.randn(shape, device=device, dtype=dtype, requires_grad=True),
+            torch.randn(C, device=device, dtype=dtype, requires_grad=True),
+            torch.randn(C, device=device, dtype=dtype, requires_grad=True),
+            torch.randn(B, C, device=device, dtype=dtype, requires_grad=True) if ss else None,
+            torch.randn(B, C, device=device, dtype=dtype, requires_grad=True) if ss else None,
+        ]
         dy = torch.randn(shape, device=device, dtype=dtype)
 
         def eager(x, w, b, scale, shift):
             return unfused_norm_act(x, w, b, 32, 1e-5, scale=scale, shift=shift, silu=silu)
 
-        providers = {"triton": lambda x, w, b, scale, shift: group_norm_silu(x, w, b, 32, scale=scale, shift=shift, silu=silu), "eager": eager}
+        providers = {
+            "triton": lambda x, w, b, scale, shift: group_norm_silu(
+                x, w, b, 32, scale=scale, shift=shift, silu=silu
+            ),
+            "eager": eager,
+        }
         if use_compile:  # specialised to this shape, as a user compiling a fixed-size model would get it
             providers["compile"] = torch.compile(eager, dynamic=False)
-        ref = float64_reference(lambda x, w, b, scale, shift: group_norm_silu_reference(x, w, b, 32, scale=scale, shift=shift, silu=silu), args, dy)
+        ref = float64_reference(
+            lambda x, w, b, scale, shift: group_norm_silu_reference(
+                x, w, b, 32, scale=scale, shift=shift, silu=silu
+            ),
+            args,
+            dy,
+        )
         n_bytes = args[0].numel() * args[0].element_size()
         for name, fn in providers.items():
-            row = measure({"op": "group_norm", "shape": list(shape), "pattern": kind, "provider": name}, fn, args, dy, ref)
-            if "error" not in row:  # fwd+bwd moves x and y forward, x, dy and dx backward: 5 tensors of x's size
+            row = measure(
+                {"op": "group_norm", "shape": list(shape), "pattern": kind, "provider": name},
+                fn,
+                args,
+                dy,
+                ref,
+            )
+            if (
+                "error" not in row
+            ):  # fwd+bwd moves x and y forward, x, dy and dx backward: 5 tensors of x's size
                 row["fwd_bwd_GBps"] = 5 * n_bytes / (min(row["fwd_bwd_ms"]) * 1e-3) / 1e9
             rows.append(row)
         del ref
@@ -188,12 +230,17 @@ def bench_attention(shapes, device, dtype, smoke):
     for B, H, T, D in shapes:
         args = [torch.randn(B, 3 * H * D, T, device=device, dtype=dtype, requires_grad=True)]
         dy = torch.randn(B, H * D, T, device=device, dtype=dtype)
-        providers = {"triton": lambda qkv: qkv_attention(qkv, H), "eager": lambda qkv: qkv_attention_reference(qkv, H)}
+        providers = {
+            "triton": lambda qkv: qkv_attention(qkv, H),
+            "eager": lambda qkv: qkv_attention_reference(qkv, H),
+        }
         if device.type == "cuda" and not smoke:
             from torch.nn.attention import SDPBackend
 
             providers["sdpa_flash"] = lambda qkv: sdpa_from_qkv(qkv, H, SDPBackend.FLASH_ATTENTION)
-            providers["sdpa_mem_efficient"] = lambda qkv: sdpa_from_qkv(qkv, H, SDPBackend.EFFICIENT_ATTENTION)
+            providers["sdpa_mem_efficient"] = lambda qkv: sdpa_from_qkv(
+                qkv, H, SDPBackend.EFFICIENT_ATTENTION
+            )
         ref = float64_reference(lambda qkv: qkv_attention_reference(qkv, H), args, dy)
         flops_fwd = 4 * B * H * T * T * D
         for name, fn in providers.items():
@@ -207,12 +254,18 @@ def bench_attention(shapes, device, dtype, smoke):
 
 
 # Tile candidates for the attention sweep, (BLOCK_M, BLOCK_N, num_warps, num_stages); none spills on sm_90.
-SWEEP = {"small_d": {"fwd": [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)],
-                     "dkdv": [(16, 64, 8, 2), (16, 128, 8, 2), (32, 64, 8, 3), (32, 128, 8, 3), (64, 64, 8, 3)],
-                     "dq": [(64, 64, 4, 3), (64, 128, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3)]},
-         "large_d": {"fwd": [(64, 32, 8, 3), (64, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2)],
-                     "dkdv": [(16, 64, 8, 2), (32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2)],
-                     "dq": [(64, 32, 8, 3), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2)]}}
+SWEEP = {
+    "small_d": {
+        "fwd": [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)],
+        "dkdv": [(16, 64, 8, 2), (16, 128, 8, 2), (32, 64, 8, 3), (32, 128, 8, 3), (64, 64, 8, 3)],
+        "dq": [(64, 64, 4, 3), (64, 128, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
+    },
+    "large_d": {
+        "fwd": [(64, 32, 8, 3), (64, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2)],
+        "dkdv": [(16, 64, 8, 2), (32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2)],
+        "dq": [(64, 32, 8, 3), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2)],
+    },
+}
 
 
 def sweep_attention(shapes, device, dtype):
@@ -228,11 +281,25 @@ def sweep_attention(shapes, device, dtype):
         defaults = default_configs(T, D, attention_triton.device_capability(device))
         for kernel, candidates in SWEEP["small_d" if D <= 64 else "large_d"].items():
             for cand in candidates:
-                attention_triton.configs = lambda T_, D_, cap, fp32=False, _k=kernel, _c=cand: {**default_configs(T_, D_, cap, fp32),
-                                                                                             _k: attention_triton.LaunchConfig(*_c)}
+                attention_triton.configs = lambda T_, D_, cap, fp32=False, _k=kernel, _c=cand: {
+                    **default_configs(T_, D_, cap, fp32),
+                    _k: attention_triton.LaunchConfig(*_c),
+                }
                 try:
-                    row = measure({"op": "attention", "shape": [B, H, T, D], "provider": "triton", "kernel": kernel, "tile": list(cand),
-                                   "default": attention_triton.LaunchConfig(*cand) == defaults[kernel]}, lambda qkv: qkv_attention(qkv, H), args, dy, ref)
+                    row = measure(
+                        {
+                            "op": "attention",
+                            "shape": [B, H, T, D],
+                            "provider": "triton",
+                            "kernel": kernel,
+                            "tile": list(cand),
+                            "default": attention_triton.LaunchConfig(*cand) == defaults[kernel],
+                        },
+                        lambda qkv: qkv_attention(qkv, H),
+                        args,
+                        dy,
+                        ref,
+                    )
                 finally:
                     attention_triton.configs = default_configs
                 rows.append(row)
@@ -251,7 +318,10 @@ def copy_bandwidth(device, smoke) -> float:
 def matmul_tflops(device, smoke) -> float:
     """TFLOP/s of a bf16 8192^3 cuBLAS matmul, the dense-math ceiling attention's TFLOP/s compare to."""
     n = 128 if smoke else 8192
-    a, b = torch.randn(n, n, device=device, dtype=torch.bfloat16), torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    a, b = (
+        torch.randn(n, n, device=device, dtype=torch.bfloat16),
+        torch.randn(n, n, device=device, dtype=torch.bfloat16),
+    )
     return 2 * n**3 / (min(timed(lambda: a @ b)) * 1e-3) / 1e12
 
 
@@ -265,7 +335,9 @@ def training_step(device, smoke):
     flags = model_and_diffusion_defaults()  # 64 px, 128 channels, attention at 16 and 8
     batch = 32
     if smoke:
-        flags.update(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4")
+        flags.update(
+            image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4"
+        )
         batch = 2
     size = flags["image_size"]
     gen = torch.Generator(device="cpu").manual_seed(1)
@@ -296,8 +368,15 @@ def training_step(device, smoke):
             opt.step()
 
         ms = timed(step)
-        result["kernels_on" if fused else "kernels_off"] = {"ms": ms, "images_per_s": batch / (min(ms) * 1e-3), "loss_fixed_batch": first_loss}
-        print(f"training step, kernels {'on' if fused else 'off'}: ms {ms}, loss of the fixed batch {first_loss:.6f}", flush=True)
+        result["kernels_on" if fused else "kernels_off"] = {
+            "ms": ms,
+            "images_per_s": batch / (min(ms) * 1e-3),
+            "loss_fixed_batch": first_loss,
+        }
+        print(
+            f"training step, kernels {'on' if fused else 'off'}: ms {ms}, loss of the fixed batch {first_loss:.6f}",
+            flush=True,
+        )
     result["fell_back_to_reference"] = sorted(dispatch._broken)
     result["speedup"] = result["kernels_on"]["images_per_s"] / result["kernels_off"]["images_per_s"]
     off, on = result["kernels_off"]["loss_fixed_batch"], result["kernels_on"]["loss_fixed_batch"]
@@ -310,7 +389,11 @@ def training_step(device, smoke):
 # least LARGE_BYTES are the "large" ones held to the copy-bandwidth goal; 8x8 maps are the "small" ones.
 LARGE_BYTES = 32 * 2**20
 ATTN_VS_SDPA = {64: 1.5, 256: 1.3, 1024: 1.0}  # T -> fwd+bwd speed-up over the faster SDPA backend
-TOLERANCE = {"torch.float32": 1e-4, "torch.bfloat16": 2e-2, "torch.float16": 5e-3}  # max rel err, output and gradients
+TOLERANCE = {
+    "torch.float32": 1e-4,
+    "torch.bfloat16": 2e-2,
+    "torch.float16": 5e-3,
+}  # max rel err, output and gradients
 
 
 def goals(report: dict) -> list:
@@ -319,7 +402,9 @@ def goals(report: dict) -> list:
     rows = [r for r in report["rows"] if "error" not in r]
 
     def best(op, shape, providers, key="fwd_bwd_ms"):
-        found = [min(r[key]) for r in rows if r["op"] == op and r["shape"] == shape and r["provider"] in providers]
+        found = [
+            min(r[key]) for r in rows if r["op"] == op and r["shape"] == shape and r["provider"] in providers
+        ]
         return min(found) if found else None
 
     out = []
@@ -336,52 +421,82 @@ def goals(report: dict) -> list:
             continue
         name = f"{r['op']} {r['shape']} {r.get('pattern', '')}".rstrip()
         tol = TOLERANCE[report["meta"]["dtype"]]
-        add(f"{name}: max rel err, output and gradients", max(r["max_rel_err"], r["grad_rel_err"]) if "error" not in r else None, tol, at_least=False)
+        add(
+            f"{name}: max rel err, output and gradients",
+            max(r["max_rel_err"], r["grad_rel_err"]) if "error" not in r else None,
+            tol,
+            at_least=False,
+        )
         mine = best(r["op"], r["shape"], {"triton"})
         if r["op"] == "group_norm":
             if math.prod(r["shape"]) * 2 >= LARGE_BYTES:
                 add(f"{name}: fwd+bwd % of copy bandwidth", r.get("pct_of_copy"), 80.0)
-            add(f"{name}: fwd+bwd speed-up over eager", ratio(best("group_norm", r["shape"], {"eager"}), mine), 4.0)
-            add(f"{name}: fwd+bwd speed-up over torch.compile", ratio(best("group_norm", r["shape"], {"compile"}), mine), 1.3)
+            add(
+                f"{name}: fwd+bwd speed-up over eager",
+                ratio(best("group_norm", r["shape"], {"eager"}), mine),
+                4.0,
+            )
+            add(
+                f"{name}: fwd+bwd speed-up over torch.compile",
+                ratio(best("group_norm", r["shape"], {"compile"}), mine),
+                1.3,
+            )
             if math.prod(r["shape"][2:]) <= 64:
                 add(f"{name}: fwd+bwd us", None if mine is None else mine * 1e3, 20.0, at_least=False)
         else:
             B, H, T, D = r["shape"]
             if T in ATTN_VS_SDPA:
-                add(f"{name}: fwd+bwd speed-up over SDPA (faster backend)", ratio(best("attention", r["shape"], {"sdpa_flash", "sdpa_mem_efficient"}), mine),
-                    ATTN_VS_SDPA[T])
+                add(
+                    f"{name}: fwd+bwd speed-up over SDPA (faster backend)",
+                    ratio(best("attention", r["shape"], {"sdpa_flash", "sdpa_mem_efficient"}), mine),
+                    ATTN_VS_SDPA[T],
+                )
             if T == 1024 and D == 64:
                 add(f"{name}: fwd TFLOP/s", r.get("fwd_TFLOPs"), 250.0)
     step = report.get("training_step")
     label = f"{step['config']['image_size']} px training step" if step else "training step"
-    add(f"{label}: speed-up with kernels on", step["speedup"] if step and not step["fell_back_to_reference"] else None, 1.3)
+    add(
+        f"{label}: speed-up with kernels on",
+        step["speedup"] if step and not step["fell_back_to_reference"] else None,
+        1.3,
+    )
     return out
 
 
 def print_report(report: dict) -> None:
     meta, rows = report["meta"], report["rows"]
-    print(f"# {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['date']} | {meta['dtype']} | "
-          f"copy {report['copy_GBps']:.0f} GB/s | bf16 matmul {report['matmul_TFLOPs']:.0f} TFLOP/s")
-    print(f"{'op':<10} {'shape':<22} {'pattern':<6} {'provider':<19} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} {'GB/s|TF/s':>10} {'%copy':>6} "
-          f"{'triton x':>8} {'err':>8} {'grad err':>8} {'same bits':>9} {'host us':>8}")
+    print(
+        f"# {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['date']} | {meta['dtype']} | "
+        f"copy {report['copy_GBps']:.0f} GB/s | bf16 matmul {report['matmul_TFLOPs']:.0f} TFLOP/s"
+    )
+    print(
+        f"{'op':<10} {'shape':<22} {'pattern':<6} {'provider':<19} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} {'GB/s|TF/s':>10} {'%copy':>6} "
+        f"{'triton x':>8} {'err':>8} {'grad err':>8} {'same bits':>9} {'host us':>8}"
+    )
     for r in rows:
         head = f"{r['op']:<10} {str(r['shape']):<22} {r.get('pattern', ''):<6} {r['provider']:<19}"
         if "error" in r:
             print(f"{head} FAILED {r['error']}")
             continue
         rate = r.get("fwd_bwd_GBps", r.get("fwd_bwd_TFLOPs"))
-        print(f"{head} {min(r['fwd_ms']):>9.3f} {min(r['bwd_ms']):>9.3f} {min(r['fwd_bwd_ms']):>9.3f} {rate:>10.1f} "
-              f"{r.get('pct_of_copy', math.nan):>6.1f} {r.get('triton_speedup_fwd_bwd', math.nan):>8.2f} {r['max_rel_err']:>8.1e} {r['grad_rel_err']:>8.1e} "
-              f"{ {True: 'yes', False: 'NO', None: ''}[r.get('deterministic')]:>9} {r['host_us_fwd_bwd']:>8.0f}")
+        print(
+            f"{head} {min(r['fwd_ms']):>9.3f} {min(r['bwd_ms']):>9.3f} {min(r['fwd_bwd_ms']):>9.3f} {rate:>10.1f} "
+            f"{r.get('pct_of_copy', math.nan):>6.1f} {r.get('triton_speedup_fwd_bwd', math.nan):>8.2f} {r['max_rel_err']:>8.1e} {r['grad_rel_err']:>8.1e} "
+            f"{ {True: 'yes', False: 'NO', None: ''}[r.get('deterministic')]:>9} {r['host_us_fwd_bwd']:>8.0f}"
+        )
     step = report.get("training_step")
     if step:
-        print(f"training step {step['config']}: kernels off {step['kernels_off']['images_per_s']:.1f} img/s, on {step['kernels_on']['images_per_s']:.1f} img/s, "
-              f"speed-up {step['speedup']:.2f}x; fixed-batch loss off {step['kernels_off']['loss_fixed_batch']:.6f} on "
-              f"{step['kernels_on']['loss_fixed_batch']:.6f}, gradients differ by {step['grad_rel_diff']:.1e} of their max; "
-              f"fell back: {step['fell_back_to_reference'] or 'none'}")
+        print(
+            f"training step {step['config']}: kernels off {step['kernels_off']['images_per_s']:.1f} img/s, on {step['kernels_on']['images_per_s']:.1f} img/s, "
+            f"speed-up {step['speedup']:.2f}x; fixed-batch loss off {step['kernels_off']['loss_fixed_batch']:.6f} on "
+            f"{step['kernels_on']['loss_fixed_batch']:.6f}, gradients differ by {step['grad_rel_diff']:.1e} of their max; "
+            f"fell back: {step['fell_back_to_reference'] or 'none'}"
+        )
     verdicts = report["goals"]
-    print(f"# goals (issue #5): {sum(g['ok'] is True for g in verdicts)} met, {sum(g['ok'] is False for g in verdicts)} missed, "
-          f"{sum(g['ok'] is None for g in verdicts)} not measured")
+    print(
+        f"# goals (issue #5): {sum(g['ok'] is True for g in verdicts)} met, {sum(g['ok'] is False for g in verdicts)} missed, "
+        f"{sum(g['ok'] is None for g in verdicts)} not measured"
+    )
     for g in verdicts:
         mark = {True: "met", False: "MISSED", None: "not measured"}[g["ok"]]
         measured = "-" if g["measured"] is None else f"{g['measured']:.4g}"
@@ -391,17 +506,28 @@ def print_report(report: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
-    p.add_argument("--out", default="", help="write the report as JSON (rewritten after each section, so a cut-off run keeps what it measured)")
+    p.add_argument(
+        "--out",
+        default="",
+        help="write the report as JSON (rewritten after each section, so a cut-off run keeps what it measured)",
+    )
     p.add_argument("--no_compile", action="store_true", help="leave out the torch.compile baseline")
-    p.add_argument("--sweep", action="store_true", help="time the candidate tiles of each attention kernel instead")
+    p.add_argument(
+        "--sweep", action="store_true", help="time the candidate tiles of each attention kernel instead"
+    )
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("bench.py: no GPU; run with TRITON_INTERPRET=1 and --smoke to check the script on CPU")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     torch.manual_seed(0)
-    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)", "torch": torch.__version__,
-            "triton": triton.__version__, "date": datetime.date.today().isoformat(), "dtype": str(dtype)}
+    meta = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.date.today().isoformat(),
+        "dtype": str(dtype),
+    }
 
     def save(report):  # after every shape, atomically: a run killed by its time limit keeps a readable file
         if args.out:
@@ -415,9 +541,16 @@ def main() -> None:
             sweep["sweep"] += sweep_attention([shape], device, dtype)
             save(sweep)
         return
-    report = {"meta": meta, "copy_GBps": copy_bandwidth(device, args.smoke), "matmul_TFLOPs": matmul_tflops(device, args.smoke), "rows": []}
+    report = {
+        "meta": meta,
+        "copy_GBps": copy_bandwidth(device, args.smoke),
+        "matmul_TFLOPs": matmul_tflops(device, args.smoke),
+        "rows": [],
+    }
     for shape in SMOKE_GN if args.smoke else GN_SHAPES:
-        report["rows"] += bench_group_norm([shape], device, dtype, use_compile=not (args.smoke or args.no_compile))
+        report["rows"] += bench_group_norm(
+            [shape], device, dtype, use_compile=not (args.smoke or args.no_compile)
+        )
         save(report)
     for shape in SMOKE_ATTN if args.smoke else ATTN_SHAPES:
         report["rows"] += bench_attention([shape], device, dtype, args.smoke)
@@ -428,7 +561,14 @@ def main() -> None:
             continue
         if r["op"] == "group_norm":
             r["pct_of_copy"] = 100 * r["fwd_bwd_GBps"] / report["copy_GBps"]
-        mine = [q for q in report["rows"] if q["op"] == r["op"] and q["shape"] == r["shape"] and q["provider"] == "triton" and "error" not in q]
+        mine = [
+            q
+            for q in report["rows"]
+            if q["op"] == r["op"]
+            and q["shape"] == r["shape"]
+            and q["provider"] == "triton"
+            and "error" not in q
+        ]
         if mine:
             r["triton_speedup_fwd_bwd"] = min(r["fwd_bwd_ms"]) / min(mine[0]["fwd_bwd_ms"])
     report["goals"] = goals(report)

@@ -43,19 +43,34 @@ BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 # The benchmark's shapes (bf16), then the corners of what the kernels accept: other dtypes (fp32 dots run
 # in IEEE precision and take more registers), channels per group not a power of two, odd sizes, head dims
 # 32 and 128 at the shortest and longest sequences, sequences that are not a multiple of 16.
-GN_WORK = [(s, k, BF16) for s, k in GN_SHAPES] + [((64, 128, 64, 64), "silu", FP32), ((8, 96, 128, 128), "ss", FP32),
-                                                  ((4, 192, 33, 33), "silu", FP16), ((2, 64, 7, 7), "plain", FP32)]
-ATTN_WORK = [(shape, BF16) for shape in ATTN_SHAPES] + [((2, 4, T, D), BF16) for T in (16, 4096) for D in (32, 128)] + \
-            [((2, 4, 256, D), FP32) for D in (64, 96, 128)] + [((2, 4, 64, 64), FP32), ((2, 4, 1000, 64), FP16), ((2, 4, 196, 128), BF16), ((2, 4, 49, 32), FP32)]
+GN_WORK = [(s, k, BF16) for s, k in GN_SHAPES] + [
+    ((64, 128, 64, 64), "silu", FP32),
+    ((8, 96, 128, 128), "ss", FP32),
+    ((4, 192, 33, 33), "silu", FP16),
+    ((2, 64, 7, 7), "plain", FP32),
+]
+ATTN_WORK = (
+    [(shape, BF16) for shape in ATTN_SHAPES]
+    + [((2, 4, T, D), BF16) for T in (16, 4096) for D in (32, 128)]
+    + [((2, 4, 256, D), FP32) for D in (64, 96, 128)]
+    + [((2, 4, 64, 64), FP32), ((2, 4, 1000, 64), FP16), ((2, 4, 196, 128), BF16), ((2, 4, 49, 32), FP32)]
+)
 
 
 @contextlib.contextmanager
 def recorded_launches():
     """Within the block, launching any kernel of kernels/ appends (kernel, args, kwargs) to the yielded list instead."""
     launches = []
-    kernels = [obj for module in (group_norm_triton, attention_triton) for obj in vars(module).values() if isinstance(obj, JITFunction)]
+    kernels = [
+        obj
+        for module in (group_norm_triton, attention_triton)
+        for obj in vars(module).values()
+        if isinstance(obj, JITFunction)
+    ]
     if not kernels:
-        sys.exit("compile_report.py: the kernels were built for the interpreter; run without TRITON_INTERPRET=1")
+        sys.exit(
+            "compile_report.py: the kernels were built for the interpreter; run without TRITON_INTERPRET=1"
+        )
     for k in kernels:
         k.run = lambda *args, grid, warmup, _k=k, **kwargs: launches.append((_k, args, kwargs))
     try:
@@ -97,8 +112,11 @@ def ptxas_usage(ptx: str, arch: int):
         with open(src, "w") as f:
             f.write(ptx)
         suffix = "a" if arch >= 90 else ""
-        proc = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}{suffix}", src, "-o", os.path.join(d, "k.cubin")],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [ptxas, "-v", f"--gpu-name=sm_{arch}{suffix}", src, "-o", os.path.join(d, "k.cubin")],
+            capture_output=True,
+            text=True,
+        )
     if proc.returncode:
         raise RuntimeError(f"ptxas failed: {proc.stderr.strip()[:500]}")
     regs = int(re.search(r"Used (\d+) registers", proc.stderr).group(1))
@@ -111,22 +129,35 @@ def compile_launch(kernel, args, kwargs, target):
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound_args, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
-    consts = {kernel.arg_names[path[0]]: v for path, v in constexprs.items() if isinstance(v, (int, str)) and not isinstance(v, bool)}
+    options, signature, constexprs, attrs = kernel._pack_args(
+        backend, kwargs, bound_args, specialization, options
+    )
+    compiled = triton.compile(
+        ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__
+    )
+    consts = {
+        kernel.arg_names[path[0]]: v
+        for path, v in constexprs.items()
+        if isinstance(v, (int, str)) and not isinstance(v, bool)
+    }
     return compiled, consts, options
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", type=int, default=90, choices=sorted(SM_LIMITS), help="compute capability x10 (90 = H100)")
+    p.add_argument(
+        "--arch", type=int, default=90, choices=sorted(SM_LIMITS), help="compute capability x10 (90 = H100)"
+    )
     p.add_argument("--out", default="")
     args = p.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     max_regs, max_smem, max_warps = SM_LIMITS[args.arch]
     dt = {BF16: "bf16", FP16: "fp16", FP32: "fp32"}
     work = [(f"group_norm {list(s)} {k} {dt[d]}", group_norm_launches(s, k, d)) for s, k, d in GN_WORK]
-    work += [(f"attention {list(shape)} {dt[d]}", attention_launches(*shape, d, args.arch)) for shape, d in ATTN_WORK]
+    work += [
+        (f"attention {list(shape)} {dt[d]}", attention_launches(*shape, d, args.arch))
+        for shape, d in ATTN_WORK
+    ]
     rows, cache = [], {}
     for label, launches in work:
         for kernel, largs, lkwargs in launches:
@@ -138,25 +169,49 @@ def main() -> None:
             smem = compiled.metadata.shared
             warps = options.num_warps
             per_warp = math.ceil(regs * 32 / 256) * 256  # registers are allocated per warp in units of 256
-            programs = min(max_regs // (per_warp * warps), max_smem // smem if smem else max_warps, max_warps // warps)
+            programs = min(
+                max_regs // (per_warp * warps), max_smem // smem if smem else max_warps, max_warps // warps
+            )
             ptx = compiled.asm["ptx"]
             # Which tensor-core instructions the dots became: Hopper's warpgroup MMA, the older per-warp mma.sync, both, or none.
-            mma = "+".join(name for name, op in (("wgmma", "wgmma.mma_async"), ("mma.sync", "mma.sync")) if op in ptx)
-            rows.append({"shape": label, "kernel": kernel.__name__, "constexprs": consts, "num_warps": warps,
-                         "num_stages": options.num_stages, "registers": regs, "spill_bytes": spills, "shared_bytes": smem,
-                         "est_warps_per_sm": programs * warps, "mma": mma, "ok": spills == 0 and smem <= max_smem})
+            mma = "+".join(
+                name for name, op in (("wgmma", "wgmma.mma_async"), ("mma.sync", "mma.sync")) if op in ptx
+            )
+            rows.append(
+                {
+                    "shape": label,
+                    "kernel": kernel.__name__,
+                    "constexprs": consts,
+                    "num_warps": warps,
+                    "num_stages": options.num_stages,
+                    "registers": regs,
+                    "spill_bytes": spills,
+                    "shared_bytes": smem,
+                    "est_warps_per_sm": programs * warps,
+                    "mma": mma,
+                    "ok": spills == 0 and smem <= max_smem,
+                }
+            )
     meta = {"arch": args.arch, "triton": triton.__version__, "torch": torch.__version__}
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(f"# sm_{args.arch} | triton {meta['triton']} | limits: {max_smem} B shared per program, {max_regs} registers per SM")
-    print(f"{'shape':<43} {'kernel':<26} {'blocks':<44} {'warps':>5} {'stg':>3} {'regs':>4} {'spill':>5} {'smem':>6} {'warps/SM':>8} {'mma':>14}")
+    print(
+        f"# sm_{args.arch} | triton {meta['triton']} | limits: {max_smem} B shared per program, {max_regs} registers per SM"
+    )
+    print(
+        f"{'shape':<43} {'kernel':<26} {'blocks':<44} {'warps':>5} {'stg':>3} {'regs':>4} {'spill':>5} {'smem':>6} {'warps/SM':>8} {'mma':>14}"
+    )
     for r in rows:
         blocks = ",".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.startswith("BLOCK") or k == "D")
-        print(f"{r['shape']:<43} {r['kernel']:<26} {blocks:<44} {r['num_warps']:>5} {r['num_stages']:>3} {r['registers']:>4} "
-              f"{r['spill_bytes']:>5} {r['shared_bytes']:>6} {r['est_warps_per_sm']:>8} {r['mma']:>14}{'' if r['ok'] else '  <-- FAIL'}")
+        print(
+            f"{r['shape']:<43} {r['kernel']:<26} {blocks:<44} {r['num_warps']:>5} {r['num_stages']:>3} {r['registers']:>4} "
+            f"{r['spill_bytes']:>5} {r['shared_bytes']:>6} {r['est_warps_per_sm']:>8} {r['mma']:>14}{'' if r['ok'] else '  <-- FAIL'}"
+        )
     bad = [r for r in rows if not r["ok"]]
-    print(f"{len(rows)} launches, {len(cache)} distinct kernels, {len(bad)} spilling or over the shared-memory limit")
+    print(
+        f"{len(rows)} launches, {len(cache)} distinct kernels, {len(bad)} spilling or over the shared-memory limit"
+    )
     sys.exit(1 if bad else 0)
 
 

@@ -30,6 +30,8 @@ def run_triton_or_reference(name: str, triton_fn, reference_fn):
             import warnings
 
             _broken.add(name)
-            warnings.warn(f"Triton kernel {name} is unavailable here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                          "using the PyTorch reference instead")
+            warnings.warn(
+                f"Triton kernel {name} is unavailable here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                "using the PyTorch reference instead"
+            )
     return reference_fn()

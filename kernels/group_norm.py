@@ -12,8 +12,16 @@ import torch.nn.functional as F
 from .dispatch import run_triton_or_reference, use_triton
 
 
-def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float = 1e-5,
-                              scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None, silu: bool = True) -> torch.Tensor:
+def group_norm_silu_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    num_groups: int,
+    eps: float = 1e-5,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    silu: bool = True,
+) -> torch.Tensor:
     """PyTorch reference: x [B, C, *spatial], weight/bias [C], scale/shift [B, C] -> x's shape and dtype.
 
     Computed in float32, or in float64 for float64 inputs (the tests' exact reference).
@@ -30,17 +38,31 @@ def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch
     return h.to(x.dtype)
 
 
-def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float = 1e-5,
-                    scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None, silu: bool = True) -> torch.Tensor:
+def group_norm_silu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    num_groups: int,
+    eps: float = 1e-5,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    silu: bool = True,
+) -> torch.Tensor:
     """silu(group_norm(x) * (1 + scale) + shift); see group_norm_silu_reference for shapes.
 
     Differentiable in x, weight, bias, scale and shift.
     """
     if x.shape[1] % num_groups:
         raise ValueError(f"num_groups={num_groups} does not divide the {x.shape[1]} channels")
-    reference = lambda: group_norm_silu_reference(x, weight, bias, num_groups, eps, scale=scale, shift=shift, silu=silu)  # noqa: E731
+    reference = lambda: group_norm_silu_reference(
+        x, weight, bias, num_groups, eps, scale=scale, shift=shift, silu=silu
+    )  # noqa: E731
     if use_triton(x):
         from .group_norm_triton import GroupNormSiLU
 
-        return run_triton_or_reference("group_norm_silu", lambda: GroupNormSiLU.apply(x, weight, bias, scale, shift, num_groups, eps, silu), reference)
+        return run_triton_or_reference(
+            "group_norm_silu",
+            lambda: GroupNormSiLU.apply(x, weight, bias, scale, shift, num_groups, eps, silu),
+            reference,
+        )
     return reference()

@@ -28,7 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-RESIDENT_MAX = 16384  # padded elements of a 16-bit group one program keeps in registers (half that for fp32 x)
+RESIDENT_MAX = (
+    16384  # padded elements of a 16-bit group one program keeps in registers (half that for fp32 x)
+)
 SPLIT_BLOCK = 4096  # elements per program on the split path
 
 
@@ -57,7 +59,21 @@ def _grad_u(xhat, dy, w, bias, mult, add, SILU: tl.constexpr):
 
 
 @triton.jit
-def _store_row_grads(R, DScale, DShift, n_rows, row, a1, a2, w, bias, mult, mask, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+def _store_row_grads(
+    R,
+    DScale,
+    DShift,
+    n_rows,
+    row,
+    a1,
+    a2,
+    w,
+    bias,
+    mult,
+    mask,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+):
     """From a1 = sum_L du and a2 = sum_L du*xhat of a row: R[0] dweight and R[1] dbias partials (fp32), dscale, dshift."""
     tl.store(R + row, mult * a2, mask=mask)
     tl.store(R + n_rows + row, mult * a1, mask=mask)
@@ -83,6 +99,7 @@ def _sum_over_batch_kernel(R, DW, DB, B, C, BLOCK: tl.constexpr):
 
 # ---- resident path: grid (B*G,), one group per program, tile [BLOCK_C, BLOCK_L] ----
 
+
 @triton.jit
 def _group_tile(pid, C, L, cpg, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """Channels [BLOCK_C, 1], rows [BLOCK_C, 1], element offsets and mask [BLOCK_C, BLOCK_L] of group pid = b*G + g."""
@@ -97,9 +114,25 @@ def _group_tile(pid, C, L, cpg, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
 
 
 @triton.jit
-def _fwd_resident_kernel(X, Y, W, Bias, Scale, Shift, Mean, Rstd, C, L, cpg, eps,
-                         HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
-                         BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+def _fwd_resident_kernel(
+    X,
+    Y,
+    W,
+    Bias,
+    Scale,
+    Shift,
+    Mean,
+    Rstd,
+    C,
+    L,
+    cpg,
+    eps,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
     pid = tl.program_id(0)
     c, row, ptrs, row_valid, mask = _group_tile(pid, C, L, cpg, BLOCK_C, BLOCK_L)
     x = tl.load(X + ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -117,9 +150,29 @@ def _fwd_resident_kernel(X, Y, W, Bias, Scale, Shift, Mean, Rstd, C, L, cpg, eps
 
 
 @triton.jit
-def _bwd_resident_kernel(X, DY, DX, W, Bias, Scale, Shift, Mean, Rstd, R, DScale, DShift, C, L, cpg, n_rows,
-                         HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
-                         BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+def _bwd_resident_kernel(
+    X,
+    DY,
+    DX,
+    W,
+    Bias,
+    Scale,
+    Shift,
+    Mean,
+    Rstd,
+    R,
+    DScale,
+    DShift,
+    C,
+    L,
+    cpg,
+    n_rows,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
     """dx = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)), dxhat = du * (1 + scale) * w."""
     pid = tl.program_id(0)
     c, row, ptrs, row_valid, mask = _group_tile(pid, C, L, cpg, BLOCK_C, BLOCK_L)
@@ -137,12 +190,21 @@ def _bwd_resident_kernel(X, DY, DX, W, Bias, Scale, Shift, Mean, Rstd, R, DScale
     # Read x and dy again (from L2: this program read them a moment ago) rather than keep both tiles live
     # across the reductions: halves the registers of a large tile (ptxas: 126 -> 82 at 4 x 4096, 16 warps).
     xhat = (tl.load(X + ptrs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32) - mean) * rstd
-    du = _grad_u(xhat, tl.load(DY + ptrs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32), w, bias, mult, add, SILU)
+    du = _grad_u(
+        xhat,
+        tl.load(DY + ptrs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32),
+        w,
+        bias,
+        mult,
+        add,
+        SILU,
+    )
     tl.store(DX + ptrs, (rstd * (du * mult * w - k1 - xhat * k2)).to(DX.dtype.element_ty), mask=mask)
     _store_row_grads(R, DScale, DShift, n_rows, row, a1, a2, w, bias, mult, row_valid, HAS_SCALE, HAS_SHIFT)
 
 
 # ---- split path: grid (B*C, NB), block j of one row per program ----
+
 
 @triton.jit
 def _row_block(row, j, L, BLOCK: tl.constexpr):
@@ -175,8 +237,28 @@ def _group_of(row, C, cpg, NB, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _fwd_apply_kernel(X, Y, W, Bias, Scale, Shift, PMean, PM2, Mean, Rstd, C, L, cpg, NB, eps,
-                      HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
+def _fwd_apply_kernel(
+    X,
+    Y,
+    W,
+    Bias,
+    Scale,
+    Shift,
+    PMean,
+    PM2,
+    Mean,
+    Rstd,
+    C,
+    L,
+    cpg,
+    NB,
+    eps,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    SILU: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     """Merges the group's block statistics (Chan et al.), then normalises block j of the row."""
     row = tl.program_id(0)
     j = tl.program_id(1)
@@ -199,23 +281,73 @@ def _fwd_apply_kernel(X, Y, W, Bias, Scale, Shift, PMean, PM2, Mean, Rstd, C, L,
 
 
 @triton.jit
-def _bwd_partial_sums_kernel(X, DY, W, Bias, Scale, Shift, Mean, Rstd, PA1, PA2, C, L, cpg, NB,
-                             HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr):
+def _bwd_partial_sums_kernel(
+    X,
+    DY,
+    W,
+    Bias,
+    Scale,
+    Shift,
+    Mean,
+    Rstd,
+    PA1,
+    PA2,
+    C,
+    L,
+    cpg,
+    NB,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    SILU: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """sum(du) and sum(du * xhat) of each block."""
     row = tl.program_id(0)
     j = tl.program_id(1)
     gid = row // cpg
     ptrs, mask = _row_block(row, j, L, BLOCK)
-    xhat = tl.where(mask, (tl.load(X + ptrs, mask=mask, other=0.0).to(tl.float32) - tl.load(Mean + gid)) * tl.load(Rstd + gid), 0.0)
+    xhat = tl.where(
+        mask,
+        (tl.load(X + ptrs, mask=mask, other=0.0).to(tl.float32) - tl.load(Mean + gid)) * tl.load(Rstd + gid),
+        0.0,
+    )
     w, bias, mult, add = _modulation(W, Bias, Scale, Shift, row % C, row, True, HAS_SCALE, HAS_SHIFT)
-    du = tl.where(mask, _grad_u(xhat, tl.load(DY + ptrs, mask=mask, other=0.0).to(tl.float32), w, bias, mult, add, SILU), 0.0)
+    du = tl.where(
+        mask,
+        _grad_u(xhat, tl.load(DY + ptrs, mask=mask, other=0.0).to(tl.float32), w, bias, mult, add, SILU),
+        0.0,
+    )
     tl.store(PA1 + row * NB + j, tl.sum(du))
     tl.store(PA2 + row * NB + j, tl.sum(du * xhat))
 
 
 @triton.jit
-def _bwd_dx_kernel(X, DY, DX, W, Bias, Scale, Shift, Mean, Rstd, PA1, PA2, R, DScale, DShift, C, L, cpg, NB, n_rows,
-                   HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
+def _bwd_dx_kernel(
+    X,
+    DY,
+    DX,
+    W,
+    Bias,
+    Scale,
+    Shift,
+    Mean,
+    Rstd,
+    PA1,
+    PA2,
+    R,
+    DScale,
+    DShift,
+    C,
+    L,
+    cpg,
+    NB,
+    n_rows,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    SILU: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     """dx of block j of the row from the group's partial sums; block 0 also writes the row's reductions."""
     row = tl.program_id(0)
     j = tl.program_id(1)
@@ -257,15 +389,24 @@ def plan(cpg: int, L: int, element_size: int) -> Plan:
     """
     block_c, block_l = triton.next_power_of_2(cpg), triton.next_power_of_2(L)
     limit = RESIDENT_MAX // max(1, element_size // 2)
-    if L % 16:  # Triton cannot prove rows aligned, so loads are not vectorised and every element carries a pointer
+    if (
+        L % 16
+    ):  # Triton cannot prove rows aligned, so loads are not vectorised and every element carries a pointer
         limit //= 2
     if block_c * block_l <= limit:
         n = block_c * block_l
         # More warps for bigger tiles keeps each thread's share of the tile (registers) bounded.
-        return Plan(True, {"BLOCK_C": block_c, "BLOCK_L": block_l}, num_warps=16 if n >= 8192 else 8 if n >= 2048 else 4)
+        return Plan(
+            True,
+            {"BLOCK_C": block_c, "BLOCK_L": block_l},
+            num_warps=16 if n >= 8192 else 8 if n >= 2048 else 4,
+        )
     block = min(SPLIT_BLOCK, block_l)
-    return Plan(False, {"BLOCK": block, "BLOCK_P": triton.next_power_of_2(cpg * triton.cdiv(L, block))},
-                num_warps=min(8, max(1, block // 512)))
+    return Plan(
+        False,
+        {"BLOCK": block, "BLOCK_P": triton.next_power_of_2(cpg * triton.cdiv(L, block))},
+        num_warps=min(8, max(1, block // 512)),
+    )
 
 
 def _flags(scale, shift, silu):
@@ -290,15 +431,50 @@ class GroupNormSiLU(torch.autograd.Function):
         y = torch.empty_like(x3)
         flags = _flags(scale, shift, silu)
         if p.resident:
-            _fwd_resident_kernel[(B * num_groups,)](x3, y, weight, bias, scale_c, shift_c, mean, rstd, C, L, cpg, eps,
-                                                    **flags, **p.constexprs, num_warps=p.num_warps)
+            _fwd_resident_kernel[(B * num_groups,)](
+                x3,
+                y,
+                weight,
+                bias,
+                scale_c,
+                shift_c,
+                mean,
+                rstd,
+                C,
+                L,
+                cpg,
+                eps,
+                **flags,
+                **p.constexprs,
+                num_warps=p.num_warps,
+            )
         else:
             nb = triton.cdiv(L, p.constexprs["BLOCK"])
             pmean = torch.empty(B * C * nb, device=x.device, dtype=torch.float32)
             pm2 = torch.empty_like(pmean)
-            _fwd_partial_stats_kernel[(B * C, nb)](x3, pmean, pm2, L, nb, BLOCK=p.constexprs["BLOCK"], num_warps=p.num_warps)
-            _fwd_apply_kernel[(B * C, nb)](x3, y, weight, bias, scale_c, shift_c, pmean, pm2, mean, rstd, C, L, cpg, nb, eps,
-                                           **flags, **p.constexprs, num_warps=p.num_warps)
+            _fwd_partial_stats_kernel[(B * C, nb)](
+                x3, pmean, pm2, L, nb, BLOCK=p.constexprs["BLOCK"], num_warps=p.num_warps
+            )
+            _fwd_apply_kernel[(B * C, nb)](
+                x3,
+                y,
+                weight,
+                bias,
+                scale_c,
+                shift_c,
+                pmean,
+                pm2,
+                mean,
+                rstd,
+                C,
+                L,
+                cpg,
+                nb,
+                eps,
+                **flags,
+                **p.constexprs,
+                num_warps=p.num_warps,
+            )
         ctx.save_for_backward(x3, weight, bias, scale, shift, mean, rstd)
         ctx.meta = (num_groups, silu, x.shape)
         return y.view(x.shape)
@@ -319,20 +495,86 @@ class GroupNormSiLU(torch.autograd.Function):
         dshift = torch.empty_like(shift_c) if shift is not None else red
         flags = _flags(scale, shift, silu)
         if p.resident:
-            _bwd_resident_kernel[(B * num_groups,)](x3, dy3, dx, weight, bias, scale_c, shift_c, mean, rstd, red, dscale, dshift, C, L, cpg, B * C,
-                                                    **flags, **p.constexprs, num_warps=p.num_warps)
+            _bwd_resident_kernel[(B * num_groups,)](
+                x3,
+                dy3,
+                dx,
+                weight,
+                bias,
+                scale_c,
+                shift_c,
+                mean,
+                rstd,
+                red,
+                dscale,
+                dshift,
+                C,
+                L,
+                cpg,
+                B * C,
+                **flags,
+                **p.constexprs,
+                num_warps=p.num_warps,
+            )
         else:
             nb = triton.cdiv(L, p.constexprs["BLOCK"])
             pa1 = torch.empty(B * C * nb, device=x3.device, dtype=torch.float32)
             pa2 = torch.empty_like(pa1)
-            _bwd_partial_sums_kernel[(B * C, nb)](x3, dy3, weight, bias, scale_c, shift_c, mean, rstd, pa1, pa2, C, L, cpg, nb,
-                                                  **flags, BLOCK=p.constexprs["BLOCK"], num_warps=p.num_warps)
-            _bwd_dx_kernel[(B * C, nb)](x3, dy3, dx, weight, bias, scale_c, shift_c, mean, rstd, pa1, pa2, red, dscale, dshift, C, L, cpg, nb, B * C,
-                                        **flags, **p.constexprs, num_warps=p.num_warps)
+            _bwd_partial_sums_kernel[(B * C, nb)](
+                x3,
+                dy3,
+                weight,
+                bias,
+                scale_c,
+                shift_c,
+                mean,
+                rstd,
+                pa1,
+                pa2,
+                C,
+                L,
+                cpg,
+                nb,
+                **flags,
+                BLOCK=p.constexprs["BLOCK"],
+                num_warps=p.num_warps,
+            )
+            _bwd_dx_kernel[(B * C, nb)](
+                x3,
+                dy3,
+                dx,
+                weight,
+                bias,
+                scale_c,
+                shift_c,
+                mean,
+                rstd,
+                pa1,
+                pa2,
+                red,
+                dscale,
+                dshift,
+                C,
+                L,
+                cpg,
+                nb,
+                B * C,
+                **flags,
+                **p.constexprs,
+                num_warps=p.num_warps,
+            )
         needs = ctx.needs_input_grad
         dweight, dbias = torch.empty_like(weight), torch.empty_like(bias)
         if needs[1] or needs[2]:
             block = min(1024, triton.next_power_of_2(C))
             _sum_over_batch_kernel[(triton.cdiv(C, block),)](red, dweight, dbias, B, C, BLOCK=block)
-        return (dx.view(shape), dweight if needs[1] else None, dbias if needs[2] else None,
-                dscale if scale is not None and needs[3] else None, dshift if shift is not None and needs[4] else None, None, None, None)
+        return (
+            dx.view(shape),
+            dweight if needs[1] else None,
+            dbias if needs[2] else None,
+            dscale if scale is not None and needs[3] else None,
+            dshift if shift is not None and needs[4] else None,
+            None,
+            None,
+            None,
+        )

@@ -26,7 +26,9 @@ def make_folder(root: str, n: int = 256, size: int = 512) -> str:
     rng = np.random.default_rng(0)
     for i in range(n):
         base = rng.integers(0, 255, (size // 16, size // 16, 3), dtype=np.uint8)
-        Image.fromarray(base).resize((size, size), Image.BILINEAR).save(os.path.join(root, f"c{i % 10}_{i:05d}.jpg"), quality=90)
+        Image.fromarray(base).resize((size, size), Image.BILINEAR).save(
+            os.path.join(root, f"c{i % 10}_{i:05d}.jpg"), quality=90
+        )
     return root
 
 
@@ -52,15 +54,24 @@ def main() -> None:
         data_dir = args.data_dir or make_folder(tmp)
         rows = []
         for size in sizes:
-            stream = load_data(data_dir=data_dir, batch_size=args.batch_size, image_size=size, num_workers=args.num_workers)
+            stream = load_data(
+                data_dir=data_dir, batch_size=args.batch_size, image_size=size, num_workers=args.num_workers
+            )
             next(stream)  # worker start-up is not throughput
             t0 = time.perf_counter()
             for _ in range(args.batches):
                 next(stream)
             dt = time.perf_counter() - t0
             stream.close()
-            rows.append({"image_size": size, "images_per_s": args.batches * args.batch_size / dt, "num_workers": args.num_workers,
-                         "batch_size": args.batch_size, "data": args.data_dir or "synthetic 512px jpeg folder"})
+            rows.append(
+                {
+                    "image_size": size,
+                    "images_per_s": args.batches * args.batch_size / dt,
+                    "num_workers": args.num_workers,
+                    "batch_size": args.batch_size,
+                    "data": args.data_dir or "synthetic 512px jpeg folder",
+                }
+            )
     print(f"{'size':>6} {'workers':>8} {'images/s':>10}")
     for r in rows:
         print(f"{r['image_size']:>6} {r['num_workers']:>8} {r['images_per_s']:>10.1f}")

@@ -32,15 +32,35 @@ from iddpm_ds.ds_config import load as load_ds_config  # noqa: E402
 from iddpm_ds.ds_config import precision, resolve  # noqa: E402
 from iddpm_ds.flags import HELP, ConfigError, make_parser, run_cli, validate_model_flags  # noqa: E402
 from iddpm_ds.resample import UniformSampler  # noqa: E402
-from iddpm_ds.script_util import add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
+from iddpm_ds.script_util import (
+    add_dict_to_argparser,
+    args_to_dict,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)  # noqa: E402
 from iddpm_ds.train_util import TrainLoop, create_engine, seed_everything  # noqa: E402
 
-DEFAULTS = dict(steps=20, warmup=3, ema_rate="0.9999", lr=1e-4, weight_decay=0.0, batch_size=1, microbatch=-1, use_fp16=False,
-                fp16_scale_growth=1e-3, memory=False, memory_input_size=32, out="")
+DEFAULTS = dict(
+    steps=20,
+    warmup=3,
+    ema_rate="0.9999",
+    lr=1e-4,
+    weight_decay=0.0,
+    batch_size=1,
+    microbatch=-1,
+    use_fp16=False,
+    fp16_scale_growth=1e-3,
+    memory=False,
+    memory_input_size=32,
+    out="",
+)
 
 BENCH_HELP = {
-    "steps": "timed optimizer steps per row", "warmup": "untimed steps first", "ema_rate": "EMA rates kept by the engine",
-    "memory": "measure per-rank bytes at ZeRO 0-3 instead of speed", "memory_input_size": "input side for --memory",
+    "steps": "timed optimizer steps per row",
+    "warmup": "untimed steps first",
+    "ema_rate": "EMA rates kept by the engine",
+    "memory": "measure per-rank bytes at ZeRO 0-3 instead of speed",
+    "memory_input_size": "input side for --memory",
     "out": "also write the JSON here",
 }
 
@@ -65,7 +85,9 @@ def tensor_bytes(tensors) -> int:
 def optimizer_state_bytes(opt) -> int:
     """fp32 master copies and Adam moments held by this rank (DeepSpeed wraps a torch optimizer)."""
     inner = getattr(opt, "optimizer", opt)
-    total = tensor_bytes(v for state in inner.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+    total = tensor_bytes(
+        v for state in inner.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0
+    )
     masters = [p for g in inner.param_groups for p in g["params"]]
     return total + tensor_bytes(masters)
 
@@ -137,9 +159,17 @@ def memory_table(flags, base_cfg, args, world) -> list:
         seed_everything(0)
         model, diffusion = create_model_and_diffusion(**flags)
         engine = create_engine(model, cfg, lr=args.lr)
-        loop = TrainLoop(engine=engine, diffusion=diffusion, data=SyntheticData(cfg["train_micro_batch_size_per_gpu"], args.memory_input_size),
-                         schedule_sampler=UniformSampler(diffusion), ema_rate=args.ema_rate, run_dir=".", log_interval=10**9,
-                         save_interval=0, progress=False)
+        loop = TrainLoop(
+            engine=engine,
+            diffusion=diffusion,
+            data=SyntheticData(cfg["train_micro_batch_size_per_gpu"], args.memory_input_size),
+            schedule_sampler=UniformSampler(diffusion),
+            ema_rate=args.ema_rate,
+            run_dir=".",
+            log_interval=10**9,
+            save_interval=0,
+            progress=False,
+        )
         x, _ = next(loop.data)
         t, _ = loop.sampler.sample(x.shape[0], engine.device)
         engine.backward(diffusion.training_losses(engine, x.to(engine.device), t)["loss"].mean())
@@ -148,11 +178,21 @@ def memory_table(flags, base_cfg, args, world) -> list:
         module_ptrs = {p.data_ptr() for p in engine.module.parameters()}
         inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
         masters = [p for g in inner.param_groups for p in g["params"] if p.data_ptr() not in module_ptrs]
-        moments = [v for st in inner.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0]
-        rows.append({"zero_stage": stage, "world_size": world,
-                     "params": tensor_bytes(p.ds_tensor if hasattr(p, "ds_tensor") else p for p in engine.module.parameters()),
-                     "grads": grads, "optimizer": tensor_bytes(masters) + tensor_bytes(moments),
-                     "ema": tensor_bytes(t for shadow in loop.ema.shadow.values() for t in shadow.values())})
+        moments = [
+            v for st in inner.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0
+        ]
+        rows.append(
+            {
+                "zero_stage": stage,
+                "world_size": world,
+                "params": tensor_bytes(
+                    p.ds_tensor if hasattr(p, "ds_tensor") else p for p in engine.module.parameters()
+                ),
+                "grads": grads,
+                "optimizer": tensor_bytes(masters) + tensor_bytes(moments),
+                "ema": tensor_bytes(t for shadow in loop.ema.shadow.values() for t in shadow.values()),
+            }
+        )
         del loop, engine, model
     return rows
 
@@ -167,14 +207,21 @@ def main() -> None:
     args = p.parse_args()
     validate_model_flags(args_to_dict(args, model_and_diffusion_defaults().keys()))
     if args.steps < 1 or args.warmup < 0:
-        raise ConfigError(f"--steps must be at least 1 and --warmup not negative, got {args.steps} and {args.warmup}")
+        raise ConfigError(
+            f"--steps must be at least 1 and --warmup not negative, got {args.steps} and {args.warmup}"
+        )
     dist_util.setup_dist()
     dist_util.set_threads_per_rank()
     from deepspeed.accelerator import get_accelerator
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg, _ = resolve(load_ds_config(args.deepspeed_config or os.path.join(REPO, "ds_configs", "cpu.json")), args, set(), world,
-                     get_accelerator().is_fp16_supported())
+    cfg, _ = resolve(
+        load_ds_config(args.deepspeed_config or os.path.join(REPO, "ds_configs", "cpu.json")),
+        args,
+        set(),
+        world,
+        get_accelerator().is_fp16_supported(),
+    )
     micro, gas = cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     device = dist_util.dev()
@@ -184,12 +231,18 @@ def main() -> None:
         rows = memory_table(flags, cfg, args, world)
         if rank == 0:
             n_params = sum(p.numel() for p in create_model_and_diffusion(**flags)[0].parameters())
-            print(f"# {n_params / 1e6:.1f}M params ({flags['image_size']} px config), {world} ranks, {precision(cfg)}; bytes per rank")
-            print(f"{'ZeRO':>4} {'params MB':>10} {'grads MB':>9} {'optim MB':>9} {'EMA MB':>8} {'optim+EMA B/param':>18}")
+            print(
+                f"# {n_params / 1e6:.1f}M params ({flags['image_size']} px config), {world} ranks, {precision(cfg)}; bytes per rank"
+            )
+            print(
+                f"{'ZeRO':>4} {'params MB':>10} {'grads MB':>9} {'optim MB':>9} {'EMA MB':>8} {'optim+EMA B/param':>18}"
+            )
             for r in rows:
                 r["params_count"] = n_params
-                print(f"{r['zero_stage']:>4} {r['params'] / 2**20:>10.1f} {r['grads'] / 2**20:>9.1f} {r['optimizer'] / 2**20:>9.1f} "
-                      f"{r['ema'] / 2**20:>8.1f} {(r['optimizer'] + r['ema']) / n_params:>18.2f}")
+                print(
+                    f"{r['zero_stage']:>4} {r['params'] / 2**20:>10.1f} {r['grads'] / 2**20:>9.1f} {r['optimizer'] / 2**20:>9.1f} "
+                    f"{r['ema'] / 2**20:>8.1f} {(r['optimizer'] + r['ema']) / n_params:>18.2f}"
+                )
             print(json.dumps(rows))
             if args.out:
                 with open(args.out, "w") as f:
@@ -199,11 +252,22 @@ def main() -> None:
     seed_everything(0)
     model, diffusion = create_model_and_diffusion(**flags)
     engine = create_engine(model, cfg, lr=args.lr)
-    loop = TrainLoop(engine=engine, diffusion=diffusion, data=SyntheticData(micro, flags["image_size"]), schedule_sampler=UniformSampler(diffusion),
-                     ema_rate=args.ema_rate, run_dir=".", log_interval=10**9, save_interval=0, progress=False)
+    loop = TrainLoop(
+        engine=engine,
+        diffusion=diffusion,
+        data=SyntheticData(micro, flags["image_size"]),
+        schedule_sampler=UniformSampler(diffusion),
+        ema_rate=args.ema_rate,
+        run_dir=".",
+        log_interval=10**9,
+        save_interval=0,
+        progress=False,
+    )
     ds_s = time_steps(loop.run_step, args.steps, args.warmup)
     ds_mem = {
-        "params": tensor_bytes(p.ds_tensor if hasattr(p, "ds_tensor") else p for p in engine.module.parameters()),
+        "params": tensor_bytes(
+            p.ds_tensor if hasattr(p, "ds_tensor") else p for p in engine.module.parameters()
+        ),
         "optimizer": optimizer_state_bytes(engine.optimizer),
         "ema": tensor_bytes(t for shadow in loop.ema.shadow.values() for t in shadow.values()),
     }
@@ -212,15 +276,29 @@ def main() -> None:
     if rank != 0:
         return
     result = {
-        "world_size": world, "zero_stage": engine.zero_optimization_stage(), "precision": precision(cfg), "micro_batch": micro, "accumulation": gas,
-        "image_size": flags["image_size"], "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "steps": args.steps,
-        "plain_images_per_s": args.steps * images_per_step / plain_s, "deepspeed_images_per_s": args.steps * images_per_step / ds_s,
+        "world_size": world,
+        "zero_stage": engine.zero_optimization_stage(),
+        "precision": precision(cfg),
+        "micro_batch": micro,
+        "accumulation": gas,
+        "image_size": flags["image_size"],
+        "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+        "steps": args.steps,
+        "plain_images_per_s": args.steps * images_per_step / plain_s,
+        "deepspeed_images_per_s": args.steps * images_per_step / ds_s,
         "per_rank_bytes": gathered,
     }
     result["engine_overhead_pct"] = 100 * (ds_s / plain_s - 1)
-    print(f"{'loop':<10} {'images/s':>10} {'params MB':>10} {'opt+master MB':>14} {'EMA MB':>8}   (rank 0, {world} ranks, ZeRO-{result['zero_stage']}, {result['precision']})")
-    for name, mem, speed in (("plain", gathered[0]["plain"], result["plain_images_per_s"]), ("deepspeed", gathered[0]["deepspeed"], result["deepspeed_images_per_s"])):
-        print(f"{name:<10} {speed:>10.1f} {mem['params'] / 2**20:>10.1f} {mem['optimizer'] / 2**20:>14.1f} {mem.get('ema', 0) / 2**20:>8.1f}")
+    print(
+        f"{'loop':<10} {'images/s':>10} {'params MB':>10} {'opt+master MB':>14} {'EMA MB':>8}   (rank 0, {world} ranks, ZeRO-{result['zero_stage']}, {result['precision']})"
+    )
+    for name, mem, speed in (
+        ("plain", gathered[0]["plain"], result["plain_images_per_s"]),
+        ("deepspeed", gathered[0]["deepspeed"], result["deepspeed_images_per_s"]),
+    ):
+        print(
+            f"{name:<10} {speed:>10.1f} {mem['params'] / 2**20:>10.1f} {mem['optimizer'] / 2**20:>14.1f} {mem.get('ema', 0) / 2**20:>8.1f}"
+        )
     print(f"engine overhead: {result['engine_overhead_pct']:+.1f}%")
     print(json.dumps(result))
 

@@ -39,8 +39,15 @@ def main() -> None:
     p = make_parser(__doc__)
     p.add_argument("src", help="image folder (labels from the filename prefix before '_')")
     p.add_argument("out", help="output folder for shards and index.json")
-    p.add_argument("--image_size", type=int, required=True, help="side in pixels the images are centre-cropped to")
-    p.add_argument("--shard_size", type=int, default=1000, help="samples per shard (equal-size images make shards equal in bytes)")
+    p.add_argument(
+        "--image_size", type=int, required=True, help="side in pixels the images are centre-cropped to"
+    )
+    p.add_argument(
+        "--shard_size",
+        type=int,
+        default=1000,
+        help="samples per shard (equal-size images make shards equal in bytes)",
+    )
     args = p.parse_args()
     for flag in ("image_size", "shard_size"):
         if getattr(args, flag) < 1:
@@ -78,12 +85,20 @@ def main() -> None:
                     written += 1
                     bar.update(1)
             os.replace(tmp, path)
-    index = {"count": written, "skipped": n - written, "classes": source.classes, "resolution": args.image_size,
-             "shards": shards, "shard_size": args.shard_size}
+    index = {
+        "count": written,
+        "skipped": n - written,
+        "classes": source.classes,
+        "resolution": args.image_size,
+        "shards": shards,
+        "shard_size": args.shard_size,
+    }
     with open(os.path.join(args.out, "index.json.tmp"), "w") as f:
         json.dump(index, f, indent=1)
     os.replace(os.path.join(args.out, "index.json.tmp"), os.path.join(args.out, "index.json"))
-    print(f"wrote {index['count']} samples in {num_shards} shards to {args.out} ({n - written} unreadable images skipped)")
+    print(
+        f"wrote {index['count']} samples in {num_shards} shards to {args.out} ({n - written} unreadable images skipped)"
+    )
 
 
 if __name__ == "__main__":

@@ -23,10 +23,26 @@ from iddpm_ds import dist_util  # noqa: E402
 from iddpm_ds.checkpoint import load_official_state_dict, load_state_dict_file, resolve_trained_model  # noqa: E402
 from iddpm_ds.flags import HELP, ConfigError, explicit_flags, make_parser, run_cli, validate_model_flags  # noqa: E402
 from iddpm_ds.image_datasets import load_data  # noqa: E402
-from iddpm_ds.script_util import add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
+from iddpm_ds.script_util import (
+    add_dict_to_argparser,
+    args_to_dict,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)  # noqa: E402
 
-NLL_DEFAULTS = dict(run_dir="", model_path="", use_ema=True, data_dir="", num_samples=1000, batch_size=16, clip_denoised=True,
-                    seed=0, override=False, master_port=0, out="")
+NLL_DEFAULTS = dict(
+    run_dir="",
+    model_path="",
+    use_ema=True,
+    data_dir="",
+    num_samples=1000,
+    batch_size=16,
+    clip_denoised=True,
+    seed=0,
+    override=False,
+    master_port=0,
+    out="",
+)
 
 
 def main() -> None:
@@ -39,7 +55,9 @@ def main() -> None:
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
-    path, flags, _ = resolve_trained_model(args.run_dir, args.model_path, args.use_ema, flags, explicit_flags(argv), args.override)
+    path, flags, _ = resolve_trained_model(
+        args.run_dir, args.model_path, args.use_ema, flags, explicit_flags(argv), args.override
+    )
     validate_model_flags(flags)
     rank, world, distributed = dist_util.setup_if_launched(args.master_port or None)
     device = dist_util.dev()
@@ -47,22 +65,44 @@ def main() -> None:
     model, diffusion = create_model_and_diffusion(**flags)
     load_official_state_dict(model, load_state_dict_file(path))
     model.to(device).eval()
-    data = load_data(data_dir=args.data_dir, batch_size=args.batch_size, image_size=flags["image_size"], class_cond=flags["class_cond"],
-                     deterministic=True, num_workers=0, rank=rank, world_size=world)
+    data = load_data(
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        image_size=flags["image_size"],
+        class_cond=flags["class_cond"],
+        deterministic=True,
+        num_workers=0,
+        rank=rank,
+        world_size=world,
+    )
     num_samples = min(args.num_samples, len(data.source))
     # [count, total_bpd, prior_bpd, vb_sum, L_0, xstart_mse, mse] summed over images
-    sums = torch.zeros(7, dtype=torch.float64, device=device)  # on the device: NCCL all-reduces no CPU tensors
+    sums = torch.zeros(
+        7, dtype=torch.float64, device=device
+    )  # on the device: NCCL all-reduces no CPU tensors
     steps = -(-num_samples // (args.batch_size * world))
     torch.manual_seed(args.seed + rank)  # the q_sample noise of every term
     for step in range(steps):
         x, cond = next(data)
         first = step * args.batch_size * world
-        keep = [i for i in range(args.batch_size) if first + i * world + rank < num_samples]  # the stream's global index of row i
+        keep = [
+            i for i in range(args.batch_size) if first + i * world + rank < num_samples
+        ]  # the stream's global index of row i
         x, cond = x[keep].to(device), {k: v[keep].to(device) for k, v in cond.items()}
         if len(keep):
             out = diffusion.calc_bpd_loop(model, x, clip_denoised=args.clip_denoised, model_kwargs=cond)
-            terms = torch.stack([torch.ones_like(out["total_bpd"]), out["total_bpd"], out["prior_bpd"], out["vb"].sum(1),
-                                 out["vb"][:, -1], out["xstart_mse"].mean(1), out["mse"].mean(1)], dim=1)
+            terms = torch.stack(
+                [
+                    torch.ones_like(out["total_bpd"]),
+                    out["total_bpd"],
+                    out["prior_bpd"],
+                    out["vb"].sum(1),
+                    out["vb"][:, -1],
+                    out["xstart_mse"].mean(1),
+                    out["mse"].mean(1),
+                ],
+                dim=1,
+            )
             sums += terms.double().sum(0)
         running = sums.clone()
         if distributed:
@@ -73,9 +113,17 @@ def main() -> None:
         dist.all_reduce(sums)
     if rank == 0:
         n = sums[0].item()
-        result = {"num_samples": int(n), "bpd": sums[1].item() / n, "prior_bpd": sums[2].item() / n, "vb_terms_bpd": sums[3].item() / n,
-                  "decoder_bpd": sums[4].item() / n, "xstart_mse": sums[5].item() / n, "eps_mse": sums[6].item() / n,
-                  "diffusion_steps": diffusion.num_timesteps, "weights": path}
+        result = {
+            "num_samples": int(n),
+            "bpd": sums[1].item() / n,
+            "prior_bpd": sums[2].item() / n,
+            "vb_terms_bpd": sums[3].item() / n,
+            "decoder_bpd": sums[4].item() / n,
+            "xstart_mse": sums[5].item() / n,
+            "eps_mse": sums[6].item() / n,
+            "diffusion_steps": diffusion.num_timesteps,
+            "weights": path,
+        }
         print(json.dumps(result))
         if args.out:
             with open(args.out, "w") as f:

@@ -22,7 +22,15 @@ import torch.distributed as dist  # noqa: E402
 
 from iddpm_ds import dist_util  # noqa: E402
 from iddpm_ds.checkpoint import load_official_state_dict, load_state_dict_file, resolve_trained_model  # noqa: E402
-from iddpm_ds.flags import HELP, ConfigError, explicit_flags, make_parser, run_cli, validate_model_flags, validate_sample_flags  # noqa: E402
+from iddpm_ds.flags import (
+    HELP,
+    ConfigError,
+    explicit_flags,
+    make_parser,
+    run_cli,
+    validate_model_flags,
+    validate_sample_flags,
+)  # noqa: E402
 from iddpm_ds.sampling import make_grid, sample_images  # noqa: E402
 from iddpm_ds.script_util import (  # noqa: E402
     NUM_CLASSES,
@@ -34,8 +42,21 @@ from iddpm_ds.script_util import (  # noqa: E402
     sr_model_and_diffusion_defaults,
 )
 
-SAMPLE_DEFAULTS = dict(run_dir="", model_path="", use_ema=True, num_samples=64, batch_size=16, clip_denoised=True, use_ddim=False,
-                       eta=0.0, class_labels="", seed=0, out="", override=False, master_port=0)
+SAMPLE_DEFAULTS = dict(
+    run_dir="",
+    model_path="",
+    use_ema=True,
+    num_samples=64,
+    batch_size=16,
+    clip_denoised=True,
+    use_ddim=False,
+    eta=0.0,
+    class_labels="",
+    seed=0,
+    out="",
+    override=False,
+    master_port=0,
+)
 
 
 def main(super_res: bool = False) -> None:
@@ -47,7 +68,9 @@ def main(super_res: bool = False) -> None:
     argv = sys.argv[1:]
     args = parser.parse_args(argv)
     flags = args_to_dict(args, model_defaults.keys())
-    path, flags, data_classes = resolve_trained_model(args.run_dir, args.model_path, args.use_ema, flags, explicit_flags(argv), args.override)
+    path, flags, data_classes = resolve_trained_model(
+        args.run_dir, args.model_path, args.use_ema, flags, explicit_flags(argv), args.override
+    )
     validate_model_flags(flags, super_res)
     validate_sample_flags(args, flags, data_classes or NUM_CLASSES)
     image_size = flags["large_size" if super_res else "image_size"]
@@ -55,12 +78,16 @@ def main(super_res: bool = False) -> None:
     base, base_labels = None, None
     if super_res:
         if not args.base_samples or not os.path.isfile(args.base_samples):
-            raise ConfigError("super-resolution sampling needs --base_samples: an .npz of low-resolution samples (arr_0 uint8 NHWC)")
+            raise ConfigError(
+                "super-resolution sampling needs --base_samples: an .npz of low-resolution samples (arr_0 uint8 NHWC)"
+            )
         with np.load(args.base_samples) as f:
             base = f["arr_0"]
             base_labels = f["arr_1"] if "arr_1" in f.files else None
         if base.shape[1] != flags["small_size"]:
-            raise ConfigError(f"--base_samples are {base.shape[1]} px, the model expects small_size={flags['small_size']}")
+            raise ConfigError(
+                f"--base_samples are {base.shape[1]} px, the model expects small_size={flags['small_size']}"
+            )
         args.num_samples = min(args.num_samples, len(base))
 
     rank, world, distributed = dist_util.setup_if_launched(args.master_port or None)
@@ -70,7 +97,9 @@ def main(super_res: bool = False) -> None:
     load_official_state_dict(model, load_state_dict_file(path))
     model.to(device).eval()
     if rank == 0:
-        print(f"sampling {args.num_samples} images from {path} ({diffusion.num_timesteps} steps, {'DDIM' if args.use_ddim else 'ancestral'})")
+        print(
+            f"sampling {args.num_samples} images from {path} ({diffusion.num_timesteps} steps, {'DDIM' if args.use_ddim else 'ancestral'})"
+        )
 
     labels = None
     if flags["class_cond"]:
@@ -79,7 +108,9 @@ def main(super_res: bool = False) -> None:
         elif args.class_labels:
             labels = np.resize(np.array([int(c) for c in args.class_labels.split(",")]), args.num_samples)
         else:
-            labels = np.random.default_rng(args.seed).integers(0, data_classes or NUM_CLASSES, args.num_samples)
+            labels = np.random.default_rng(args.seed).integers(
+                0, data_classes or NUM_CLASSES, args.num_samples
+            )
 
     mine = list(range(rank, args.num_samples, world))
     images = []
@@ -87,19 +118,38 @@ def main(super_res: bool = False) -> None:
 
     starts = range(0, len(mine), args.batch_size)
     # Denoising steps, not batches: one batch of 64 images is minutes of steps on a CPU.
-    bar = tqdm(total=len(starts) * diffusion.num_timesteps, disable=rank != 0, unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=len(starts) * diffusion.num_timesteps, disable=rank != 0, unit="step", dynamic_ncols=True
+    )
     for start in starts:
         idx = mine[start : start + args.batch_size]
         kwargs = {}
         if labels is not None:
             kwargs["y"] = torch.from_numpy(labels[idx]).long().to(device)
         if base is not None:
-            kwargs["low_res"] = torch.from_numpy(base[idx]).float().div(127.5).sub(1).permute(0, 3, 1, 2).to(device)
-        images.append(sample_images(model, diffusion, idx, image_size, args.seed, model_kwargs=kwargs, use_ddim=args.use_ddim,
-                                    eta=args.eta, clip_denoised=args.clip_denoised, device=device,
-                                    on_step=lambda: bar.update(1)))
+            kwargs["low_res"] = (
+                torch.from_numpy(base[idx]).float().div(127.5).sub(1).permute(0, 3, 1, 2).to(device)
+            )
+        images.append(
+            sample_images(
+                model,
+                diffusion,
+                idx,
+                image_size,
+                args.seed,
+                model_kwargs=kwargs,
+                use_ddim=args.use_ddim,
+                eta=args.eta,
+                clip_denoised=args.clip_denoised,
+                device=device,
+                on_step=lambda: bar.update(1),
+            )
+        )
     bar.close()
-    local = (mine, np.concatenate(images) if images else np.zeros((0, image_size, image_size, 3), dtype=np.uint8))
+    local = (
+        mine,
+        np.concatenate(images) if images else np.zeros((0, image_size, image_size, 3), dtype=np.uint8),
+    )
     gathered = [None] * world
     if distributed:
         dist.all_gather_object(gathered, local)

@@ -25,10 +25,23 @@ import torch  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 from iddpm_ds import dist_util  # noqa: E402
-from iddpm_ds.checkpoint import CheckpointError, load_official_state_dict, load_state_dict_file, merge_run_flags, read_run_config  # noqa: E402
+from iddpm_ds.checkpoint import (
+    CheckpointError,
+    load_official_state_dict,
+    load_state_dict_file,
+    merge_run_flags,
+    read_run_config,
+)  # noqa: E402
 from iddpm_ds.ds_config import precision, resolve  # noqa: E402
 from iddpm_ds.ds_config import load as load_ds_config  # noqa: E402
-from iddpm_ds.flags import HELP, explicit_flags, make_parser, run_cli, validate_model_flags, validate_train_flags  # noqa: E402
+from iddpm_ds.flags import (
+    HELP,
+    explicit_flags,
+    make_parser,
+    run_cli,
+    validate_model_flags,
+    validate_train_flags,
+)  # noqa: E402
 from iddpm_ds.image_datasets import SuperResStream, load_data  # noqa: E402
 from iddpm_ds.sampling import make_grid, sample_images  # noqa: E402
 from iddpm_ds.resample import create_named_schedule_sampler  # noqa: E402
@@ -42,7 +55,14 @@ from iddpm_ds.script_util import (  # noqa: E402
     sr_model_and_diffusion_defaults,
 )
 from iddpm_ds.preemption import PreemptionWatch  # noqa: E402
-from iddpm_ds.train_util import TrainLoop, atomic_write_text, create_engine, find_latest_checkpoint, prepare_resume, seed_everything  # noqa: E402
+from iddpm_ds.train_util import (
+    TrainLoop,
+    atomic_write_text,
+    create_engine,
+    find_latest_checkpoint,
+    prepare_resume,
+    seed_everything,
+)  # noqa: E402
 
 TRAIN_DEFAULTS = dict(
     data_dir="",
@@ -82,7 +102,9 @@ def create_argparser(model_defaults: dict) -> argparse.ArgumentParser:
 
 
 def resolve_run_dir(log_dir: str) -> str:
-    run_dir = log_dir or os.environ.get("OPENAI_LOGDIR") or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    run_dir = (
+        log_dir or os.environ.get("OPENAI_LOGDIR") or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    )
     holder = [os.path.abspath(run_dir)]
     torch.distributed.broadcast_object_list(holder, src=0)  # one timestamp for all ranks
     return holder[0]
@@ -90,13 +112,29 @@ def resolve_run_dir(log_dir: str) -> str:
 
 def make_preview_fn(factory, model_flags: dict, image_size: int, data_classes, device):
     """state_dict -> uint8 HWC grid of PREVIEW_SAMPLES DDIM samples (fixed seeds and labels, so grids compare across steps)."""
-    model, diffusion = factory(**{**model_flags, "timestep_respacing": PREVIEW_RESPACING, "use_checkpoint": False})
+    model, diffusion = factory(
+        **{**model_flags, "timestep_respacing": PREVIEW_RESPACING, "use_checkpoint": False}
+    )
     model.to(device).eval()
-    labels = {"y": torch.arange(PREVIEW_SAMPLES, device=device) % (data_classes or NUM_CLASSES)} if model_flags["class_cond"] else {}
+    labels = (
+        {"y": torch.arange(PREVIEW_SAMPLES, device=device) % (data_classes or NUM_CLASSES)}
+        if model_flags["class_cond"]
+        else {}
+    )
 
     def preview(state_dict):
         model.load_state_dict(state_dict)
-        return make_grid(sample_images(model, diffusion, list(range(PREVIEW_SAMPLES)), image_size, seed=0, model_kwargs=labels, use_ddim=True))
+        return make_grid(
+            sample_images(
+                model,
+                diffusion,
+                list(range(PREVIEW_SAMPLES)),
+                image_size,
+                seed=0,
+                model_kwargs=labels,
+                use_ddim=True,
+            )
+        )
 
     return preview
 
@@ -123,16 +161,27 @@ def main(super_res: bool = False) -> None:
     ds_cfg, notes = resolve(ds_cfg, args, explicit, world, get_accelerator().is_fp16_supported())
     run_dir = resolve_run_dir(args.log_dir)
     os.makedirs(run_dir, exist_ok=True)
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s",
-                        handlers=[logging.StreamHandler(sys.stdout)] + ([logging.FileHandler(os.path.join(run_dir, "log.txt"))] if rank == 0 else []))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(message)s",
+        handlers=[logging.StreamHandler(sys.stdout)]
+        + ([logging.FileHandler(os.path.join(run_dir, "log.txt"))] if rank == 0 else []),
+    )
     log = logging.getLogger("iddpm_ds")
     for line in notes if rank == 0 else []:  # the same on every rank: said once
         log.warning(line) if line.startswith("WARNING") else log.info(line)
 
     model_flags = args_to_dict(args, model_defaults.keys())
-    if os.path.isfile(os.path.join(run_dir, "config.json")):  # continuing a run: its flags, unless contradicted
-        model_flags = merge_run_flags(read_run_config(run_dir)["model_flags"], model_flags, explicit, os.path.join(run_dir, "config.json"),
-                                      args.override)
+    if os.path.isfile(
+        os.path.join(run_dir, "config.json")
+    ):  # continuing a run: its flags, unless contradicted
+        model_flags = merge_run_flags(
+            read_run_config(run_dir)["model_flags"],
+            model_flags,
+            explicit,
+            os.path.join(run_dir, "config.json"),
+            args.override,
+        )
     image_size = model_flags["large_size" if super_res else "image_size"]
     seed_everything(args.seed)  # same initial weights on every rank
     model, diffusion = factory(**model_flags)
@@ -149,31 +198,73 @@ def main(super_res: bool = False) -> None:
     if load_tag:  # the rank count changed: load DeepSpeed's universal (world-size independent) copy
         ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
     args.deepspeed_config = None  # the resolved dict replaces the file
-    engine = create_engine(model, ds_cfg, args=args, lr=args.lr, weight_decay=args.weight_decay, lr_anneal_steps=args.lr_anneal_steps)
-    data = load_data(data_dir=args.data_dir, batch_size=engine.train_micro_batch_size_per_gpu(), image_size=image_size,
-                     class_cond=model_flags["class_cond"], seed=args.seed, num_workers=args.num_workers,
-                     num_classes=NUM_CLASSES if model_flags["class_cond"] else None)
+    engine = create_engine(
+        model,
+        ds_cfg,
+        args=args,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        lr_anneal_steps=args.lr_anneal_steps,
+    )
+    data = load_data(
+        data_dir=args.data_dir,
+        batch_size=engine.train_micro_batch_size_per_gpu(),
+        image_size=image_size,
+        class_cond=model_flags["class_cond"],
+        seed=args.seed,
+        num_workers=args.num_workers,
+        num_classes=NUM_CLASSES if model_flags["class_cond"] else None,
+    )
     data_classes = len(data.source.classes) if data.source.classes else None
     if super_res:
         data = SuperResStream(data, model_flags["small_size"])
 
     writer, preview_fn = None, None
     if rank == 0:
-        log.info("run dir %s | %d ranks x %d threads | rendezvous %s:%s | %s | ZeRO-%d | micro-batch %d x accumulation %d | %.2fM params",
-                 run_dir, world, threads, os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), precision(ds_cfg), engine.zero_optimization_stage(), engine.train_micro_batch_size_per_gpu(),
-                 engine.gradient_accumulation_steps(), sum(p.numel() for p in model.parameters()) / 1e6)
-        config = {"model_flags": model_flags, "train_flags": {k: getattr(args, k) for k in TRAIN_DEFAULTS}, "deepspeed": ds_cfg,
-                  "world_size": world, "precision": precision(ds_cfg), "super_res": super_res, "data_classes": data_classes}
+        log.info(
+            "run dir %s | %d ranks x %d threads | rendezvous %s:%s | %s | ZeRO-%d | micro-batch %d x accumulation %d | %.2fM params",
+            run_dir,
+            world,
+            threads,
+            os.environ.get("MASTER_ADDR"),
+            os.environ.get("MASTER_PORT"),
+            precision(ds_cfg),
+            engine.zero_optimization_stage(),
+            engine.train_micro_batch_size_per_gpu(),
+            engine.gradient_accumulation_steps(),
+            sum(p.numel() for p in model.parameters()) / 1e6,
+        )
+        config = {
+            "model_flags": model_flags,
+            "train_flags": {k: getattr(args, k) for k in TRAIN_DEFAULTS},
+            "deepspeed": ds_cfg,
+            "world_size": world,
+            "precision": precision(ds_cfg),
+            "super_res": super_res,
+            "data_classes": data_classes,
+        }
         atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(config, indent=1, default=str))
         writer = SummaryWriter(os.path.join(run_dir, "tb"))
         if args.sample_interval and not super_res:
             preview_fn = make_preview_fn(factory, model_flags, image_size, data_classes, engine.device)
 
-    loop = TrainLoop(engine=engine, diffusion=diffusion, data=data, schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
-                     ema_rate=args.ema_rate, run_dir=run_dir, log_interval=args.log_interval, save_interval=args.save_interval,
-                     max_steps=args.max_steps, lr_anneal_steps=args.lr_anneal_steps, writer=writer,
-                     sample_interval=args.sample_interval if not super_res else 0, preview_fn=preview_fn,
-                     max_nonfinite_steps=args.max_nonfinite_steps, preemption=preemption)
+    loop = TrainLoop(
+        engine=engine,
+        diffusion=diffusion,
+        data=data,
+        schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
+        ema_rate=args.ema_rate,
+        run_dir=run_dir,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        max_steps=args.max_steps,
+        lr_anneal_steps=args.lr_anneal_steps,
+        writer=writer,
+        sample_interval=args.sample_interval if not super_res else 0,
+        preview_fn=preview_fn,
+        max_nonfinite_steps=args.max_nonfinite_steps,
+        preemption=preemption,
+    )
     if resume_dir:
         loop.resume(resume_dir, load_tag)
     elif init_weights:
@@ -183,7 +274,11 @@ def main(super_res: bool = False) -> None:
     if writer is not None:
         writer.close()
     if loop.stop_reason:
-        log.warning("stopped at step %d (%s) with a complete checkpoint; rerun the same command to resume", loop.step, loop.stop_reason)
+        log.warning(
+            "stopped at step %d (%s) with a complete checkpoint; rerun the same command to resume",
+            loop.step,
+            loop.stop_reason,
+        )
     else:
         log.info("done at step %d; checkpoints in %s", loop.step, run_dir)
 

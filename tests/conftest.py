@@ -13,8 +13,17 @@ from iddpm_ds.script_util import create_model_and_diffusion, model_and_diffusion
 def tiny_flags(**overrides):
     """A UNet small enough for CPU tests: 8 px, two levels, attention at 4 px."""
     flags = model_and_diffusion_defaults()
-    flags.update(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
-                 num_heads=2, diffusion_steps=20, noise_schedule="cosine", use_fused_kernels=False)
+    flags.update(
+        image_size=8,
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult="1,2",
+        attention_resolutions="4",
+        num_heads=2,
+        diffusion_steps=20,
+        noise_schedule="cosine",
+        use_fused_kernels=False,
+    )
     flags.update(overrides)
     return flags
 
@@ -41,4 +50,9 @@ def report_fault(fault: str, injected: str, observed: str, lost_steps) -> None:
     path = os.environ.get("IDDPM_DS_RELIABILITY_REPORT")
     if path:
         with open(path, "a") as f:
-            f.write(json.dumps({"fault": fault, "injected": injected, "observed": observed, "lost_steps": lost_steps}) + "\n")
+            f.write(
+                json.dumps(
+                    {"fault": fault, "injected": injected, "observed": observed, "lost_steps": lost_steps}
+                )
+                + "\n"
+            )

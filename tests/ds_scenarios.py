@@ -35,22 +35,47 @@ RUN_DIR = os.path.join(os.path.dirname(OUT), "run")
 
 def tiny():
     flags = model_and_diffusion_defaults()
-    flags.update(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4", num_heads=2,
-                 diffusion_steps=20, noise_schedule="cosine", learn_sigma=True, use_fused_kernels=False)
+    flags.update(
+        image_size=8,
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult="1,2",
+        attention_resolutions="4",
+        num_heads=2,
+        diffusion_steps=20,
+        noise_schedule="cosine",
+        learn_sigma=True,
+        use_fused_kernels=False,
+    )
     seed_everything(0)
     return create_model_and_diffusion(**flags)
 
 
 def make_loop(stage, prec, micro=4, gas=1, sampler=None, lr=1e-3, data=None, eps=1e-8):
     model, diffusion = tiny()
-    cfg = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas, "zero_optimization": {"stage": stage},
-           "optimizer": {"type": "AdamW", "params": {"lr": lr, "eps": eps}}, "steps_per_print": 10**9,
-           "fp16": {"enabled": prec == "fp16", "initial_scale_power": 8, "hysteresis": 1}, "bf16": {"enabled": prec == "bf16"}}
+    cfg = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "zero_optimization": {"stage": stage},
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "eps": eps}},
+        "steps_per_print": 10**9,
+        "fp16": {"enabled": prec == "fp16", "initial_scale_power": 8, "hysteresis": 1},
+        "bf16": {"enabled": prec == "bf16"},
+    }
     engine = create_engine(model, cfg)
     seed_everything(1 + RANK)
     data = data or load_data(data_dir="builtin:mnist", batch_size=micro, image_size=8, num_workers=0, seed=0)
-    loop = TrainLoop(engine=engine, diffusion=diffusion, data=data, schedule_sampler=sampler(diffusion) if sampler else UniformSampler(diffusion),
-                     ema_rate="0.9,0.5", run_dir=RUN_DIR, log_interval=10**9, save_interval=0, progress=False)
+    loop = TrainLoop(
+        engine=engine,
+        diffusion=diffusion,
+        data=data,
+        schedule_sampler=sampler(diffusion) if sampler else UniformSampler(diffusion),
+        ema_rate="0.9,0.5",
+        run_dir=RUN_DIR,
+        log_interval=10**9,
+        save_interval=0,
+        progress=False,
+    )
     return loop
 
 
@@ -104,7 +129,11 @@ for stage in (0, 1, 2, 3):
         before = eval_loss(loop)
         for _ in range(15):
             loop.run_step()
-        results[f"train_z{stage}_{prec}"] = {"before": before, "after": eval_loss(loop), "skipped": int(loop.engine.skipped_steps)}
+        results[f"train_z{stage}_{prec}"] = {
+            "before": before,
+            "after": eval_loss(loop),
+            "skipped": int(loop.engine.skipped_steps),
+        }
 
 # fp32 ZeRO-2 matches ZeRO-0. (A larger Adam eps keeps near-zero gradients, whose reduction
 # order differs between stages, from being blown up to full-size updates.)
@@ -127,12 +156,18 @@ results["accumulation_vs_batch"] = max_diff(finals[(4, 2)], finals[(8, 1)])
 
 # Loss-aware sampler: identical on every rank, warmed up; EMA follows its formula at ZeRO-2 and ZeRO-3.
 for stage in (2, 3):
-    loop = make_loop(stage, "fp32", micro=8, sampler=lambda d: LossSecondMomentResampler(d, history_per_term=1))
+    loop = make_loop(
+        stage, "fp32", micro=8, sampler=lambda d: LossSecondMomentResampler(d, history_per_term=1)
+    )
     results[f"ema_formula_z{stage}"] = ema_formula_error(loop, 10)
-    results[f"sampler_identical_z{stage}"] = all_equal_across_ranks(digest(loop.sampler.weights()) + digest(loop.sampler._loss_history))
+    results[f"sampler_identical_z{stage}"] = all_equal_across_ranks(
+        digest(loop.sampler.weights()) + digest(loop.sampler._loss_history)
+    )
     results[f"sampler_warm_z{stage}"] = bool(loop.sampler._warmed_up())
     # EMA memory per rank is a shard: about 1/WORLD of the parameters.
-    results[f"ema_shard_fraction_z{stage}"] = sum(v.numel() for v in loop.ema.shadow[0.9].values()) / sum(p.numel() for _, p in loop.master.named)
+    results[f"ema_shard_fraction_z{stage}"] = sum(v.numel() for v in loop.ema.shadow[0.9].values()) / sum(
+        p.numel() for _, p in loop.master.named
+    )
 
 
 # An fp16 overflow skips the step and touches neither weights, EMA nor sampler.
@@ -156,7 +191,9 @@ class Poisoned:
 
 
 stream = Poisoned(load_data(data_dir="builtin:mnist", batch_size=4, image_size=8, num_workers=0, seed=0))
-loop = make_loop(2, "fp16", gas=2, sampler=lambda d: LossSecondMomentResampler(d, history_per_term=2), data=stream)
+loop = make_loop(
+    2, "fp16", gas=2, sampler=lambda d: LossSecondMomentResampler(d, history_per_term=2), data=stream
+)
 for _ in range(3):
     loop.run_step()
 snap_master, snap_ema = master(loop), copy.deepcopy(loop.ema.full_state_dicts())
@@ -171,10 +208,14 @@ results["fp16_overflow"] = {
     "scale_halved": float(loop.engine.optimizer.cur_scale) < float(scale_before),
     "master_diff": max_diff(snap_master, master(loop)),
     "ema_diff": max(max_diff(snap_ema[r], after_ema[r]) for r in loop.ema_rates),
-    "sampler_unchanged": bool(np.array_equal(snap_hist, loop.sampler._loss_history) and np.array_equal(snap_counts, loop.sampler._loss_counts)),
+    "sampler_unchanged": bool(
+        np.array_equal(snap_hist, loop.sampler._loss_history)
+        and np.array_equal(snap_counts, loop.sampler._loss_counts)
+    ),
 }
 applied_next = loop.run_step()
 results["fp16_overflow"]["next_step_applied"] = bool(applied_next)
+
 
 # A non-finite loss in fp32 / bf16 skips the step (DeepSpeed's ZeRO-0 fp32 optimizer would apply it) and is counted.
 def nonfinite_case(stage, prec):
@@ -184,8 +225,13 @@ def nonfinite_case(stage, prec):
     before, ema_before = master(loop), loop.ema.full_state_dicts()
     stream.arm()
     applied = loop.run_step()
-    result = {"applied": bool(applied), "counted": loop.nonfinite_steps, "consecutive": loop.consecutive_nonfinite,
-              "master_diff": max_diff(before, master(loop)), "ema_diff": max_diff(ema_before[0.9], loop.ema.full_state_dicts()[0.9])}
+    result = {
+        "applied": bool(applied),
+        "counted": loop.nonfinite_steps,
+        "consecutive": loop.consecutive_nonfinite,
+        "master_diff": max_diff(before, master(loop)),
+        "ema_diff": max_diff(ema_before[0.9], loop.ema.full_state_dicts()[0.9]),
+    }
     loop.run_step()
     result["consecutive_after_good_step"] = loop.consecutive_nonfinite
     return result
@@ -204,8 +250,12 @@ for prec in ("fp16", "bf16"):
     loop = make_loop(0, prec)
     before = eval_loss(loop)
     error = ema_formula_error(loop, 15)
-    results[f"fused_wrapper_z0_{prec}"] = {"wrapper": type(loop.engine.optimizer).__name__, "before": before, "after": eval_loss(loop),
-                                           "ema_formula": error}
+    results[f"fused_wrapper_z0_{prec}"] = {
+        "wrapper": type(loop.engine.optimizer).__name__,
+        "before": before,
+        "after": eval_loss(loop),
+        "ema_formula": error,
+    }
 results["nonfinite_z0_bf16_fused_wrapper"] = nonfinite_case(0, "bf16")
 ds_engine.FusedAdam = fused_adam
 

@@ -20,18 +20,38 @@ from deepspeed.utils import safe_get_full_optimizer_state  # noqa: E402
 from iddpm_ds.image_datasets import load_data  # noqa: E402
 from iddpm_ds.resample import LossSecondMomentResampler  # noqa: E402
 from iddpm_ds.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
-from iddpm_ds.train_util import TrainLoop, create_engine, find_latest_checkpoint, prepare_resume, seed_everything  # noqa: E402
+from iddpm_ds.train_util import (
+    TrainLoop,
+    create_engine,
+    find_latest_checkpoint,
+    prepare_resume,
+    seed_everything,
+)  # noqa: E402
 
 mode, run_dir, out = sys.argv[-3:]
 os.makedirs(run_dir, exist_ok=True)
 world = dist.get_world_size()
 flags = model_and_diffusion_defaults()
-flags.update(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4", num_heads=2,
-             diffusion_steps=20, noise_schedule="cosine", use_fused_kernels=False)
+flags.update(
+    image_size=8,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult="1,2",
+    attention_resolutions="4",
+    num_heads=2,
+    diffusion_steps=20,
+    noise_schedule="cosine",
+    use_fused_kernels=False,
+)
 seed_everything(0)
 model, diffusion = create_model_and_diffusion(**flags)
-cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2},
-       "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "steps_per_print": 10**9}
+cfg = {
+    "train_micro_batch_size_per_gpu": 4,
+    "gradient_accumulation_steps": 1,
+    "zero_optimization": {"stage": 2},
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+    "steps_per_print": 10**9,
+}
 resume_dir = find_latest_checkpoint(run_dir) if mode == "resume" else None
 load_tag = prepare_resume(resume_dir, world) if resume_dir else None
 if load_tag:
@@ -39,8 +59,17 @@ if load_tag:
 engine = create_engine(model, cfg)
 seed_everything(1 + dist.get_rank())
 data = load_data(data_dir="builtin:mnist", batch_size=4, image_size=8, num_workers=0)
-loop = TrainLoop(engine=engine, diffusion=diffusion, data=data, schedule_sampler=LossSecondMomentResampler(diffusion, history_per_term=2),
-                 ema_rate="0.9", run_dir=run_dir, log_interval=10**9, save_interval=0, progress=False)
+loop = TrainLoop(
+    engine=engine,
+    diffusion=diffusion,
+    data=data,
+    schedule_sampler=LossSecondMomentResampler(diffusion, history_per_term=2),
+    ema_rate="0.9",
+    run_dir=run_dir,
+    log_interval=10**9,
+    save_interval=0,
+    progress=False,
+)
 if mode == "train":
     for _ in range(3):
         loop.run_step()

@@ -24,7 +24,9 @@ from iddpm_ds.train_util import create_engine, loss_scale_of  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import tiny_flags  # noqa: E402
 
-FLAGS = argparse.Namespace(lr=1e-4, weight_decay=0.0, batch_size=1, microbatch=-1, use_fp16=False, fp16_scale_growth=1e-3)
+FLAGS = argparse.Namespace(
+    lr=1e-4, weight_decay=0.0, batch_size=1, microbatch=-1, use_fp16=False, fp16_scale_growth=1e-3
+)
 out = {}
 for path in sys.argv[2:]:
     asked = load(path)
@@ -42,8 +44,12 @@ for path in sys.argv[2:]:
         "bf16": engine.bfloat16_enabled(),
         "loss_scale": loss_scale_of(engine) if engine.fp16_enabled() else None,
         "scale_args": engine.dynamic_loss_scale_args() if engine.fp16_enabled() else None,
-        "optimizer": {"lr": group["lr"], "betas": list(group["betas"]), "eps": group["eps"],
-                      "weight_decay": group["weight_decay"]},
+        "optimizer": {
+            "lr": group["lr"],
+            "betas": list(group["betas"]),
+            "eps": group["eps"],
+            "weight_decay": group["weight_decay"],
+        },
     }
 with open(sys.argv[1], "w") as f:
     json.dump(out, f, default=str)

@@ -12,8 +12,16 @@ import pytest
 from iddpm_ds.flags import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENTRY_POINTS = ["train.py", "sample.py", "nll.py", "make_shards.py", "bench_data.py", "bench_train.py",
-                "super_res_train.py", "super_res_sample.py"]
+ENTRY_POINTS = [
+    "train.py",
+    "sample.py",
+    "nll.py",
+    "make_shards.py",
+    "bench_data.py",
+    "bench_train.py",
+    "super_res_train.py",
+    "super_res_sample.py",
+]
 _modules = {}
 
 
@@ -79,7 +87,9 @@ def test_invalid_training_flags_fail_in_one_line_before_any_work(argv, message, 
 
 
 def test_invalid_super_resolution_sizes(monkeypatch, capsys):
-    line = fails_in_one_line("super_res_train.py", ["--large_size", "64", "--small_size", "128"], monkeypatch, capsys)
+    line = fails_in_one_line(
+        "super_res_train.py", ["--large_size", "64", "--small_size", "128"], monkeypatch, capsys
+    )
     assert "--small_size 128" in line
 
 
@@ -94,9 +104,26 @@ def bare_model(tmp_path):
     model, _ = create_model_and_diffusion(**tiny_flags())
     path = tmp_path / "model.pt"
     torch.save(model.state_dict(), path)
-    return ["--model_path", str(path), "--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1",
-            "--channel_mult", "1,2", "--attention_resolutions", "4", "--num_heads", "2", "--diffusion_steps", "20",
-            "--noise_schedule", "cosine"]
+    return [
+        "--model_path",
+        str(path),
+        "--image_size",
+        "8",
+        "--num_channels",
+        "32",
+        "--num_res_blocks",
+        "1",
+        "--channel_mult",
+        "1,2",
+        "--attention_resolutions",
+        "4",
+        "--num_heads",
+        "2",
+        "--diffusion_steps",
+        "20",
+        "--noise_schedule",
+        "cosine",
+    ]
 
 
 SAMPLE_CASES = [
@@ -115,10 +142,18 @@ def test_invalid_sampling_flags_fail_in_one_line(argv, message, bare_model, monk
 
 def test_other_entry_points_fail_in_one_line(tmp_path, monkeypatch, capsys):
     assert "--num_samples" in fails_in_one_line("nll.py", ["--num_samples", "0"], monkeypatch, capsys)
-    assert "no images" in fails_in_one_line("make_shards.py", [str(tmp_path / "nope"), str(tmp_path / "out"),
-                                                                     "--image_size", "8"], monkeypatch, capsys)
-    assert "--shard_size" in fails_in_one_line("make_shards.py", [str(tmp_path), str(tmp_path / "out"), "--image_size", "8",
-                                                                  "--shard_size", "0"], monkeypatch, capsys)
+    assert "no images" in fails_in_one_line(
+        "make_shards.py",
+        [str(tmp_path / "nope"), str(tmp_path / "out"), "--image_size", "8"],
+        monkeypatch,
+        capsys,
+    )
+    assert "--shard_size" in fails_in_one_line(
+        "make_shards.py",
+        [str(tmp_path), str(tmp_path / "out"), "--image_size", "8", "--shard_size", "0"],
+        monkeypatch,
+        capsys,
+    )
     assert "--batch_size" in fails_in_one_line("bench_data.py", ["--batch_size", "0"], monkeypatch, capsys)
     assert "--sizes" in fails_in_one_line("bench_data.py", ["--sizes", "big"], monkeypatch, capsys)
 
@@ -127,7 +162,11 @@ def test_other_entry_points_fail_in_one_line(tmp_path, monkeypatch, capsys):
 def test_abbreviated_flags_are_refused(script, monkeypatch, capsys):
     module = entry_point(script)
     # --batch for --batch_size (or --batches); make_shards has --shard_size and its positionals.
-    argv = ["src", "out", "--image_size", "8", "--shard", "4"] if script == "make_shards.py" else ["--batch", "8"]
+    argv = (
+        ["src", "out", "--image_size", "8", "--shard", "4"]
+        if script == "make_shards.py"
+        else ["--batch", "8"]
+    )
     monkeypatch.setattr(sys, "argv", [script, *argv])
     with pytest.raises(SystemExit) as exit_:
         module.cli() if hasattr(module, "cli") else module.main()
@@ -137,15 +176,25 @@ def test_abbreviated_flags_are_refused(script, monkeypatch, capsys):
 @pytest.mark.parametrize("script", ENTRY_POINTS)
 def test_help_describes_every_flag_with_its_default(script):
     env = dict(os.environ, DS_ACCELERATOR="cpu", COLUMNS="200")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), "--help"], capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "launch", script), "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     options = proc.stdout.split("options:", 1)[1]
     entries = re.split(r"\n  (?=-)", "\n" + options)[1:]
     assert len(entries) >= 3
     for entry in entries:
         flag = entry.split()[0].rstrip(",")
-        if flag in ("-h", "--deepspeed", "--deepscale", "--deepscale_config"):  # argparse's and DeepSpeed's own
+        if flag in (
+            "-h",
+            "--deepspeed",
+            "--deepscale",
+            "--deepscale_config",
+        ):  # argparse's and DeepSpeed's own
             continue
         # "--flag VALUE   description (default: x)": a description, not just the metavar.
         description = re.sub(r"^\S+( [A-Z_]+)?", "", entry.strip()).strip()
@@ -164,5 +213,11 @@ def test_suggested_fixes_for_flag_errors_work(monkeypatch, capsys):
         validate_model_flags({**model_and_diffusion_defaults(), **fix})
     line = fails_in_one_line("train.py", ["--image_size", "16"], monkeypatch, capsys)
     assert "e.g. 1,2,2 for 16 px" in line
-    validate_model_flags({**model_and_diffusion_defaults(), "image_size": 16, "channel_mult": "1,2,2",
-                          "attention_resolutions": "8"})
+    validate_model_flags(
+        {
+            **model_and_diffusion_defaults(),
+            "image_size": 16,
+            "channel_mult": "1,2,2",
+            "attention_resolutions": "8",
+        }
+    )

@@ -31,7 +31,9 @@ def write_folder(root, n=12, size=(40, 30)):
     os.makedirs(root, exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(os.path.join(root, f"{'cat' if i % 2 else 'dog'}_{i:03d}.png"))
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+            os.path.join(root, f"{'cat' if i % 2 else 'dog'}_{i:03d}.png")
+        )
     return root
 
 
@@ -92,7 +94,9 @@ def test_reference_resize_pixels():
     big = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
     # 256 -> 64: BOX halvings while the short side is >= 2x the target (twice), then BICUBIC to 64.
     img = Image.fromarray(big)
-    expected = np.array(img.resize((128, 128), Image.BOX).resize((64, 64), Image.BOX).resize((64, 64), Image.BICUBIC))
+    expected = np.array(
+        img.resize((128, 128), Image.BOX).resize((64, 64), Image.BOX).resize((64, 64), Image.BICUBIC)
+    )
     out = center_crop_arr(img, 64)
     assert np.array_equal(out, expected)
     # The halvings are (close to) 4x4 block means: the pixels are averaged, not subsampled.
@@ -106,7 +110,11 @@ def test_reference_resize_pixels():
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "1"])
 def test_non_rgb_modes_become_rgb(mode):
     rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8))
-    img = Image.fromarray((np.arange(400).reshape(20, 20) * 160).astype(np.uint16)) if mode == "I;16" else rgb.convert(mode)
+    img = (
+        Image.fromarray((np.arange(400).reshape(20, 20) * 160).astype(np.uint16))
+        if mode == "I;16"
+        else rgb.convert(mode)
+    )
     out = center_crop_arr(img, 16)
     assert out.shape == (16, 16, 3) and out.dtype == np.uint8
     if mode == "I;16":
@@ -121,16 +129,36 @@ def test_small_image_is_upscaled():
 def test_folder_round_trip_through_shards(tmp_path):
     folder = write_folder(str(tmp_path / "imgs"), n=10)
     out = tmp_path / "shards"
-    cmd = [sys.executable, os.path.join(ROOT, "launch", "make_shards.py"), folder, str(out), "--image_size", "16", "--shard_size", "4"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "launch", "make_shards.py"),
+        folder,
+        str(out),
+        "--image_size",
+        "16",
+        "--shard_size",
+        "4",
+    ]
     subprocess.run(cmd, check=True, capture_output=True)
     index = json.loads((out / "index.json").read_text())
-    assert index["count"] == 10 and index["classes"] == ["cat", "dog"] and index["resolution"] == 16 and len(index["shards"]) == 3
-    from_folder = load_data(data_dir=folder, batch_size=10, image_size=16, class_cond=True, deterministic=True, num_workers=0)
+    assert (
+        index["count"] == 10
+        and index["classes"] == ["cat", "dog"]
+        and index["resolution"] == 16
+        and len(index["shards"]) == 3
+    )
+    from_folder = load_data(
+        data_dir=folder, batch_size=10, image_size=16, class_cond=True, deterministic=True, num_workers=0
+    )
     for pattern in (str(out), str(out / "train-{000000..000002}.tar")):
-        from_shards = load_data(data_dir=pattern, batch_size=10, image_size=16, class_cond=True, deterministic=True, num_workers=0)
+        from_shards = load_data(
+            data_dir=pattern, batch_size=10, image_size=16, class_cond=True, deterministic=True, num_workers=0
+        )
         (xa, ca), (xb, cb) = next(from_folder), next(from_shards)
         assert torch.equal(xa, xb) and torch.equal(ca["y"], cb["y"])
-        from_folder = load_data(data_dir=folder, batch_size=10, image_size=16, class_cond=True, deterministic=True, num_workers=0)
+        from_folder = load_data(
+            data_dir=folder, batch_size=10, image_size=16, class_cond=True, deterministic=True, num_workers=0
+        )
     # Resumable: a partial run leaves a .tmp; the rerun completes and keeps finished shards.
     first = (out / "train-000000.tar").stat().st_mtime_ns
     (out / "train-000002.tar").unlink()
@@ -202,8 +230,13 @@ def test_default_dataset_is_mnist_without_network():
     assert len(set(cond["y"].tolist())) > 1  # shuffled, though the file is sorted by class
 
 
-@pytest.mark.parametrize("name,attr,package", [("builtin:fashion-mnist", "FASHION_DIR", "dataset-fashion-mnist"),
-                                               ("builtin:emoji", "EMOJI_FONT", "fonts-noto-color-emoji")])
+@pytest.mark.parametrize(
+    "name,attr,package",
+    [
+        ("builtin:fashion-mnist", "FASHION_DIR", "dataset-fashion-mnist"),
+        ("builtin:emoji", "EMOJI_FONT", "fonts-noto-color-emoji"),
+    ],
+)
 def test_optional_builtins_name_their_package_when_missing(monkeypatch, tmp_path, name, attr, package):
     monkeypatch.setattr(data, attr, str(tmp_path / "absent"))
     with pytest.raises(DataError, match=package):
@@ -215,7 +248,9 @@ def test_fashion_mnist_loads_or_names_its_package():
         with pytest.raises(DataError, match="dataset-fashion-mnist"):
             load_data(data_dir="builtin:fashion-mnist", batch_size=4, image_size=32)
         return
-    stream = load_data(data_dir="builtin:fashion-mnist", batch_size=4, image_size=32, class_cond=True, num_workers=0)
+    stream = load_data(
+        data_dir="builtin:fashion-mnist", batch_size=4, image_size=32, class_cond=True, num_workers=0
+    )
     assert len(stream.source) == 70000 and len(stream.source.classes) == 10
     assert next(stream)[0].shape == (4, 3, 32, 32)
 

@@ -13,8 +13,19 @@ from iddpm_ds.script_util import create_gaussian_diffusion, create_model_and_dif
 from conftest import tiny_flags
 
 
-def make_diffusion(T=1000, schedule="linear", mean=gd.ModelMeanType.EPSILON, var=gd.ModelVarType.FIXED_LARGE, loss=gd.LossType.MSE):
-    return gd.GaussianDiffusion(betas=gd.get_named_beta_schedule(schedule, T), model_mean_type=mean, model_var_type=var, loss_type=loss)
+def make_diffusion(
+    T=1000,
+    schedule="linear",
+    mean=gd.ModelMeanType.EPSILON,
+    var=gd.ModelVarType.FIXED_LARGE,
+    loss=gd.LossType.MSE,
+):
+    return gd.GaussianDiffusion(
+        betas=gd.get_named_beta_schedule(schedule, T),
+        model_mean_type=mean,
+        model_var_type=var,
+        loss_type=loss,
+    )
 
 
 def test_linear_schedule_is_ddpm():
@@ -46,7 +57,10 @@ def test_unknown_schedule_is_a_clear_error():
 def test_posterior_matches_bayes_rule():
     d = make_diffusion(50)
     rng = torch.Generator().manual_seed(0)
-    x0, xt = torch.randn(4, 3, generator=rng, dtype=torch.float64), torch.randn(4, 3, generator=rng, dtype=torch.float64)
+    x0, xt = (
+        torch.randn(4, 3, generator=rng, dtype=torch.float64),
+        torch.randn(4, 3, generator=rng, dtype=torch.float64),
+    )
     t = torch.tensor([1, 7, 25, 49])
     mean, var, logvar = d.q_posterior_mean_variance(x0, xt, t)
     for i, ti in enumerate(t.tolist()):
@@ -59,7 +73,9 @@ def test_posterior_matches_bayes_rule():
         assert np.allclose(logvar[i].numpy(), np.log(1 / prec), rtol=1e-5)
     # t = 0: variance 0, log-variance clipped to beta~_1.
     _, var0, logvar0 = d.q_posterior_mean_variance(x0[:1], xt[:1], torch.tensor([0]))
-    assert float(var0[0, 0]) == 0.0 and float(logvar0[0, 0]) == pytest.approx(math.log(d.posterior_variance[1]), rel=1e-6)
+    assert float(var0[0, 0]) == 0.0 and float(logvar0[0, 0]) == pytest.approx(
+        math.log(d.posterior_variance[1]), rel=1e-6
+    )
 
 
 def test_q_sample_and_predictions_invert():
@@ -77,14 +93,18 @@ def test_normal_kl():
     m, lv = torch.randn(10), torch.randn(10)
     assert torch.allclose(normal_kl(m, lv, m, lv), torch.zeros(10), atol=1e-7)
     m2, lv2 = torch.randn(10), torch.randn(10)
-    ref = torch.distributions.kl_divergence(torch.distributions.Normal(m, (0.5 * lv).exp()), torch.distributions.Normal(m2, (0.5 * lv2).exp()))
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Normal(m, (0.5 * lv).exp()), torch.distributions.Normal(m2, (0.5 * lv2).exp())
+    )
     assert torch.allclose(normal_kl(m, lv, m2, lv2), ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("mean,log_scale", [(0.0, -3.0), (0.3, -5.0), (-0.99, -1.0), (1.2, 0.5)])
 def test_discretized_likelihood_bins_sum_to_one(mean, log_scale):
     bins = torch.arange(256, dtype=torch.float64) / 127.5 - 1.0
-    logp = discretized_gaussian_log_likelihood(bins, means=torch.full_like(bins, mean), log_scales=torch.full_like(bins, log_scale))
+    logp = discretized_gaussian_log_likelihood(
+        bins, means=torch.full_like(bins, mean), log_scales=torch.full_like(bins, log_scale)
+    )
     assert float(logp.exp().sum()) == pytest.approx(1.0, abs=1e-6)
 
 
@@ -145,9 +165,20 @@ def test_space_timesteps_matches_improved_diffusion_arithmetic():
 
 def test_respacing_keeps_alphas_cumprod():
     betas = gd.get_named_beta_schedule("cosine", 1000)
-    base = gd.GaussianDiffusion(betas=betas, model_mean_type=gd.ModelMeanType.EPSILON, model_var_type=gd.ModelVarType.FIXED_SMALL, loss_type=gd.LossType.MSE)
+    base = gd.GaussianDiffusion(
+        betas=betas,
+        model_mean_type=gd.ModelMeanType.EPSILON,
+        model_var_type=gd.ModelVarType.FIXED_SMALL,
+        loss_type=gd.LossType.MSE,
+    )
     kept = space_timesteps(1000, "ddim25")
-    spaced = SpacedDiffusion(kept, betas=betas, model_mean_type=gd.ModelMeanType.EPSILON, model_var_type=gd.ModelVarType.FIXED_SMALL, loss_type=gd.LossType.MSE)
+    spaced = SpacedDiffusion(
+        kept,
+        betas=betas,
+        model_mean_type=gd.ModelMeanType.EPSILON,
+        model_var_type=gd.ModelVarType.FIXED_SMALL,
+        loss_type=gd.LossType.MSE,
+    )
     assert spaced.num_timesteps == 25
     assert np.allclose(spaced.alphas_cumprod, base.alphas_cumprod[sorted(kept)], rtol=1e-12)
 
@@ -172,7 +203,12 @@ COMBOS = list(itertools.product(gd.ModelMeanType, gd.ModelVarType, gd.LossType))
 def test_every_objective_gives_finite_losses_and_gradients(mean, var, loss):
     torch.manual_seed(0)
     learned = var in (gd.ModelVarType.LEARNED, gd.ModelVarType.LEARNED_RANGE)
-    d = gd.GaussianDiffusion(betas=gd.get_named_beta_schedule("cosine", 20), model_mean_type=mean, model_var_type=var, loss_type=loss)
+    d = gd.GaussianDiffusion(
+        betas=gd.get_named_beta_schedule("cosine", 20),
+        model_mean_type=mean,
+        model_var_type=var,
+        loss_type=loss,
+    )
     net = torch.nn.Conv2d(3, 6 if learned else 3, 3, padding=1)
     model = lambda x, t, **kw: net(x) * (0.1 if learned else 1.0)
     x0 = torch.rand(4, 3, 8, 8) * 2 - 1
@@ -249,5 +285,11 @@ def test_normal_kl_float_arguments_round_through_float32_as_improved_diffusion()
     mean = torch.tensor([0.3], dtype=torch.float64)
     got = normal_kl(mean, 0.1, 0.0, torch.tensor([0.2], dtype=torch.float64))
     logvar1 = torch.tensor(0.1, dtype=torch.float32).double()
-    want = 0.5 * (-1.0 + 0.2 - logvar1 + torch.exp(logvar1 - 0.2) + mean**2 * torch.exp(torch.tensor(-0.2, dtype=torch.float64)))
+    want = 0.5 * (
+        -1.0
+        + 0.2
+        - logvar1
+        + torch.exp(logvar1 - 0.2)
+        + mean**2 * torch.exp(torch.tensor(-0.2, dtype=torch.float64))
+    )
     assert torch.equal(got, want)

@@ -7,26 +7,47 @@ from iddpm_ds.flags import ConfigError, explicit_flags
 
 
 def args(**kw):
-    base = dict(lr=1e-4, weight_decay=0.0, batch_size=1, microbatch=-1, use_fp16=False, fp16_scale_growth=1e-3)
+    base = dict(
+        lr=1e-4, weight_decay=0.0, batch_size=1, microbatch=-1, use_fp16=False, fp16_scale_growth=1e-3
+    )
     base.update(kw)
     return argparse.Namespace(**base)
 
 
-BASE = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "optimizer": {"type": "AdamW", "params": {"lr": 2e-4}},
-        "fp16": {"enabled": True}, "zero_optimization": {"stage": 2}}
+BASE = {
+    "train_micro_batch_size_per_gpu": 4,
+    "gradient_accumulation_steps": 2,
+    "optimizer": {"type": "AdamW", "params": {"lr": 2e-4}},
+    "fp16": {"enabled": True},
+    "zero_optimization": {"stage": 2},
+}
 
 
 def test_json_is_the_source_of_truth_without_flags():
     cfg, notes = resolve(BASE, args(lr=5.0), set(), world_size=2, fp16_supported=True)
-    assert cfg["train_batch_size"] == 16 and cfg["optimizer"]["params"]["lr"] == 2e-4 and cfg["fp16"]["enabled"]
+    assert (
+        cfg["train_batch_size"] == 16 and cfg["optimizer"]["params"]["lr"] == 2e-4 and cfg["fp16"]["enabled"]
+    )
     assert notes == ["gradient clipping: off (the JSON's gradient_clipping)"]
 
 
 def test_explicit_flags_override_and_say_so():
-    explicit = explicit_flags(["--lr=3e-4", "--batch_size", "8", "--microbatch", "2", "--fp16_scale_growth", "0.01"])
-    cfg, notes = resolve(BASE, args(lr=3e-4, batch_size=8, microbatch=2, fp16_scale_growth=0.01), explicit, world_size=2, fp16_supported=True)
+    explicit = explicit_flags(
+        ["--lr=3e-4", "--batch_size", "8", "--microbatch", "2", "--fp16_scale_growth", "0.01"]
+    )
+    cfg, notes = resolve(
+        BASE,
+        args(lr=3e-4, batch_size=8, microbatch=2, fp16_scale_growth=0.01),
+        explicit,
+        world_size=2,
+        fp16_supported=True,
+    )
     assert cfg["optimizer"]["params"]["lr"] == 3e-4
-    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"]) == (2, 4, 16)
+    assert (
+        cfg["train_micro_batch_size_per_gpu"],
+        cfg["gradient_accumulation_steps"],
+        cfg["train_batch_size"],
+    ) == (2, 4, 16)
     assert cfg["fp16"]["loss_scale_window"] == 100
     assert len([n for n in notes if n.startswith("--")]) == 3
 
@@ -46,9 +67,16 @@ def test_fp16_falls_back_to_bf16_with_one_warning_where_unsupported():
     assert len([n for n in notes if n.startswith("WARNING")]) == 1
 
 
-@pytest.mark.parametrize("cfg,key", [({"zero_optimisation": {}}, "zero_optimisation"), ({"train_batch_size": "8"}, "train_batch_size"),
-                                     ({"fp16": {"enabeld": True}}, "enabeld"), ({"zero_optimization": {"stage": 4}}, "stage"),
-                                     ({"gradient_accumulation_steps": True}, "gradient_accumulation_steps")])
+@pytest.mark.parametrize(
+    "cfg,key",
+    [
+        ({"zero_optimisation": {}}, "zero_optimisation"),
+        ({"train_batch_size": "8"}, "train_batch_size"),
+        ({"fp16": {"enabeld": True}}, "enabeld"),
+        ({"zero_optimization": {"stage": 4}}, "stage"),
+        ({"gradient_accumulation_steps": True}, "gradient_accumulation_steps"),
+    ],
+)
 def test_validation_names_the_key(cfg, key):
     with pytest.raises(ConfigError, match=key):
         validate(cfg)
@@ -61,18 +89,36 @@ def test_shipped_configs_are_valid():
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     files = glob.glob(os.path.join(root, "ds_configs", "*.json"))
-    assert {os.path.basename(f) for f in files} >= {"zero0.json", "zero1.json", "zero2.json", "zero3.json", "bf16.json", "cpu.json"}
+    assert {os.path.basename(f) for f in files} >= {
+        "zero0.json",
+        "zero1.json",
+        "zero2.json",
+        "zero3.json",
+        "bf16.json",
+        "cpu.json",
+    }
     for f in files:
         validate(json.load(open(f)), f)
 
 
 def test_deepspeed_defaults_that_change_training_are_replaced_by_improved_diffusions():
-    cfg, notes = resolve({"train_micro_batch_size_per_gpu": 2, "fp16": {"enabled": True}}, args(), set(), 1, True)
+    cfg, notes = resolve(
+        {"train_micro_batch_size_per_gpu": 2, "fp16": {"enabled": True}}, args(), set(), 1, True
+    )
     assert cfg["gradient_clipping"] == 0.0 and "gradient clipping: off" in notes[0]
-    assert cfg["fp16"] == {"enabled": True, "initial_scale_power": 20, "loss_scale_window": 1000, "hysteresis": 1,
-                           "min_loss_scale": 1}
-    cfg, notes = resolve({**BASE, "gradient_clipping": 0.5, "fp16": {"enabled": True, "hysteresis": 2}}, args(), set(), 1, True)
-    assert cfg["gradient_clipping"] == 0.5 and "global norm 0.5" in notes[0] and cfg["fp16"]["hysteresis"] == 2
+    assert cfg["fp16"] == {
+        "enabled": True,
+        "initial_scale_power": 20,
+        "loss_scale_window": 1000,
+        "hysteresis": 1,
+        "min_loss_scale": 1,
+    }
+    cfg, notes = resolve(
+        {**BASE, "gradient_clipping": 0.5, "fp16": {"enabled": True, "hysteresis": 2}}, args(), set(), 1, True
+    )
+    assert (
+        cfg["gradient_clipping"] == 0.5 and "global norm 0.5" in notes[0] and cfg["fp16"]["hysteresis"] == 2
+    )
 
 
 @pytest.mark.slow
@@ -88,14 +134,25 @@ def test_the_engine_runs_with_what_the_json_says(tmp_path):
     silent_fp16 = tmp_path / "silent_fp16.json"
     silent_fp16.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "fp16": {"enabled": True}}))
     silent_fp32 = tmp_path / "silent_fp32.json"
-    silent_fp32.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 1}}))
+    silent_fp32.write_text(
+        json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 1}})
+    )
     clipped = tmp_path / "clipped.json"
     clipped.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.5}))
-    configs = sorted(glob.glob(os.path.join(root, "ds_configs", "*.json"))) + [str(silent_fp16), str(silent_fp32), str(clipped)]
+    configs = sorted(glob.glob(os.path.join(root, "ds_configs", "*.json"))) + [
+        str(silent_fp16),
+        str(silent_fp32),
+        str(clipped),
+    ]
     out = tmp_path / "settings.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    subprocess.run([sys.executable, os.path.join(root, "tests", "engine_settings.py"), str(out), *configs],
-                   check=True, timeout=300, env=env, capture_output=True)
+    subprocess.run(
+        [sys.executable, os.path.join(root, "tests", "engine_settings.py"), str(out), *configs],
+        check=True,
+        timeout=300,
+        env=env,
+        capture_output=True,
+    )
     settings = json.loads(out.read_text())
     assert len(settings) == len(configs)
     for name, got in settings.items():
@@ -112,6 +169,10 @@ def test_the_engine_runs_with_what_the_json_says(tmp_path):
             assert got["scale_args"]["delayed_shift"] == fp16.get("hysteresis", 1), name
             assert got["scale_args"]["scale_window"] == fp16.get("loss_scale_window", 1000), name
         params = asked.get("optimizer", {}).get("params", {})
-        want = {"lr": params.get("lr", 1e-4), "betas": params.get("betas", [0.9, 0.999]), "eps": params.get("eps", 1e-8),
-                "weight_decay": params.get("weight_decay", 0.0)}
+        want = {
+            "lr": params.get("lr", 1e-4),
+            "betas": params.get("betas", [0.9, 0.999]),
+            "eps": params.get("eps", 1e-8),
+            "weight_decay": params.get("weight_decay", 0.0),
+        }
         assert got["optimizer"] == want, name

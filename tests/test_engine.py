@@ -13,9 +13,36 @@ from conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launch", "train.py")
-TINY = ["--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2", "--attention_resolutions", "4",
-        "--num_heads", "2", "--diffusion_steps", "50", "--noise_schedule", "cosine", "--learn_sigma", "True", "--class_cond", "True",
-        "--schedule_sampler", "loss-second-moment", "--ema_rate", "0.9,0.99", "--log_interval", "1", "--num_workers", "1"]
+TINY = [
+    "--image_size",
+    "8",
+    "--num_channels",
+    "32",
+    "--num_res_blocks",
+    "1",
+    "--channel_mult",
+    "1,2",
+    "--attention_resolutions",
+    "4",
+    "--num_heads",
+    "2",
+    "--diffusion_steps",
+    "50",
+    "--noise_schedule",
+    "cosine",
+    "--learn_sigma",
+    "True",
+    "--class_cond",
+    "True",
+    "--schedule_sampler",
+    "loss-second-moment",
+    "--ema_rate",
+    "0.9,0.99",
+    "--log_interval",
+    "1",
+    "--num_workers",
+    "1",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +56,9 @@ def env():
 def run(cmd, timeout=300, check=True):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -43,13 +72,35 @@ def launch(ranks, log_dir, *flags, config="ds_configs/cpu.json", fp16_supported=
         env_prefix = ["env", f"FP16_SUPPORTED={int(fp16_supported)}"]
     if ranks == 1:
         return run([*env_prefix, sys.executable, script, *train])
-    return run([*env_prefix, "deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), script, *train])
+    return run(
+        [
+            *env_prefix,
+            "deepspeed",
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            str(free_port()),
+            script,
+            *train,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
 def scenarios(tmp_path_factory):
     out = tmp_path_factory.mktemp("scenarios") / "out.json"
-    run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), os.path.join(ROOT, "tests", "ds_scenarios.py"), str(out)], timeout=600)
+    run(
+        [
+            "deepspeed",
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            os.path.join(ROOT, "tests", "ds_scenarios.py"),
+            str(out),
+        ],
+        timeout=600,
+    )
     return json.loads(out.read_text())
 
 
@@ -92,7 +143,9 @@ def test_zero0_reduced_precision_with_the_gpu_optimizer_wrapper(scenarios, prec)
     assert r["after"] < 0.8 * r["before"] and r["ema_formula"] < 1e-5
 
 
-@pytest.mark.parametrize("case", ["nonfinite_z0_fp32", "nonfinite_z2_bf16", "nonfinite_z0_bf16_fused_wrapper"])
+@pytest.mark.parametrize(
+    "case", ["nonfinite_z0_fp32", "nonfinite_z2_bf16", "nonfinite_z0_bf16_fused_wrapper"]
+)
 def test_nonfinite_loss_step_is_skipped_and_counted(scenarios, case):
     r = scenarios[case]
     assert not r["applied"] and r["counted"] == 1 and r["consecutive"] == 1
@@ -103,7 +156,10 @@ def test_nonfinite_loss_step_is_skipped_and_counted(scenarios, case):
 def final_state(run_dir, step):
     d = os.path.join(run_dir, "checkpoints", f"step{step:06d}")
     model = torch.load(os.path.join(run_dir, f"model{step:06d}.pt"), weights_only=True)
-    emas = {r: torch.load(os.path.join(run_dir, f"ema_{r}_{step:06d}.pt"), weights_only=True) for r in ("0.9", "0.99")}
+    emas = {
+        r: torch.load(os.path.join(run_dir, f"ema_{r}_{step:06d}.pt"), weights_only=True)
+        for r in ("0.9", "0.99")
+    }
     client = torch.load(os.path.join(d, "mp_rank_00_model_states.pt"), weights_only=False)
     return model, emas, client
 
@@ -141,8 +197,18 @@ def test_killed_save_is_never_resumed_from(tmp_path):
 
 def test_run_dir_holds_config_logs_and_tensorboard(tmp_path):
     run_dir = tmp_path / "run"
-    proc = launch(2, run_dir, "--max_steps", "2", "--lr", "3e-4", "--sample_interval", "2", config="ds_configs/zero2.json",
-                  fp16_supported=False)
+    proc = launch(
+        2,
+        run_dir,
+        "--max_steps",
+        "2",
+        "--lr",
+        "3e-4",
+        "--sample_interval",
+        "2",
+        config="ds_configs/zero2.json",
+        fp16_supported=False,
+    )
     config = json.loads((run_dir / "config.json").read_text())
     assert config["model_flags"]["image_size"] == 8 and config["world_size"] == 2
     # A CPU without fp16 (forced here, so on any CPU): the fp16 config runs in bf16, and says so once.
@@ -151,7 +217,17 @@ def test_run_dir_holds_config_logs_and_tensorboard(tmp_path):
     assert "gradient clipping: off" in (run_dir / "log.txt").read_text()
     assert config["deepspeed"]["optimizer"]["params"]["lr"] == 3e-4
     record = json.loads((run_dir / "progress.jsonl").read_text().splitlines()[-1])
-    for key in ("loss", "mse", "vb", "loss_q0", "grad_norm", "lr", "skipped_steps", "images_per_s", "data_skipped"):
+    for key in (
+        "loss",
+        "mse",
+        "vb",
+        "loss_q0",
+        "grad_norm",
+        "lr",
+        "skipped_steps",
+        "images_per_s",
+        "data_skipped",
+    ):
         assert key in record, key
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -167,7 +243,10 @@ def test_run_dir_holds_config_logs_and_tensorboard(tmp_path):
     model, _ = create_model_and_diffusion(**config["model_flags"])
     load_official_state_dict(model, load_state_dict_file(str(run_dir / "ema_0.9_000002.pt")))
     # Contradicting the saved model flags in the same run dir is a one-line error.
-    proc = run([sys.executable, TRAIN, "--log_dir", str(run_dir), *TINY, "--num_channels", "64", "--max_steps", "3"], check=False)
+    proc = run(
+        [sys.executable, TRAIN, "--log_dir", str(run_dir), *TINY, "--num_channels", "64", "--max_steps", "3"],
+        check=False,
+    )
     assert proc.returncode == 2 and "num_channels" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -175,8 +254,15 @@ def test_fp16_with_dynamic_loss_scaling_where_the_device_offers_it(tmp_path):
     """Real fp16 (forced, so on any CPU): the scale backs off on overflow, those steps are skipped and
     counted, and it grows again after loss_scale_window good steps."""
     config = tmp_path / "fp16.json"
-    config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2},
-                                  "fp16": {"enabled": True, "initial_scale_power": 24, "loss_scale_window": 2}}))
+    config.write_text(
+        json.dumps(
+            {
+                "train_micro_batch_size_per_gpu": 4,
+                "zero_optimization": {"stage": 2},
+                "fp16": {"enabled": True, "initial_scale_power": 24, "loss_scale_window": 2},
+            }
+        )
+    )
     run_dir = tmp_path / "run"
     launch(1, run_dir, "--max_steps", "14", config=str(config), fp16_supported=True)
     assert json.loads((run_dir / "config.json").read_text())["precision"] == "fp16"
@@ -188,7 +274,9 @@ def test_fp16_with_dynamic_loss_scaling_where_the_device_offers_it(tmp_path):
         assert (after < before) == (skips_after > skips_before)  # a halved scale is a skipped step
     assert any(after > before for before, after in zip(scales, scales[1:]))  # and it grows again
     assert all(r["loss"] == r["loss"] for r in log)
-    assert all(torch.isfinite(v).all() for v in torch.load(run_dir / "model000014.pt", weights_only=True).values())
+    assert all(
+        torch.isfinite(v).all() for v in torch.load(run_dir / "model000014.pt", weights_only=True).values()
+    )
 
 
 def hostfile(tmp_path):
@@ -200,13 +288,44 @@ def hostfile(tmp_path):
 @pytest.mark.parametrize("launcher", ["hostfile", "mpich", "mpirun"])
 def test_launchers(tmp_path, launcher):
     run_dir = tmp_path / "run"
-    args = [TRAIN, "--deepspeed_config", "ds_configs/cpu.json", "--log_dir", str(run_dir), *TINY, "--max_steps", "2"]
+    args = [
+        TRAIN,
+        "--deepspeed_config",
+        "ds_configs/cpu.json",
+        "--log_dir",
+        str(run_dir),
+        *TINY,
+        "--max_steps",
+        "2",
+    ]
     port = str(free_port())
     if launcher == "hostfile":
-        cmd = ["deepspeed", "--hostfile", hostfile(tmp_path), "--no_ssh_check", "--master_addr", "127.0.0.1", "--master_port", port, *args]
+        cmd = [
+            "deepspeed",
+            "--hostfile",
+            hostfile(tmp_path),
+            "--no_ssh_check",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+            *args,
+        ]
     elif launcher == "mpich":
-        cmd = ["deepspeed", "--launcher", "mpich", "--force_multi", "--hostfile", hostfile(tmp_path), "--no_ssh_check",
-               "--master_addr", "127.0.0.1", "--master_port", port, *args]
+        cmd = [
+            "deepspeed",
+            "--launcher",
+            "mpich",
+            "--force_multi",
+            "--hostfile",
+            hostfile(tmp_path),
+            "--no_ssh_check",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+            *args,
+        ]
     else:
         cmd = ["mpirun", "-n", "2", sys.executable, *args, "--master_port", port]
     run(cmd)
@@ -228,9 +347,24 @@ def test_mpirun_failure_on_one_rank_ends_the_job_fast():
 def test_config_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimisation": {"stage": 2}}))
-    proc = run([sys.executable, TRAIN, "--deepspeed_config", str(bad), "--log_dir", str(tmp_path / "r")], check=False)
+    proc = run(
+        [sys.executable, TRAIN, "--deepspeed_config", str(bad), "--log_dir", str(tmp_path / "r")], check=False
+    )
     assert proc.returncode == 2 and "zero_optimisation" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run([sys.executable, TRAIN, "--log_dir", str(tmp_path / "r"), *TINY, "--batch_size", "6", "--microbatch", "4"], check=False)
+    proc = run(
+        [
+            sys.executable,
+            TRAIN,
+            "--log_dir",
+            str(tmp_path / "r"),
+            *TINY,
+            "--batch_size",
+            "6",
+            "--microbatch",
+            "4",
+        ],
+        check=False,
+    )
     assert proc.returncode == 2 and "multiple" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -239,7 +373,9 @@ def test_lr_anneal_steps_decays_to_zero_and_stops(tmp_path):
     launch(1, run_dir, "--lr_anneal_steps", "4", "--lr", "1e-3")
     log = [json.loads(line) for line in open(run_dir / "progress.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4]  # stopped at lr_anneal_steps
-    assert [r["lr"] for r in log] == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0])  # lr for the next step: 1e-3 * (1 - step/4)
+    assert [r["lr"] for r in log] == pytest.approx(
+        [7.5e-4, 5e-4, 2.5e-4, 0.0]
+    )  # lr for the next step: 1e-3 * (1 - step/4)
     assert (run_dir / "checkpoints" / "step000004" / "COMPLETE").exists()
 
 
@@ -262,35 +398,105 @@ def test_fine_tune_from_an_improved_diffusion_checkpoint(tmp_path):
     assert "initialised weights from" in proc.stdout
     tuned = torch.load(run_dir / "model000001.pt", weights_only=True)
     original = torch.load(official, weights_only=True)
-    assert all(torch.allclose(tuned[k], original[k], atol=1e-6) for k in original)  # started from those weights
+    assert all(
+        torch.allclose(tuned[k], original[k], atol=1e-6) for k in original
+    )  # started from those weights
 
 
 def test_suggested_fixes_of_run_errors_work_and_sampling_finds_the_run(tmp_path):
     run_dir = tmp_path / "run"
     launch(1, run_dir, "--max_steps", "1")
     log_txt = (run_dir / "log.txt").read_text()
-    assert "step 1 | loss " in log_txt and "img/s" in log_txt  # the per-interval line, as improved-diffusion prints
+    assert (
+        "step 1 | loss " in log_txt and "img/s" in log_txt
+    )  # the per-interval line, as improved-diffusion prints
     # A contradicting model flag on the same run: the error names its fix, and the fix works.
-    proc = run([sys.executable, TRAIN, "--log_dir", str(run_dir), *TINY, "--noise_schedule", "linear", "--max_steps", "2"],
-               check=False)
+    proc = run(
+        [
+            sys.executable,
+            TRAIN,
+            "--log_dir",
+            str(run_dir),
+            *TINY,
+            "--noise_schedule",
+            "linear",
+            "--max_steps",
+            "2",
+        ],
+        check=False,
+    )
     assert proc.returncode == 2 and "--override True" in proc.stderr and "Traceback" not in proc.stderr
-    run([sys.executable, TRAIN, "--log_dir", str(run_dir), *TINY, "--noise_schedule", "linear", "--max_steps", "2",
-         "--override", "True"])
+    run(
+        [
+            sys.executable,
+            TRAIN,
+            "--log_dir",
+            str(run_dir),
+            *TINY,
+            "--noise_schedule",
+            "linear",
+            "--max_steps",
+            "2",
+            "--override",
+            "True",
+        ]
+    )
     assert json.loads((run_dir / "config.json").read_text())["model_flags"]["noise_schedule"] == "linear"
     # A JSON without a batch size: the error says to pass --batch_size, and that works.
     silent = tmp_path / "silent.json"
     silent.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
-    proc = run([sys.executable, TRAIN, "--deepspeed_config", str(silent), "--log_dir", str(tmp_path / "b"), *TINY,
-                "--max_steps", "1"], check=False)
+    proc = run(
+        [
+            sys.executable,
+            TRAIN,
+            "--deepspeed_config",
+            str(silent),
+            "--log_dir",
+            str(tmp_path / "b"),
+            *TINY,
+            "--max_steps",
+            "1",
+        ],
+        check=False,
+    )
     assert proc.returncode == 2 and "pass --batch_size" in proc.stderr
-    run([sys.executable, TRAIN, "--deepspeed_config", str(silent), "--log_dir", str(tmp_path / "b"), *TINY, "--max_steps", "1",
-         "--batch_size", "4"])
+    run(
+        [
+            sys.executable,
+            TRAIN,
+            "--deepspeed_config",
+            str(silent),
+            "--log_dir",
+            str(tmp_path / "b"),
+            *TINY,
+            "--max_steps",
+            "1",
+            "--batch_size",
+            "4",
+        ]
+    )
     # sample.py: a run directory as --model_path, $OPENAI_LOGDIR honoured, progress counted in denoising steps.
     sample = os.path.join(ROOT, "launch", "sample.py")
     out_dir = tmp_path / "openai_logdir"
-    proc = subprocess.run([sys.executable, sample, "--model_path", str(run_dir), "--num_samples", "3", "--batch_size", "2",
-                           "--timestep_respacing", "4"], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={**env(), "OPENAI_LOGDIR": str(out_dir)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            sample,
+            "--model_path",
+            str(run_dir),
+            "--num_samples",
+            "3",
+            "--batch_size",
+            "2",
+            "--timestep_respacing",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**env(), "OPENAI_LOGDIR": str(out_dir)},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out_dir / "samples_3x8x8x3.npz").exists() and (out_dir / "samples_3x8x8x3.png").exists()
     assert "8/8" in proc.stderr  # 2 batches x 4 steps

@@ -16,8 +16,28 @@ import pytest
 from conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2", "--attention_resolutions", "4",
-        "--num_heads", "2", "--diffusion_steps", "20", "--noise_schedule", "cosine", "--batch_size", "4", "--num_workers", "1"]
+TINY = [
+    "--image_size",
+    "8",
+    "--num_channels",
+    "32",
+    "--num_res_blocks",
+    "1",
+    "--channel_mult",
+    "1,2",
+    "--attention_resolutions",
+    "4",
+    "--num_heads",
+    "2",
+    "--diffusion_steps",
+    "20",
+    "--noise_schedule",
+    "cosine",
+    "--batch_size",
+    "4",
+    "--num_workers",
+    "1",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -38,8 +58,15 @@ def run_to_exit(cmd, timeout, env_extra=None):
     or if any process of its session outlives it. Returns (returncode, stdout, stderr)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", **(env_extra or {}))
     env.pop("OPENAI_LOGDIR", None)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)  # also waits for every holder of its pipes
     except subprocess.TimeoutExpired:
@@ -60,34 +87,47 @@ def launch(script, *args):
 
 def one_error_line(script, returncode, err):
     assert returncode == 2, err[-2000:]
-    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"{script}: error:"), err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"{script}: error:"), err[
+        -2000:
+    ]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A finished 2-step tiny run; its train.py must exit 0 within a minute and leave nothing behind."""
     run_dir = tmp_path_factory.mktemp("exits") / "run"
-    code, _, err = run_to_exit(launch("train.py", "--log_dir", str(run_dir), *TINY, "--max_steps", "2"), timeout=120)
+    code, _, err = run_to_exit(
+        launch("train.py", "--log_dir", str(run_dir), *TINY, "--max_steps", "2"), timeout=120
+    )
     assert code == 0, err[-3000:]
     return run_dir
 
 
 def test_load_data_at_module_level_exits(tmp_path):
     script = tmp_path / "user_script.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         from iddpm_ds.image_datasets import load_data
         it = load_data(data_dir="", batch_size=16, image_size=32)
         x, _ = next(it)
         print(tuple(x.shape))
-    """))
+    """)
+    )
     code, out, err = run_to_exit([sys.executable, str(script)], timeout=60)
     assert code == 0 and "(16, 3, 32, 32)" in out, err
 
 
 def test_train_exits_after_success_and_after_a_one_line_error(trained, tmp_path):
     assert (trained / "checkpoints" / "latest").exists()
-    one_error_line("train.py", *run_to_exit(launch("train.py", "--log_dir", str(tmp_path / "bad"), *TINY,
-                                                   "--data_dir", str(tmp_path / "missing")), timeout=60)[::2])
+    one_error_line(
+        "train.py",
+        *run_to_exit(
+            launch(
+                "train.py", "--log_dir", str(tmp_path / "bad"), *TINY, "--data_dir", str(tmp_path / "missing")
+            ),
+            timeout=60,
+        )[::2],
+    )
 
 
 CRASH = """
@@ -120,15 +160,35 @@ def test_train_exits_after_an_unexpected_exception_mid_training(tmp_path, ranks)
 
 
 def test_sample_and_nll_exit_after_success_and_after_an_error(trained, tmp_path):
-    code, out, err = run_to_exit(launch("sample.py", "--run_dir", str(trained), "--num_samples", "2", "--timestep_respacing", "3",
-                                        "--out", str(tmp_path / "s.npz")), timeout=90)
+    code, out, err = run_to_exit(
+        launch(
+            "sample.py",
+            "--run_dir",
+            str(trained),
+            "--num_samples",
+            "2",
+            "--timestep_respacing",
+            "3",
+            "--out",
+            str(tmp_path / "s.npz"),
+        ),
+        timeout=90,
+    )
     assert code == 0 and (tmp_path / "s.npz").exists(), err[-2000:]
-    one_error_line("sample.py", *run_to_exit(launch("sample.py", "--run_dir", str(tmp_path / "nothing")), timeout=60)[::2])
-    code, out, err = run_to_exit(launch("nll.py", "--run_dir", str(trained), "--num_samples", "2", "--batch_size", "2"),
-                                 timeout=120)
+    one_error_line(
+        "sample.py",
+        *run_to_exit(launch("sample.py", "--run_dir", str(tmp_path / "nothing")), timeout=60)[::2],
+    )
+    code, out, err = run_to_exit(
+        launch("nll.py", "--run_dir", str(trained), "--num_samples", "2", "--batch_size", "2"), timeout=120
+    )
     assert code == 0 and json.loads(out.strip().splitlines()[-1])["num_samples"] == 2, err[-2000:]
-    one_error_line("nll.py", *run_to_exit(launch("nll.py", "--run_dir", str(trained), "--data_dir", str(tmp_path / "x")),
-                                          timeout=60)[::2])
+    one_error_line(
+        "nll.py",
+        *run_to_exit(
+            launch("nll.py", "--run_dir", str(trained), "--data_dir", str(tmp_path / "x")), timeout=60
+        )[::2],
+    )
 
 
 def test_data_tools_exit_after_success_and_after_an_error(tmp_path):
@@ -138,20 +198,56 @@ def test_data_tools_exit_after_success_and_after_an_error(tmp_path):
     folder.mkdir()
     for i in range(3):
         Image.fromarray(np.full((10, 10, 3), 40 * i, dtype=np.uint8)).save(folder / f"c{i}_{i}.png")
-    code, _, err = run_to_exit(launch("make_shards.py", str(folder), str(tmp_path / "shards"), "--image_size", "8"), timeout=60)
+    code, _, err = run_to_exit(
+        launch("make_shards.py", str(folder), str(tmp_path / "shards"), "--image_size", "8"), timeout=60
+    )
     assert code == 0 and (tmp_path / "shards" / "index.json").exists(), err[-2000:]
-    one_error_line("make_shards.py", *run_to_exit(launch("make_shards.py", str(tmp_path / "none"), str(tmp_path / "o"),
-                                                         "--image_size", "8"), timeout=60)[::2])
-    code, out, err = run_to_exit(launch("bench_data.py", "--data_dir", str(folder), "--sizes", "8", "--batches", "2",
-                                        "--batch_size", "2"), timeout=90)
+    one_error_line(
+        "make_shards.py",
+        *run_to_exit(
+            launch("make_shards.py", str(tmp_path / "none"), str(tmp_path / "o"), "--image_size", "8"),
+            timeout=60,
+        )[::2],
+    )
+    code, out, err = run_to_exit(
+        launch(
+            "bench_data.py", "--data_dir", str(folder), "--sizes", "8", "--batches", "2", "--batch_size", "2"
+        ),
+        timeout=90,
+    )
     assert code == 0 and json.loads(out.strip().splitlines()[-1])[0]["image_size"] == 8, err[-2000:]
-    one_error_line("bench_data.py", *run_to_exit(launch("bench_data.py", "--data_dir", str(tmp_path / "none")), timeout=60)[::2])
+    one_error_line(
+        "bench_data.py",
+        *run_to_exit(launch("bench_data.py", "--data_dir", str(tmp_path / "none")), timeout=60)[::2],
+    )
 
 
 def test_super_resolution_exits_after_success_and_after_an_error(tmp_path):
-    sr = ["--large_size", "16", "--small_size", "8", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2",
-          "--attention_resolutions", "8", "--diffusion_steps", "20", "--noise_schedule", "cosine", "--batch_size", "2"]
-    code, _, err = run_to_exit(launch("super_res_train.py", "--log_dir", str(tmp_path / "sr"), *sr, "--max_steps", "1"),
-                               timeout=120)
+    sr = [
+        "--large_size",
+        "16",
+        "--small_size",
+        "8",
+        "--num_channels",
+        "32",
+        "--num_res_blocks",
+        "1",
+        "--channel_mult",
+        "1,2",
+        "--attention_resolutions",
+        "8",
+        "--diffusion_steps",
+        "20",
+        "--noise_schedule",
+        "cosine",
+        "--batch_size",
+        "2",
+    ]
+    code, _, err = run_to_exit(
+        launch("super_res_train.py", "--log_dir", str(tmp_path / "sr"), *sr, "--max_steps", "1"), timeout=120
+    )
     assert code == 0, err[-2000:]
-    one_error_line("super_res_train.py", *run_to_exit(launch("super_res_train.py", *sr, "--small_size", "32"), timeout=60)[::2])
+    one_error_line(
+        "super_res_train.py",
+        *run_to_exit(launch("super_res_train.py", *sr, "--small_size", "32"), timeout=60)[::2],
+    )

@@ -15,8 +15,28 @@ from conftest import free_port, report_fault
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launch", "train.py")
-TINY = ["--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2", "--attention_resolutions", "4",
-        "--num_heads", "2", "--diffusion_steps", "50", "--noise_schedule", "cosine", "--ema_rate", "0.9", "--log_interval", "1"]
+TINY = [
+    "--image_size",
+    "8",
+    "--num_channels",
+    "32",
+    "--num_res_blocks",
+    "1",
+    "--channel_mult",
+    "1,2",
+    "--attention_resolutions",
+    "4",
+    "--num_heads",
+    "2",
+    "--diffusion_steps",
+    "50",
+    "--noise_schedule",
+    "cosine",
+    "--ema_rate",
+    "0.9",
+    "--log_interval",
+    "1",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -34,12 +54,29 @@ def steps_logged(run_dir):
 
 def complete_steps(run_dir):
     root = os.path.join(run_dir, "checkpoints")
-    return sorted(int(d[4:]) for d in os.listdir(root) if d.startswith("step") and d[4:].isdigit() and os.path.exists(os.path.join(root, d, "COMPLETE")))
+    return sorted(
+        int(d[4:])
+        for d in os.listdir(root)
+        if d.startswith("step") and d[4:].isdigit() and os.path.exists(os.path.join(root, d, "COMPLETE"))
+    )
 
 
 def start_training(run_dir, *flags, ranks=2):
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), TRAIN, "--log_dir", str(run_dir), *TINY, *flags]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT)
+    cmd = [
+        "deepspeed",
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        TRAIN,
+        "--log_dir",
+        str(run_dir),
+        *TINY,
+        *flags,
+    ]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT
+    )
 
 
 def wait_for_steps(run_dir, n, proc, timeout=120):
@@ -60,7 +97,11 @@ def rank_pids(proc):
 
 
 def launcher_pid(proc):
-    return next(c for c in psutil.Process(proc.pid).children(recursive=True) if "deepspeed.launcher.launch" in " ".join(c.cmdline()))
+    return next(
+        c
+        for c in psutil.Process(proc.pid).children(recursive=True)
+        if "deepspeed.launcher.launch" in " ".join(c.cmdline())
+    )
 
 
 @pytest.mark.parametrize("target", ["rank1", "runner"])
@@ -82,14 +123,41 @@ def test_preemption_saves_a_complete_checkpoint_and_the_rerun_resumes(tmp_path, 
     saved = complete_steps(run_dir)
     assert saved and saved[-1] >= 3 and saved[-1] == steps_logged(run_dir)[-1]
     stopped_at = max(steps_logged(run_dir))
-    how = "SIGTERM to rank 1" if target == "rank1" else "SIGUSR1 to the deepspeed launcher (it dies; ranks see it gone)"
+    how = (
+        "SIGTERM to rank 1"
+        if target == "rank1"
+        else "SIGUSR1 to the deepspeed launcher (it dies; ranks see it gone)"
+    )
     # The same command (with a nearer end) resumes from it.
     s = saved[-1]
-    subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), TRAIN, "--log_dir", str(run_dir), *TINY,
-                    "--max_steps", str(s + 2)], check=True, capture_output=True, env=env(), cwd=ROOT, timeout=300)
+    subprocess.run(
+        [
+            "deepspeed",
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            TRAIN,
+            "--log_dir",
+            str(run_dir),
+            *TINY,
+            "--max_steps",
+            str(s + 2),
+        ],
+        check=True,
+        capture_output=True,
+        env=env(),
+        cwd=ROOT,
+        timeout=300,
+    )
     assert steps_logged(run_dir)[-3:] == [s, s + 1, s + 2]
-    report_fault("preemption", how, f"every rank finished step {stopped_at}, saved a complete checkpoint and exited 0; "
-                 f"the rerun resumed at step {s + 1}", stopped_at - s)
+    report_fault(
+        "preemption",
+        how,
+        f"every rank finished step {stopped_at}, saved a complete checkpoint and exited 0; "
+        f"the rerun resumed at step {s + 1}",
+        stopped_at - s,
+    )
 
 
 def test_a_killed_rank_ends_the_job_within_60s_naming_it(tmp_path):
@@ -102,31 +170,74 @@ def test_a_killed_rank_ends_the_job_within_60s_naming_it(tmp_path):
     assert time.time() - t0 < 60 and proc.returncode != 0
     assert "--local_rank=1" in out and "-9" in out  # the launcher names the rank and its signal
     done = max(steps_logged(run_dir))
-    report_fault("dead rank", "SIGKILL to rank 1 mid-training", f"job ended {time.time() - t0:.1f} s later; the launcher named "
-                 "--local_rank=1 and return code -9; no checkpoint since the start", done)
+    report_fault(
+        "dead rank",
+        "SIGKILL to rank 1 mid-training",
+        f"job ended {time.time() - t0:.1f} s later; the launcher named "
+        "--local_rank=1 and return code -9; no checkpoint since the start",
+        done,
+    )
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     common = [TRAIN, "--log_dir", str(run_dir), *TINY, "--save_interval", "2"]
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "enospc_train.py"), *common[1:], "--max_steps", "6"],
-                          capture_output=True, text=True, env={**env(), "FAIL_AT_STEP": "4"}, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "enospc_train.py"), *common[1:], "--max_steps", "6"],
+        capture_output=True,
+        text=True,
+        env={**env(), "FAIL_AT_STEP": "4"},
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 2
     (err,) = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error:")]
     assert "No space left on device" in err and "step000004" in err and "step000002" in err
     assert complete_steps(run_dir) == [2]
-    subprocess.run([sys.executable, *common, "--max_steps", "5"], check=True, capture_output=True, env=env(), cwd=ROOT, timeout=300)
+    subprocess.run(
+        [sys.executable, *common, "--max_steps", "5"],
+        check=True,
+        capture_output=True,
+        env=env(),
+        cwd=ROOT,
+        timeout=300,
+    )
     assert steps_logged(run_dir)[-3:] == [3, 4, 5] and complete_steps(run_dir)[-1] == 5
-    report_fault("disk full during save", "torch.save raises ENOSPC while writing the step-4 checkpoint",
-                 "one-line error naming ENOSPC, step 4 and the kept step-2 checkpoint; step 4 never got COMPLETE; rerun resumed at 3", 2)
+    report_fault(
+        "disk full during save",
+        "torch.save raises ENOSPC while writing the step-4 checkpoint",
+        "one-line error naming ENOSPC, step 4 and the kept step-2 checkpoint; step 4 never got COMPLETE; rerun resumed at 3",
+        2,
+    )
 
 
 @pytest.mark.parametrize("config", ["ds_configs/cpu.json", "ds_configs/bf16.json"])
 def test_divergence_stops_with_a_checkpoint_from_before(tmp_path, config):
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, TRAIN, "--deepspeed_config", config, "--log_dir", str(run_dir), *TINY, "--lr", "1e30",
-                           "--batch_size", "4", "--max_nonfinite_steps", "3", "--max_steps", "50"],
-                          capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            TRAIN,
+            "--deepspeed_config",
+            config,
+            "--log_dir",
+            str(run_dir),
+            *TINY,
+            "--lr",
+            "1e30",
+            "--batch_size",
+            "4",
+            "--max_nonfinite_steps",
+            "3",
+            "--max_steps",
+            "50",
+        ],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 3, proc.stderr[-2000:]
     (err,) = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error:")]
     assert "non-finite loss" in err
@@ -135,9 +246,13 @@ def test_divergence_stops_with_a_checkpoint_from_before(tmp_path, config):
     assert all(torch.isfinite(v).all() for v in model.values())
     record = json.loads((run_dir / "progress.jsonl").read_text().splitlines()[-1])
     assert record["nonfinite_steps"] >= 3
-    report_fault(f"divergence ({os.path.basename(config)})", "--lr 1e30: the loss overflows to inf",
-                 f"{record['nonfinite_steps']} non-finite steps skipped and counted; stopped after 3 in a row with exit 3 and a "
-                 f"checkpoint of finite pre-divergence weights at step {last}", 0)
+    report_fault(
+        f"divergence ({os.path.basename(config)})",
+        "--lr 1e30: the loss overflows to inf",
+        f"{record['nonfinite_steps']} non-finite steps skipped and counted; stopped after 3 in a row with exit 3 and a "
+        f"checkpoint of finite pre-divergence weights at step {last}",
+        0,
+    )
 
 
 @pytest.mark.parametrize("ranks", [1, 4])
@@ -146,23 +261,53 @@ def test_elastic_resume_of_a_2_rank_zero2_checkpoint(tmp_path, ranks):
     run_dir = tmp_path / "run"
 
     def launch(n, mode, out):
-        subprocess.run(["deepspeed", "--num_gpus", str(n), "--master_port", str(free_port()), script, mode, str(run_dir), str(out)],
-                       check=True, capture_output=True, env=env(), cwd=ROOT, timeout=300)
+        subprocess.run(
+            [
+                "deepspeed",
+                "--num_gpus",
+                str(n),
+                "--master_port",
+                str(free_port()),
+                script,
+                mode,
+                str(run_dir),
+                str(out),
+            ],
+            check=True,
+            capture_output=True,
+            env=env(),
+            cwd=ROOT,
+            timeout=300,
+        )
 
     launch(2, "train", tmp_path / "ref.pt")
     launch(ranks, "resume", tmp_path / "resumed.pt")
     ref, got = (torch.load(tmp_path / f, weights_only=False) for f in ("ref.pt", "resumed.pt"))
     for key in ("master", "ema", "exp_avg", "exp_avg_sq"):
         assert all(torch.equal(ref[key][n], got[key][n]) for n in ref[key]), key
-    assert torch.equal(ref["sampler"], got["sampler"]) and ref["position"] == got["position"] and ref["step"] == got["step"] == 3
-    report_fault(f"elastic resume 2 -> {ranks} ranks", "ZeRO-2 checkpoint of 2 ranks loaded by a different rank count (universal copy)",
-                 "fp32 master, EMA, Adam moments, sampler history and data position bitwise equal", 0)
+    assert (
+        torch.equal(ref["sampler"], got["sampler"])
+        and ref["position"] == got["position"]
+        and ref["step"] == got["step"] == 3
+    )
+    report_fault(
+        f"elastic resume 2 -> {ranks} ranks",
+        "ZeRO-2 checkpoint of 2 ranks loaded by a different rank count (universal copy)",
+        "fp32 master, EMA, Adam moments, sampler history and data position bitwise equal",
+        0,
+    )
 
 
 def test_a_tampered_checkpoint_file_is_refused(tmp_path):
     run_dir = tmp_path / "run"
-    subprocess.run([sys.executable, TRAIN, "--log_dir", str(run_dir), *TINY, "--max_steps", "1"], check=True, capture_output=True,
-                   env=env(), cwd=ROOT, timeout=300)
+    subprocess.run(
+        [sys.executable, TRAIN, "--log_dir", str(run_dir), *TINY, "--max_steps", "1"],
+        check=True,
+        capture_output=True,
+        env=env(),
+        cwd=ROOT,
+        timeout=300,
+    )
     marker = tmp_path / "pwned"
 
     class Evil:
@@ -170,9 +315,19 @@ def test_a_tampered_checkpoint_file_is_refused(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     torch.save({"data": Evil()}, run_dir / "checkpoints" / "step000001" / "mp_rank_00_model_states.pt")
-    proc = subprocess.run([sys.executable, TRAIN, "--log_dir", str(run_dir), *TINY, "--max_steps", "2"], capture_output=True, text=True,
-                          env=env(), cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, TRAIN, "--log_dir", str(run_dir), *TINY, "--max_steps", "2"],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "refusing" in proc.stderr and "Traceback" not in proc.stderr
     assert not marker.exists()
-    report_fault("tampered checkpoint", "a pickle that runs a shell command replaces mp_rank_00_model_states.pt",
-                 "refused with a one-line error before DeepSpeed opened it; the command never ran", 0)
+    report_fault(
+        "tampered checkpoint",
+        "a pickle that runs a shell command replaces mp_rank_00_model_states.pt",
+        "refused with a one-line error before DeepSpeed opened it; the command never ran",
+        0,
+    )

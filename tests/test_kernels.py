@@ -77,7 +77,13 @@ def test_group_norm_all_bf16_as_a_bf16_unet_calls_it(gn_path):
     matches float64 to bf16 precision, on both GroupNorm paths."""
     torch.manual_seed(3)
     B, C = 2, 64
-    args = [torch.randn(B, C, 5, 7) * 2 + 1, torch.randn(C), torch.randn(C), torch.randn(B, C) * 0.5, torch.randn(B, C)]
+    args = [
+        torch.randn(B, C, 5, 7) * 2 + 1,
+        torch.randn(C),
+        torch.randn(C),
+        torch.randn(B, C) * 0.5,
+        torch.randn(B, C),
+    ]
     args = [a.bfloat16().requires_grad_() for a in args]
     y = group_norm_silu(args[0], args[1], args[2], 32, scale=args[3], shift=args[4])
     dy = torch.randn_like(y)
@@ -136,7 +142,9 @@ def test_attention_16_bit_inputs(dtype, tol):
 
 def test_attention_orders_differ_and_bad_widths_fail():
     qkv = torch.randn(1, 3 * 2 * 16, 16)
-    assert not torch.allclose(qkv_attention_reference(qkv, 2, "legacy"), qkv_attention_reference(qkv, 2, "new"))
+    assert not torch.allclose(
+        qkv_attention_reference(qkv, 2, "legacy"), qkv_attention_reference(qkv, 2, "new")
+    )
     with pytest.raises(ValueError, match="order"):
         qkv_attention(qkv, 2, "sideways")
     with pytest.raises(ValueError, match="width"):
@@ -159,7 +167,9 @@ def test_unet_with_kernels_on_matches_off():
     for fused in (False, True):
         torch.manual_seed(0)
         model, diffusion = create_model_and_diffusion(**tiny_flags(learn_sigma=True, use_fused_kernels=fused))
-        for p in model.parameters():  # zero-initialised output convs would hide errors in the blocks they gate
+        for (
+            p
+        ) in model.parameters():  # zero-initialised output convs would hide errors in the blocks they gate
             torch.nn.init.normal_(p, std=0.1)
         torch.manual_seed(1)
         x, t, noise = torch.randn(2, 3, 8, 8), torch.tensor([3, 15]), torch.randn(2, 3, 8, 8)
@@ -180,14 +190,23 @@ def test_benchmark_script_smoke(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, os.path.join(root, "kernels", "bench.py"), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, env=dict(os.environ, TRITON_INTERPRET="1"))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "kernels", "bench.py"), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, TRITON_INTERPRET="1"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert {r["provider"] for r in report["rows"]} >= {"triton", "eager"}
     assert not [r["error"] for r in report["rows"] if "error" in r]
     assert all(r["host_us_fwd_bwd"] > 0 for r in report["rows"])
-    assert all(r["max_rel_err"] < 1e-5 and r["grad_rel_err"] < 1e-4 and r["deterministic"] for r in report["rows"] if r["provider"] == "triton")
+    assert all(
+        r["max_rel_err"] < 1e-5 and r["grad_rel_err"] < 1e-4 and r["deterministic"]
+        for r in report["rows"]
+        if r["provider"] == "triton"
+    )
     step = report["training_step"]
     assert step["kernels_on"]["images_per_s"] > 0 and step["fell_back_to_reference"] == []
     # bf16 model with non-zero output convs: the kernels and the eager path compute the same loss and gradients
@@ -198,12 +217,22 @@ def test_benchmark_script_smoke(tmp_path):
     # The tile sweep, which only a GPU run uses: every candidate of every kernel must run and be right.
     from kernels.bench import SWEEP
 
-    proc = subprocess.run([sys.executable, os.path.join(root, "kernels", "bench.py"), "--smoke", "--sweep", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, env=dict(os.environ, TRITON_INTERPRET="1"))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "kernels", "bench.py"), "--smoke", "--sweep", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, TRITON_INTERPRET="1"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["sweep"]
-    assert sorted((r["kernel"], tuple(r["tile"])) for r in rows) == sorted((k, c) for k, cs in SWEEP["small_d"].items() for c in cs)
-    assert all("error" not in r and r["max_rel_err"] < 1e-5 and r["grad_rel_err"] < 1e-4 and r["deterministic"] for r in rows)
+    assert sorted((r["kernel"], tuple(r["tile"])) for r in rows) == sorted(
+        (k, c) for k, cs in SWEEP["small_d"].items() for c in cs
+    )
+    assert all(
+        "error" not in r and r["max_rel_err"] < 1e-5 and r["grad_rel_err"] < 1e-4 and r["deterministic"]
+        for r in rows
+    )
 
 
 def test_benchmark_baselines_compute_the_same_attention_and_norm(monkeypatch):
@@ -218,43 +247,77 @@ def test_benchmark_baselines_compute_the_same_attention_and_norm(monkeypatch):
     qkv = torch.randn(2, 3 * 4 * 32, 50)
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
         assert rel_err(sdpa_from_qkv(qkv, 4, backend), qkv_attention_reference(qkv.double(), 4)) < 1e-5
-    rows = bench_group_norm([((2, 64, 4, 4), "ss"), ((1, 32, 3, 5), "plain")], torch.device("cpu"), torch.float32, use_compile=True)
+    rows = bench_group_norm(
+        [((2, 64, 4, 4), "ss"), ((1, 32, 3, 5), "plain")],
+        torch.device("cpu"),
+        torch.float32,
+        use_compile=True,
+    )
     assert [r["provider"] for r in rows] == ["triton", "eager", "compile"] * 2
-    assert all("error" not in r and r["max_rel_err"] < 1e-5 and r["grad_rel_err"] < 1e-4 and len(r["fwd_bwd_ms"]) == 2 for r in rows)
+    assert all(
+        "error" not in r
+        and r["max_rel_err"] < 1e-5
+        and r["grad_rel_err"] < 1e-4
+        and len(r["fwd_bwd_ms"]) == 2
+        for r in rows
+    )
 
 
 def test_goal_verdicts_follow_the_measurements():
     from kernels.bench import goals
 
     def row(op, shape, provider, ms, **extra):
-        return {"op": op, "shape": shape, "provider": provider, "fwd_ms": [ms / 3] * 2, "fwd_bwd_ms": [ms * 1.1, ms],
-                "max_rel_err": 1e-3, "grad_rel_err": 1e-3, **extra}
+        return {
+            "op": op,
+            "shape": shape,
+            "provider": provider,
+            "fwd_ms": [ms / 3] * 2,
+            "fwd_bwd_ms": [ms * 1.1, ms],
+            "max_rel_err": 1e-3,
+            "grad_rel_err": 1e-3,
+            **extra,
+        }
 
     big, small, attn = [64, 128, 64, 64], [64, 512, 8, 8], [8, 8, 1024, 64]
-    rows = [row("group_norm", big, "triton", 1.0, pattern="silu", pct_of_copy=85.0),
-            row("group_norm", big, "eager", 3.0, pattern="silu"),
-            row("group_norm", big, "compile", 1.5, pattern="silu"),
-            row("group_norm", small, "triton", 0.025, pattern="ss", grad_rel_err=0.05),
-            {"op": "group_norm", "shape": small, "pattern": "ss", "provider": "eager", "error": "RuntimeError: out of memory"},
-            row("attention", attn, "triton", 1.0, fwd_TFLOPs=300.0),
-            row("attention", attn, "sdpa_flash", 1.2),
-            row("attention", attn, "sdpa_mem_efficient", 0.9)]
-    report = {"meta": {"dtype": "torch.bfloat16"}, "rows": rows, "training_step": {"speedup": 1.4, "fell_back_to_reference": [], "config": {"image_size": 64}}}
-    verdicts = {g["goal"]: g["ok"] for g in goals(report)}
-    assert verdicts == {
-        "group_norm [64, 128, 64, 64] silu: max rel err, output and gradients": True,
-        "group_norm [64, 128, 64, 64] silu: fwd+bwd % of copy bandwidth": True,  # 85 >= 80
-        "group_norm [64, 128, 64, 64] silu: fwd+bwd speed-up over eager": False,  # 3x < 4x
-        "group_norm [64, 128, 64, 64] silu: fwd+bwd speed-up over torch.compile": True,  # 1.5x >= 1.3x
-        "group_norm [64, 512, 8, 8] ss: max rel err, output and gradients": False,  # 0.05 > 0.02 for bf16
-        "group_norm [64, 512, 8, 8] ss: fwd+bwd speed-up over eager": None,  # eager failed: not measured
-        "group_norm [64, 512, 8, 8] ss: fwd+bwd speed-up over torch.compile": None,
-        "group_norm [64, 512, 8, 8] ss: fwd+bwd us": False,  # 25 us > 20 us
-        "attention [8, 8, 1024, 64]: max rel err, output and gradients": True,
-        "attention [8, 8, 1024, 64]: fwd+bwd speed-up over SDPA (faster backend)": False,  # 0.9x against mem-efficient
-        "attention [8, 8, 1024, 64]: fwd TFLOP/s": True,
-        "64 px training step: speed-up with kernels on": True,
+    rows = [
+        row("group_norm", big, "triton", 1.0, pattern="silu", pct_of_copy=85.0),
+        row("group_norm", big, "eager", 3.0, pattern="silu"),
+        row("group_norm", big, "compile", 1.5, pattern="silu"),
+        row("group_norm", small, "triton", 0.025, pattern="ss", grad_rel_err=0.05),
+        {
+            "op": "group_norm",
+            "shape": small,
+            "pattern": "ss",
+            "provider": "eager",
+            "error": "RuntimeError: out of memory",
+        },
+        row("attention", attn, "triton", 1.0, fwd_TFLOPs=300.0),
+        row("attention", attn, "sdpa_flash", 1.2),
+        row("attention", attn, "sdpa_mem_efficient", 0.9),
+    ]
+    report = {
+        "meta": {"dtype": "torch.bfloat16"},
+        "rows": rows,
+        "training_step": {"speedup": 1.4, "fell_back_to_reference": [], "config": {"image_size": 64}},
     }
+    verdicts = {g["goal"]: g["ok"] for g in goals(report)}
+    assert (
+        verdicts
+        == {
+            "group_norm [64, 128, 64, 64] silu: max rel err, output and gradients": True,
+            "group_norm [64, 128, 64, 64] silu: fwd+bwd % of copy bandwidth": True,  # 85 >= 80
+            "group_norm [64, 128, 64, 64] silu: fwd+bwd speed-up over eager": False,  # 3x < 4x
+            "group_norm [64, 128, 64, 64] silu: fwd+bwd speed-up over torch.compile": True,  # 1.5x >= 1.3x
+            "group_norm [64, 512, 8, 8] ss: max rel err, output and gradients": False,  # 0.05 > 0.02 for bf16
+            "group_norm [64, 512, 8, 8] ss: fwd+bwd speed-up over eager": None,  # eager failed: not measured
+            "group_norm [64, 512, 8, 8] ss: fwd+bwd speed-up over torch.compile": None,
+            "group_norm [64, 512, 8, 8] ss: fwd+bwd us": False,  # 25 us > 20 us
+            "attention [8, 8, 1024, 64]: max rel err, output and gradients": True,
+            "attention [8, 8, 1024, 64]: fwd+bwd speed-up over SDPA (faster backend)": False,  # 0.9x against mem-efficient
+            "attention [8, 8, 1024, 64]: fwd TFLOP/s": True,
+            "64 px training step: speed-up with kernels on": True,
+        }
+    )
     report["training_step"]["fell_back_to_reference"] = ["qkv_attention"]
     assert goals(report)[-1]["ok"] is None  # a speed-up with a kernel fallen back measures nothing
 
@@ -296,17 +359,41 @@ def test_every_benchmark_launch_builds_for_the_gpu_without_spills(tmp_path, arch
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(root, "kernels", "compile_report.py"), "--arch", str(arch), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "kernels", "compile_report.py"),
+            "--arch",
+            str(arch),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     from kernels import attention_triton, group_norm_triton
 
-    kernel_names = {n for m in (attention_triton, group_norm_triton) for n in dir(m) if n.endswith("_kernel") or n == "_bwd_preprocess"}
-    assert {r["kernel"] for r in rows} == kernel_names  # both GroupNorm paths and the whole attention backward are covered
+    kernel_names = {
+        n
+        for m in (attention_triton, group_norm_triton)
+        for n in dir(m)
+        if n.endswith("_kernel") or n == "_bwd_preprocess"
+    }
+    assert {
+        r["kernel"] for r in rows
+    } == kernel_names  # both GroupNorm paths and the whole attention backward are covered
     assert all(r["spill_bytes"] == 0 and 0 < r["registers"] <= 255 for r in rows)
     from kernels.bench import ATTN_SHAPES
 
-    bench_attention = [r for r in rows if any(r["shape"] == f"attention {list(s)} bf16" for s in ATTN_SHAPES) and r["kernel"] != "_bwd_preprocess"]
+    bench_attention = [
+        r
+        for r in rows
+        if any(r["shape"] == f"attention {list(s)} bf16" for s in ATTN_SHAPES)
+        and r["kernel"] != "_bwd_preprocess"
+    ]
     assert len(bench_attention) == 3 * len(ATTN_SHAPES)
     assert {r["mma"] for r in bench_attention} == ({"wgmma"} if arch == 90 else {"mma.sync"})

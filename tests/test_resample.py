@@ -64,7 +64,9 @@ def test_importance_weights_have_mean_one_under_the_sampling_distribution():
     T = 50
     s = LossSecondMomentResampler(FakeDiffusion(T))
     rng = np.random.default_rng(1)
-    s.update_with_all_losses(np.repeat(np.arange(T), 10), rng.gamma(2.0, size=10 * T) * np.repeat(np.linspace(0.1, 5, T), 10))
+    s.update_with_all_losses(
+        np.repeat(np.arange(T), 10), rng.gamma(2.0, size=10 * T) * np.repeat(np.linspace(0.1, 5, T), 10)
+    )
     p = s.weights() / s.weights().sum()
     # Exact: sum_t p_t * 1 / (T p_t) = 1.
     np.random.seed(0)

@@ -19,8 +19,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run(script, *args, check=True, launcher=()):
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    proc = subprocess.run([*launcher, *(() if launcher else (sys.executable,)), os.path.join(ROOT, "launch", script), *args],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [*launcher, *(() if launcher else (sys.executable,)), os.path.join(ROOT, "launch", script), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
+    )
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
@@ -44,14 +50,38 @@ def run_dir(tmp_path_factory):
 def test_sampling_is_deterministic_and_writes_improved_diffusion_npz(run_dir, tmp_path):
     a, b = tmp_path / "a.npz", tmp_path / "b.npz"
     for out, batch in ((a, "4"), (b, "3")):  # batch size must not change the images
-        run("sample.py", "--run_dir", str(run_dir), "--num_samples", "6", "--batch_size", batch, "--timestep_respacing", "5", "--out", str(out))
+        run(
+            "sample.py",
+            "--run_dir",
+            str(run_dir),
+            "--num_samples",
+            "6",
+            "--batch_size",
+            batch,
+            "--timestep_respacing",
+            "5",
+            "--out",
+            str(out),
+        )
     with np.load(a) as fa, np.load(b) as fb:
         assert fa["arr_0"].dtype == np.uint8 and fa["arr_0"].shape == (6, 8, 8, 3)
         assert fa["arr_1"].shape == (6,) and fa["arr_1"].max() < 10  # labels drawn from the data's 10 classes
         assert np.array_equal(fa["arr_0"], fb["arr_0"]) and np.array_equal(fa["arr_1"], fb["arr_1"])
     assert (tmp_path / "a.png").exists()
     c = tmp_path / "c.npz"
-    run("sample.py", "--run_dir", str(run_dir), "--num_samples", "6", "--timestep_respacing", "5", "--seed", "1", "--out", str(c))
+    run(
+        "sample.py",
+        "--run_dir",
+        str(run_dir),
+        "--num_samples",
+        "6",
+        "--timestep_respacing",
+        "5",
+        "--seed",
+        "1",
+        "--out",
+        str(c),
+    )
     with np.load(a) as fa, np.load(c) as fc:
         assert not np.array_equal(fa["arr_0"], fc["arr_0"])
 
@@ -59,21 +89,61 @@ def test_sampling_is_deterministic_and_writes_improved_diffusion_npz(run_dir, tm
 @pytest.mark.slow
 def test_distributed_sampling_partitions_the_work(run_dir, tmp_path):
     one, two = tmp_path / "one.npz", tmp_path / "two.npz"
-    common = ["--run_dir", str(run_dir), "--num_samples", "5", "--timestep_respacing", "ddim5", "--use_ddim", "True", "--class_labels", "1,2"]
+    common = [
+        "--run_dir",
+        str(run_dir),
+        "--num_samples",
+        "5",
+        "--timestep_respacing",
+        "ddim5",
+        "--use_ddim",
+        "True",
+        "--class_labels",
+        "1,2",
+    ]
     run("sample.py", *common, "--out", str(one))
-    run("sample.py", *common, "--out", str(two), launcher=("deepspeed", "--num_gpus", "2", "--master_port", str(free_port())))
+    run(
+        "sample.py",
+        *common,
+        "--out",
+        str(two),
+        launcher=("deepspeed", "--num_gpus", "2", "--master_port", str(free_port())),
+    )
     with np.load(one) as f1, np.load(two) as f2:
         # The same images in the same order: each rank drew a disjoint share and rank 0 put them back in order.
         assert np.array_equal(f1["arr_0"], f2["arr_0"]) and f2["arr_1"].tolist() == [1, 2, 1, 2, 1]
 
 
 def test_flags_that_contradict_the_run_are_one_line_errors(run_dir, tmp_path):
-    proc = run("sample.py", "--run_dir", str(run_dir), "--num_channels", "64", "--num_samples", "1", check=False)
+    proc = run(
+        "sample.py", "--run_dir", str(run_dir), "--num_channels", "64", "--num_samples", "1", check=False
+    )
     assert proc.returncode == 2 and "num_channels" in proc.stderr and "Traceback" not in proc.stderr
     # A bare .pt with the wrong flags: the mismatch is named, not dumped as keys.
-    proc = run("sample.py", "--model_path", str(run_dir / "model000010.pt"), "--image_size", "8", "--num_channels", "32",
-               "--channel_mult", "1,2", "--attention_resolutions", "4", "--num_res_blocks", "1", "--num_samples", "1", check=False)
-    assert proc.returncode == 2 and "learn_sigma" in proc.stderr and "class_cond" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run(
+        "sample.py",
+        "--model_path",
+        str(run_dir / "model000010.pt"),
+        "--image_size",
+        "8",
+        "--num_channels",
+        "32",
+        "--channel_mult",
+        "1,2",
+        "--attention_resolutions",
+        "4",
+        "--num_res_blocks",
+        "1",
+        "--num_samples",
+        "1",
+        check=False,
+    )
+    assert (
+        proc.returncode == 2
+        and "learn_sigma" in proc.stderr
+        and "class_cond" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )
     model, _ = create_model_and_diffusion(**tiny_flags(class_cond=True))
     with pytest.raises(CheckpointError, match="learn_sigma"):
         load_official_state_dict(model, torch.load(run_dir / "model000010.pt"))
@@ -125,7 +195,19 @@ def test_nll_script_matches_a_direct_computation(tmp_path):
     torch.save(model.state_dict(), run_dir / "ema_0.9999_000001.pt")
     (run_dir / "config.json").write_text(json.dumps({"model_flags": flags}))
     out = tmp_path / "nll.json"
-    run("nll.py", "--run_dir", str(run_dir), "--data_dir", "builtin:mnist", "--num_samples", "6", "--batch_size", "4", "--out", str(out))
+    run(
+        "nll.py",
+        "--run_dir",
+        str(run_dir),
+        "--data_dir",
+        "builtin:mnist",
+        "--num_samples",
+        "6",
+        "--batch_size",
+        "4",
+        "--out",
+        str(out),
+    )
     result = json.loads(out.read_text())
     assert result["num_samples"] == 6 and np.isfinite(result["bpd"]) and result["bpd"] > 0
     assert result["bpd"] == pytest.approx(result["prior_bpd"] + result["vb_terms_bpd"], rel=1e-6)
@@ -134,7 +216,9 @@ def test_nll_script_matches_a_direct_computation(tmp_path):
     from iddpm_ds.image_datasets import load_data
 
     _, diffusion = create_model_and_diffusion(**flags)
-    stream = load_data(data_dir="builtin:mnist", batch_size=4, image_size=8, deterministic=True, num_workers=0)
+    stream = load_data(
+        data_dir="builtin:mnist", batch_size=4, image_size=8, deterministic=True, num_workers=0
+    )
     totals = []
     torch.manual_seed(0)
     for n in (4, 2):
@@ -146,15 +230,45 @@ def test_nll_script_matches_a_direct_computation(tmp_path):
 
 @pytest.mark.slow
 def test_super_resolution_train_and_sample_round_trip(tmp_path):
-    sr = ["--large_size", "16", "--small_size", "8", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2",
-          "--attention_resolutions", "8", "--diffusion_steps", "20", "--noise_schedule", "cosine", "--class_cond", "True"]
+    sr = [
+        "--large_size",
+        "16",
+        "--small_size",
+        "8",
+        "--num_channels",
+        "32",
+        "--num_res_blocks",
+        "1",
+        "--channel_mult",
+        "1,2",
+        "--attention_resolutions",
+        "8",
+        "--diffusion_steps",
+        "20",
+        "--noise_schedule",
+        "cosine",
+        "--class_cond",
+        "True",
+    ]
     run_dir = tmp_path / "sr"
     run("super_res_train.py", "--log_dir", str(run_dir), *sr, "--max_steps", "2", "--batch_size", "4")
     config = json.loads((run_dir / "config.json").read_text())
     assert config["super_res"] and config["model_flags"]["large_size"] == 16
     base = tmp_path / "base.npz"
-    np.savez(base, np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8), np.array([1, 2, 3]))
+    np.savez(
+        base, np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8), np.array([1, 2, 3])
+    )
     out = tmp_path / "up.npz"
-    run("super_res_sample.py", "--run_dir", str(run_dir), "--base_samples", str(base), "--timestep_respacing", "4", "--out", str(out))
+    run(
+        "super_res_sample.py",
+        "--run_dir",
+        str(run_dir),
+        "--base_samples",
+        str(base),
+        "--timestep_respacing",
+        "4",
+        "--out",
+        str(out),
+    )
     with np.load(out) as f:
         assert f["arr_0"].shape == (3, 16, 16, 3) and f["arr_1"].tolist() == [1, 2, 3]

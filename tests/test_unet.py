@@ -15,8 +15,22 @@ from conftest import tiny_flags
 
 def model_kwargs(**overrides):
     flags = model_and_diffusion_defaults()
-    keys = ["image_size", "num_channels", "num_res_blocks", "learn_sigma", "class_cond", "use_checkpoint", "attention_resolutions",
-            "num_heads", "num_heads_upsample", "use_scale_shift_norm", "dropout", "channel_mult", "num_head_channels", "use_fused_kernels"]
+    keys = [
+        "image_size",
+        "num_channels",
+        "num_res_blocks",
+        "learn_sigma",
+        "class_cond",
+        "use_checkpoint",
+        "attention_resolutions",
+        "num_heads",
+        "num_heads_upsample",
+        "use_scale_shift_norm",
+        "dropout",
+        "channel_mult",
+        "num_head_channels",
+        "use_fused_kernels",
+    ]
     kw = {k: flags[k] for k in keys}
     kw.update(num_channels=32, use_fused_kernels=False)
     kw.update(overrides)
@@ -40,8 +54,18 @@ def test_improved_diffusion_widths_are_kept():
 
 @pytest.mark.parametrize("size,mult", [(16, "1,2,2"), (128, ""), (512, "1,1,2,2,4,4,4")])
 def test_other_sizes_with_channel_mult(size, mult):
-    model = create_model(**model_kwargs(image_size=size, channel_mult=mult, num_res_blocks=1, attention_resolutions="8", num_head_channels=32))
-    assert all(b.num_heads == b.channels // 32 for b in model.modules() if type(b).__name__ == "AttentionBlock")
+    model = create_model(
+        **model_kwargs(
+            image_size=size,
+            channel_mult=mult,
+            num_res_blocks=1,
+            attention_resolutions="8",
+            num_head_channels=32,
+        )
+    )
+    assert all(
+        b.num_heads == b.channels // 32 for b in model.modules() if type(b).__name__ == "AttentionBlock"
+    )
     if size <= 128:
         with torch.no_grad():
             assert model(torch.randn(1, 3, size, size), torch.tensor([3])).shape == (1, 3, size, size)
@@ -56,8 +80,20 @@ def test_unsupported_size_names_the_fix():
 
 def test_super_resolution_model():
     flags = sr_model_and_diffusion_defaults()
-    assert flags["large_size"] == 256 and flags["small_size"] == 64 and "image_size" not in flags and "sigma_small" not in flags
-    flags.update(large_size=32, small_size=8, num_channels=32, num_res_blocks=1, attention_resolutions="8", use_fused_kernels=False)
+    assert (
+        flags["large_size"] == 256
+        and flags["small_size"] == 64
+        and "image_size" not in flags
+        and "sigma_small" not in flags
+    )
+    flags.update(
+        large_size=32,
+        small_size=8,
+        num_channels=32,
+        num_res_blocks=1,
+        attention_resolutions="8",
+        use_fused_kernels=False,
+    )
     model, diffusion = sr_create_model_and_diffusion(**flags)
     x, low = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 8, 8)
     with torch.no_grad():
@@ -85,7 +121,9 @@ def test_activation_checkpointing_gives_identical_gradients():
     grads = []
     for use_checkpoint in (False, True):
         torch.manual_seed(0)
-        model, diffusion = create_model_and_diffusion(**tiny_flags(use_checkpoint=use_checkpoint, learn_sigma=True))
+        model, diffusion = create_model_and_diffusion(
+            **tiny_flags(use_checkpoint=use_checkpoint, learn_sigma=True)
+        )
         torch.manual_seed(1)
         x = torch.randn(2, 3, 8, 8)
         diffusion.training_losses(model, x, torch.tensor([1, 15]))["loss"].mean().backward()
@@ -102,31 +140,59 @@ def test_bf16_model_takes_and_returns_float32():
 
 def resblock_keys(prefix, c_in, c_out, emb, scale_shift=True):
     keys = {
-        f"{prefix}.in_layers.0.weight": (c_in,), f"{prefix}.in_layers.0.bias": (c_in,),
-        f"{prefix}.in_layers.2.weight": (c_out, c_in, 3, 3), f"{prefix}.in_layers.2.bias": (c_out,),
-        f"{prefix}.emb_layers.1.weight": ((2 if scale_shift else 1) * c_out, emb), f"{prefix}.emb_layers.1.bias": ((2 if scale_shift else 1) * c_out,),
-        f"{prefix}.out_layers.0.weight": (c_out,), f"{prefix}.out_layers.0.bias": (c_out,),
-        f"{prefix}.out_layers.3.weight": (c_out, c_out, 3, 3), f"{prefix}.out_layers.3.bias": (c_out,),
+        f"{prefix}.in_layers.0.weight": (c_in,),
+        f"{prefix}.in_layers.0.bias": (c_in,),
+        f"{prefix}.in_layers.2.weight": (c_out, c_in, 3, 3),
+        f"{prefix}.in_layers.2.bias": (c_out,),
+        f"{prefix}.emb_layers.1.weight": ((2 if scale_shift else 1) * c_out, emb),
+        f"{prefix}.emb_layers.1.bias": ((2 if scale_shift else 1) * c_out,),
+        f"{prefix}.out_layers.0.weight": (c_out,),
+        f"{prefix}.out_layers.0.bias": (c_out,),
+        f"{prefix}.out_layers.3.weight": (c_out, c_out, 3, 3),
+        f"{prefix}.out_layers.3.bias": (c_out,),
     }
     if c_in != c_out:
-        keys.update({f"{prefix}.skip_connection.weight": (c_out, c_in, 1, 1), f"{prefix}.skip_connection.bias": (c_out,)})
+        keys.update(
+            {
+                f"{prefix}.skip_connection.weight": (c_out, c_in, 1, 1),
+                f"{prefix}.skip_connection.bias": (c_out,),
+            }
+        )
     return keys
 
 
 def attention_keys(prefix, c):
-    return {f"{prefix}.norm.weight": (c,), f"{prefix}.norm.bias": (c,), f"{prefix}.qkv.weight": (3 * c, c, 1), f"{prefix}.qkv.bias": (3 * c,),
-            f"{prefix}.proj_out.weight": (c, c, 1), f"{prefix}.proj_out.bias": (c,)}
+    return {
+        f"{prefix}.norm.weight": (c,),
+        f"{prefix}.norm.bias": (c,),
+        f"{prefix}.qkv.weight": (3 * c, c, 1),
+        f"{prefix}.qkv.bias": (3 * c,),
+        f"{prefix}.proj_out.weight": (c, c, 1),
+        f"{prefix}.proj_out.bias": (c,),
+    }
 
 
 def improved_diffusion_layout():
     """improved-diffusion's state_dict names and shapes for image_size=8, num_channels=32, num_res_blocks=1,
     channel_mult=(1, 2), attention at 4 px, learn_sigma, class_cond, use_scale_shift_norm (its unet.py, read by hand)."""
     e = 128
-    keys = {"time_embed.0.weight": (e, 32), "time_embed.0.bias": (e,), "time_embed.2.weight": (e, e), "time_embed.2.bias": (e,),
-            "label_emb.weight": (1000, e), "input_blocks.0.0.weight": (32, 3, 3, 3), "input_blocks.0.0.bias": (32,),
-            "input_blocks.2.0.op.weight": (32, 32, 3, 3), "input_blocks.2.0.op.bias": (32,),
-            "output_blocks.1.2.conv.weight": (64, 64, 3, 3), "output_blocks.1.2.conv.bias": (64,),
-            "out.0.weight": (32,), "out.0.bias": (32,), "out.2.weight": (6, 32, 3, 3), "out.2.bias": (6,)}
+    keys = {
+        "time_embed.0.weight": (e, 32),
+        "time_embed.0.bias": (e,),
+        "time_embed.2.weight": (e, e),
+        "time_embed.2.bias": (e,),
+        "label_emb.weight": (1000, e),
+        "input_blocks.0.0.weight": (32, 3, 3, 3),
+        "input_blocks.0.0.bias": (32,),
+        "input_blocks.2.0.op.weight": (32, 32, 3, 3),
+        "input_blocks.2.0.op.bias": (32,),
+        "output_blocks.1.2.conv.weight": (64, 64, 3, 3),
+        "output_blocks.1.2.conv.bias": (64,),
+        "out.0.weight": (32,),
+        "out.0.bias": (32,),
+        "out.2.weight": (6, 32, 3, 3),
+        "out.2.bias": (6,),
+    }
     keys.update(resblock_keys("input_blocks.1.0", 32, 32, e))
     keys.update(resblock_keys("input_blocks.3.0", 32, 64, e))
     keys.update(attention_keys("input_blocks.3.1", 64))
@@ -163,11 +229,20 @@ def test_loading_an_improved_diffusion_state_dict(tmp_path):
     assert out.shape == (2, 6, 8, 8) and out.abs().sum() > 0
 
 
-@pytest.mark.parametrize("flag,value,expect", [("learn_sigma", False, "learn_sigma"), ("class_cond", False, "class_cond"),
-                                               ("num_channels", 64, "num_channels"), ("attention_resolutions", "8", "attention_resolutions")])
+@pytest.mark.parametrize(
+    "flag,value,expect",
+    [
+        ("learn_sigma", False, "learn_sigma"),
+        ("class_cond", False, "class_cond"),
+        ("num_channels", 64, "num_channels"),
+        ("attention_resolutions", "8", "attention_resolutions"),
+    ],
+)
 def test_flag_mismatch_is_one_line_naming_the_flag(flag, value, expect):
     source, _ = create_model_and_diffusion(**tiny_flags(learn_sigma=True, class_cond=True))
-    target, _ = create_model_and_diffusion(**tiny_flags(**{"learn_sigma": True, "class_cond": True, flag: value}))
+    target, _ = create_model_and_diffusion(
+        **tiny_flags(**{"learn_sigma": True, "class_cond": True, flag: value})
+    )
     with pytest.raises(CheckpointError, match=expect) as err:
         load_official_state_dict(target, source.state_dict())
     assert "\n" not in str(err.value)

@@ -3,7 +3,8 @@ from setuptools import find_packages, setup
 setup(
     name="iddpm_ds",
     version="0.1.0",
-    description="Improved DDPM (Nichol & Dhariwal 2021) training with DeepSpeed, Triton kernels and exact resume",
+    description="Improved DDPM (Nichol & Dhariwal 2021) training with DeepSpeed, Triton kernels and exact "
+    "resume",
     packages=find_packages(include=["iddpm_ds", "iddpm_ds.*", "kernels", "kernels.*"]),
     python_requires=">=3.9",
     # torch is not pinned: a machine with a CUDA torch keeps it; setup.sh installs
@@ -21,5 +22,5 @@ setup(
         "fonttools",
         "ninja",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "ruff==0.17.6"]},
 )

@@ -16,10 +16,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASE = """
 import resource, sys, torch
-sys.path.insert(0, {root!r})
 from iddpm_ds.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 torch.set_num_threads(2)
-f = model_and_diffusion_defaults(); f.update(image_size={size}, use_checkpoint={ckpt}, use_fused_kernels=False)
+f = model_and_diffusion_defaults()
+f.update(image_size={size}, use_checkpoint={ckpt}, use_fused_kernels=False)
 model, diffusion = create_model_and_diffusion(**f)
 x = torch.rand({batch}, 3, {size}, {size}) * 2 - 1
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -59,11 +59,13 @@ def main() -> None:
                 }
             )
     print(
-        f"{'size':>5} {'checkpointing':>14} {'params M':>9} {'batch-1 MB':>11} {'batch-2 MB':>11} {'MB per image':>13}"
+        f"{'size':>5} {'checkpointing':>14} {'params M':>9} {'batch-1 MB':>11} {'batch-2 MB':>11} "
+        f"{'MB per image':>13}"
     )
     for r in rows:
         print(
-            f"{r['image_size']:>5} {str(r['use_checkpoint']):>14} {r['params'] / 1e6:>9.1f} {r['peak_delta_batch1'] / 2**20:>11.0f} "
+            f"{r['image_size']:>5} {str(r['use_checkpoint']):>14} {r['params'] / 1e6:>9.1f} "
+            f"{r['peak_delta_batch1'] / 2**20:>11.0f} "
             f"{r['peak_delta_batch2'] / 2**20:>11.0f} {r['activation_bytes_per_image'] / 2**20:>13.0f}"
         )
     print(json.dumps(rows))

@@ -17,5 +17,6 @@ OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv | tee "$OUT/device.txt"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the GPU image has the repo, not the installed package
 timeout 300 python3 kernels/bench.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
 timeout 100 python3 kernels/bench.py --sweep --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.txt"

@@ -187,7 +187,8 @@ def main() -> None:
                 curves[name].append(run_theirs(args.improved_diffusion, data, out, args.steps, seed=run))
             seconds[name].append(time.perf_counter() - start)
             print(
-                f"{name} run {run}: late mse {late_mse(curves[name][-1], args.steps):.4f} ({seconds[name][-1]:.0f} s)",
+                f"{name} run {run}: late mse {late_mse(curves[name][-1], args.steps):.4f} "
+                f"({seconds[name][-1]:.0f} s)",
                 flush=True,
             )
     cpu = platform.processor() or platform.machine()
@@ -217,10 +218,14 @@ def main() -> None:
     lines = [
         "# Learning curve beside improved-diffusion",
         "",
-        f"`python benchmarks/parity_curve.py --improved_diffusion DIR --runs {args.runs} --steps {args.steps}` on {cpu}"
-        f" ({os.cpu_count()} threads), {num_images} built-in MNIST digits as a PNG folder, improved-diffusion's"
-        " 32 px config (64 channels, 2 res blocks, attention 16,8, learn_sigma, cosine, 1000 steps), batch 16,"
-        f" lr 1e-4 annealed to 0 over {args.steps} steps, fp32, one process. Ours: ZeRO-0 JSON silent on clipping.",
+        f"`python benchmarks/parity_curve.py --improved_diffusion DIR --runs {args.runs} --steps "
+        f"{args.steps}` on {cpu}"
+        f" ({os.cpu_count()} threads), {num_images} built-in MNIST digits as a PNG folder, "
+        "improved-diffusion's"
+        " 32 px config (64 channels, 2 res blocks, attention 16,8, learn_sigma, cosine, 1000 steps), batch "
+        "16,"
+        f" lr 1e-4 annealed to 0 over {args.steps} steps, fp32, one process. Ours: ZeRO-0 JSON silent on "
+        "clipping.",
         "",
         f"| trainer | mean mse, steps {LATE[0]}-{LATE[1]}, per run | seconds per run |",
         "|---|---|---|",

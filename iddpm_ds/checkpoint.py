@@ -91,11 +91,13 @@ def _describe_mismatch(model: nn.Module, state_dict: Dict[str, torch.Tensor]) ->
         and shape(own, "out.2.weight")[0] != shape(state_dict, "out.2.weight")[0]
     ):
         hints.append(
-            f"learn_sigma (checkpoint has {shape(state_dict, 'out.2.weight')[0]} output channels, model {shape(own, 'out.2.weight')[0]})"
+            f"learn_sigma (checkpoint has {shape(state_dict, 'out.2.weight')[0]} output channels, model "
+            f"{shape(own, 'out.2.weight')[0]})"
         )
     if ("label_emb.weight" in own) != ("label_emb.weight" in state_dict):
         hints.append(
-            f"class_cond (checkpoint {'is' if 'label_emb.weight' in state_dict else 'is not'} class-conditional)"
+            f"class_cond (checkpoint {'is' if 'label_emb.weight' in state_dict else 'is not'} "
+            "class-conditional)"
         )
     ck_in, my_in = shape(state_dict, "input_blocks.0.0.weight"), shape(own, "input_blocks.0.0.weight")
     if ck_in and my_in:
@@ -103,14 +105,22 @@ def _describe_mismatch(model: nn.Module, state_dict: Dict[str, torch.Tensor]) ->
             hints.append(f"num_channels (checkpoint {ck_in[0]}, model {my_in[0]})")
         if ck_in[1] != my_in[1]:
             hints.append(
-                f"model type: checkpoint takes {ck_in[1]} input channels, model {my_in[1]} (super-resolution vs base model?)"
+                f"model type: checkpoint takes {ck_in[1]} input channels, model {my_in[1]} (super-resolution "
+                "vs base model?)"
             )
-    n_in = lambda sd: len({k.split(".")[1] for k in sd if k.startswith("input_blocks.")})
+
+    def n_in(sd):
+        return len({k.split(".")[1] for k in sd if k.startswith("input_blocks.")})
+
     if n_in(own) != n_in(state_dict):
         hints.append(
-            f"image_size / channel_mult / num_res_blocks (checkpoint has {n_in(state_dict)} input blocks, model {n_in(own)})"
+            f"image_size / channel_mult / num_res_blocks (checkpoint has {n_in(state_dict)} input blocks, "
+            f"model {n_in(own)})"
         )
-    attn = lambda sd: sorted(k[: -len(".qkv.weight")] for k in sd if k.endswith(".qkv.weight"))
+
+    def attn(sd):
+        return sorted(k[: -len(".qkv.weight")] for k in sd if k.endswith(".qkv.weight"))
+
     if attn(own) != attn(state_dict):
         hints.append(
             f"attention_resolutions (checkpoint has attention at {attn(state_dict)}, model at {attn(own)})"
@@ -133,7 +143,8 @@ def load_official_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tenso
             "; ".join(hints)
             if hints
             else (
-                f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped keys (first: {(missing + unexpected + wrong)[0]})"
+                f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped keys (first: "
+                f"{(missing + unexpected + wrong)[0]})"
             )
         )
         raise CheckpointError(f"checkpoint does not match the model flags: {detail}")
@@ -165,7 +176,8 @@ def merge_run_flags(saved: Dict, flags: Dict, explicit, source: str, override: b
             merged[k] = v
         elif k not in RUNTIME_ONLY_FLAGS and flags.get(k) != v and not override:
             raise CheckpointError(
-                f"--{k} {flags.get(k)} contradicts {v!r} in {source} (use the same flags, or --override True to force)"
+                f"--{k} {flags.get(k)} contradicts {v!r} in {source} (use the same flags, or --override True "
+                "to force)"
             )
     return merged
 

@@ -11,9 +11,7 @@ import json
 import os
 from typing import Dict, List, Set, Tuple
 
-
 from .flags import ConfigError
-
 
 # Top-level keys DeepSpeed 0.19 understands; anything else is most likely a typo.
 KNOWN_KEYS = {
@@ -154,17 +152,20 @@ def resolve(
     if micro is None:
         if "train_batch_size" not in cfg:
             raise ConfigError(
-                "the DeepSpeed config sets no batch size: add train_micro_batch_size_per_gpu (or pass --batch_size)"
+                "the DeepSpeed config sets no batch size: add train_micro_batch_size_per_gpu (or pass "
+                "--batch_size)"
             )
         total = cfg["train_batch_size"]
         if total % (gas * world_size):
             raise ConfigError(
-                f"train_batch_size {total} is not divisible by gradient_accumulation_steps {gas} x {world_size} ranks"
+                f"train_batch_size {total} is not divisible by gradient_accumulation_steps {gas} x "
+                f"{world_size} ranks"
             )
         micro = total // (gas * world_size)
     if "train_batch_size" in cfg and cfg["train_batch_size"] != micro * gas * world_size:
         raise ConfigError(
-            f"train_batch_size {cfg['train_batch_size']} != micro-batch {micro} x accumulation {gas} x {world_size} ranks; "
+            f"train_batch_size {cfg['train_batch_size']} != micro-batch {micro} x accumulation {gas} x "
+            f"{world_size} ranks; "
             "remove train_batch_size or make them agree"
         )
     cfg.update(
@@ -188,7 +189,8 @@ def resolve(
         # improved-diffusion grows log2(scale) by this much per good step: doubling every 1/growth steps.
         cfg.setdefault("fp16", {})["loss_scale_window"] = max(1, round(1 / args.fp16_scale_growth))
         notes.append(
-            f"--fp16_scale_growth {args.fp16_scale_growth} -> fp16.loss_scale_window {cfg['fp16']['loss_scale_window']}"
+            f"--fp16_scale_growth {args.fp16_scale_growth} -> fp16.loss_scale_window "
+            f"{cfg['fp16']['loss_scale_window']}"
         )
 
     # DeepSpeed's defaults where the JSON is silent differ from improved-diffusion's training:

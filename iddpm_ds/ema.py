@@ -10,13 +10,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-from torch._utils import _unflatten_dense_tensors
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
+from torch._utils import _unflatten_dense_tensors
 
 
 def _fp16_master_map(engine) -> Dict[int, torch.Tensor]:
     """id(module param) -> its fp32 master for the ZeRO-0 fp16/bf16 wrappers: FP16_UnfusedOptimizer (a CPU or
-    unfused optimizer) keeps one fp32 tensor per parameter; FP16_Optimizer (DeepSpeed's FusedAdam, i.e. on a GPU)
+    unfused optimizer) keeps one fp32 tensor per parameter; FP16_Optimizer (DeepSpeed's FusedAdam, i.e. on a
+    GPU)
     one flat fp32 tensor per group, of which each parameter's master is a view."""
     opt = engine.optimizer
     groups16 = getattr(opt, "fp16_groups", None)
@@ -53,7 +54,8 @@ class MasterWeights:
         return self.stage > 0
 
     def local(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
-        """A view of this rank's fp32 master elements of p (all of them at ZeRO 0), or None if it holds none."""
+        """A view of this rank's fp32 master elements of p (all of them at ZeRO 0), or None if it holds
+        none."""
         if self.stage == 3:
             return safe_get_local_fp32_param(p)
         if self.stage > 0:
@@ -102,7 +104,8 @@ class MasterWeights:
 
 
 class EMA:
-    """One shadow copy of the master shard per rate; update() is theta_ema <- rate * theta_ema + (1 - rate) * theta."""
+    """One shadow copy of the master shard per rate; update() is theta_ema <- rate * theta_ema + (1 - rate) *
+    theta."""
 
     def __init__(self, master: MasterWeights, rates: Sequence[float]):
         self.master = master

@@ -41,7 +41,8 @@ HELP = {
     "use_scale_shift_norm": "timestep embedding as GroupNorm scale and shift (else added)",
     "channel_mult": "per-level channel multipliers, e.g. 1,2,2,2 ('' = the image size's default)",
     "num_head_channels": "channels per attention head (-1 = use num_heads)",
-    "use_fused_kernels": "Triton GroupNorm+SiLU and attention kernels where they run (GPU); PyTorch elsewhere",
+    "use_fused_kernels": "Triton GroupNorm+SiLU and attention kernels where they run (GPU); PyTorch "
+    "elsewhere",
     "large_size": "super-resolution: output image side in pixels",
     "small_size": "super-resolution: low-resolution input side in pixels",
     # training
@@ -55,7 +56,8 @@ HELP = {
     "ema_rate": "comma-separated EMA decay rates of the weights, each in (0, 1)",
     "log_interval": "optimizer steps between log lines (console, log.txt, progress.jsonl, TensorBoard)",
     "save_interval": "optimizer steps between checkpoints (0 = only at the end)",
-    "resume_checkpoint": "a run or checkpoint directory to resume, or an improved-diffusion modelNNNNNN.pt to start from",
+    "resume_checkpoint": "a run or checkpoint directory to resume, or an improved-diffusion modelNNNNNN.pt "
+    "to start from",
     "use_fp16": "fp16 with dynamic loss scaling (overrides the DeepSpeed JSON's precision when given)",
     "fp16_scale_growth": "log2 loss-scale growth per good step (overrides fp16.loss_scale_window when given)",
     "max_steps": "stop after this many optimizer steps (0 = no limit)",
@@ -64,7 +66,8 @@ HELP = {
     "log_dir": "the run directory ('' = $OPENAI_LOGDIR, else runs/<timestamp>)",
     "seed": "random seed (weights, data order, noise)",
     "num_workers": "data loader worker processes per rank",
-    "master_port": "rendezvous port for mpirun and single-process runs (0 = 29500 under mpirun, else a free one)",
+    "master_port": "rendezvous port for mpirun and single-process runs (0 = 29500 under mpirun, else a free "
+    "one)",
     "override": "let flags on the command line win over the run's saved config.json",
     "local_rank": "set by the deepspeed launcher; do not pass it yourself",
     # sampling and evaluation
@@ -77,7 +80,8 @@ HELP = {
     "eta": "DDIM noise: 0 is the deterministic ODE, 1 is ancestral-like",
     "class_labels": "comma-separated labels to sample, cycled ('' = drawn at random)",
     "out": "output file ('' = $OPENAI_LOGDIR, else beside the model)",
-    "base_samples": "super-resolution: .npz of low-resolution images (arr_0 uint8 NHWC, optional labels arr_1)",
+    "base_samples": "super-resolution: .npz of low-resolution images (arr_0 uint8 NHWC, optional labels "
+    "arr_1)",
 }
 
 
@@ -160,14 +164,16 @@ def validate_model_flags(flags: Dict, super_res: bool = False) -> None:
     else:
         _require(
             size in DEFAULT_CHANNEL_MULT,
-            f"--{size_flag} {size} has no default channel_mult (defaults exist for {sorted(DEFAULT_CHANNEL_MULT)}): "
+            f"--{size_flag} {size} has no default channel_mult (defaults exist for "
+            f"{sorted(DEFAULT_CHANNEL_MULT)}): "
             "pass --channel_mult, e.g. 1,2,2 for 16 px or 1,1,2,2,4,4,4 for 512 px",
         )
         mult = list(DEFAULT_CHANNEL_MULT[size])
     levels = len(mult)
     _require(
         size % 2 ** (levels - 1) == 0,
-        f"--{size_flag} {size} is not divisible by 2^{levels - 1}, as {levels} levels of channel_mult {mult} need",
+        f"--{size_flag} {size} is not divisible by 2^{levels - 1}, as {levels} levels of channel_mult {mult} "
+        "need",
     )
     widths = sorted({flags["num_channels"] * m for m in mult})
     bad = [w for w in widths if w % 32]
@@ -201,7 +207,8 @@ def validate_model_flags(flags: Dict, super_res: bool = False) -> None:
         ):
             _require(
                 value >= 1 or (flag == "num_heads_upsample" and value == -1),
-                f"--{flag} must be at least 1{' (or -1)' if flag == 'num_heads_upsample' else ''}, got {value}",
+                f"--{flag} must be at least 1{' (or -1)' if flag == 'num_heads_upsample' else ''}, got "
+                f"{value}",
             )
             bad = sorted(w for w in widths if w % value)
             _require(not bad, f"--{flag} {value} does not divide the attention widths {bad}")

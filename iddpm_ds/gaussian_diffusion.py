@@ -515,7 +515,8 @@ class GaussianDiffusion:
                 model=lambda *args, r=frozen_out: r, x_start=x_start, x_t=x_t, t=t, clip_denoised=False
             )["output"]
             if self.loss_type == LossType.RESCALED_MSE:
-                # L_simple averages over T terms while L_vlb sums them: lambda = 1/1000 keeps T = 1000 the paper's setting.
+                # L_simple averages over T terms while L_vlb sums them: lambda = 1/1000 keeps T = 1000 the
+                # paper's setting.
                 terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
 
         target = {

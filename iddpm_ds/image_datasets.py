@@ -47,7 +47,8 @@ class DataError(ValueError):
 
 # --------------------------------------------------------------------------- pixels
 def to_rgb(pil_image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB: 16/32-bit integer images are rescaled to 8 bits first, alpha is dropped."""
+    """Convert any PIL mode to RGB: 16/32-bit integer images are rescaled to 8 bits first, alpha is
+    dropped."""
     if pil_image.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(pil_image, dtype=np.float64)
         peak = 65535.0 if pil_image.mode.startswith("I;16") or arr.max() > 255 else 255.0
@@ -326,7 +327,8 @@ def _builtin_fashion_mnist() -> ArraySource:
     parts = [(find(f"{s}-images-idx3-ubyte"), find(f"{s}-labels-idx1-ubyte")) for s in ("train", "t10k")]
     if not all(p and q for p, q in parts):
         raise DataError(
-            f"builtin:fashion-mnist needs the Debian package dataset-fashion-mnist (files under {FASHION_DIR}): apt-get install dataset-fashion-mnist"
+            "builtin:fashion-mnist needs the Debian package dataset-fashion-mnist (files under "
+            f"{FASHION_DIR}): apt-get install dataset-fashion-mnist"
         )
     images = np.concatenate([_read_idx(p) for p, _ in parts])
     labels = np.concatenate([_read_idx(q) for _, q in parts])
@@ -339,7 +341,8 @@ EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 def _builtin_emoji() -> ArraySource:
     if not os.path.isfile(EMOJI_FONT):
         raise DataError(
-            f"builtin:emoji needs the Debian package fonts-noto-color-emoji ({EMOJI_FONT}): apt-get install fonts-noto-color-emoji"
+            f"builtin:emoji needs the Debian package fonts-noto-color-emoji ({EMOJI_FONT}): apt-get install "
+            "fonts-noto-color-emoji"
         )
     from fontTools.ttLib import TTFont
 
@@ -540,7 +543,8 @@ class DataStream:
     def load_state_dict(self, state: dict) -> None:
         if state["num_samples"] != len(self.source):
             raise DataError(
-                f"the checkpoint's data had {state['num_samples']} samples, this data_dir has {len(self.source)}: "
+                f"the checkpoint's data had {state['num_samples']} samples, this data_dir has "
+                f"{len(self.source)}: "
                 "resume with the same data (or start a new run)"
             )
         self.position, self.seed, self.shuffle = (
@@ -636,7 +640,8 @@ def load_data(
             labels = np.array([source.label(i) for i in range(len(source))])
             if labels.max() >= num_classes or labels.min() < 0:
                 raise DataError(
-                    f"label {int(labels.max())} in {data_dir or DEFAULT_DATASET} is outside num_classes={num_classes}"
+                    f"label {int(labels.max())} in {data_dir or DEFAULT_DATASET} is outside "
+                    f"num_classes={num_classes}"
                 )
     d_rank, d_world = _dist_rank_world()
     rank = d_rank if rank is None else rank

@@ -30,7 +30,8 @@ class GroupNorm32(nn.GroupNorm):
         shift: Optional[torch.Tensor] = None,
         silu: bool = True,
     ) -> torch.Tensor:
-        """silu(groupnorm(x) * (1 + scale) + shift) for x [N, C, ...] and scale/shift [N, C] (each optional)."""
+        """silu(groupnorm(x) * (1 + scale) + shift) for x [N, C, ...] and scale/shift [N, C] (each
+        optional)."""
         if self.use_fused_kernels:
             import kernels
 
@@ -52,7 +53,8 @@ def unfused_norm_act(
     shift: Optional[torch.Tensor] = None,
     silu: bool = True,
 ) -> torch.Tensor:
-    """The chain in plain PyTorch ops, as improved-diffusion computes it: GroupNorm in float32, cast back to x's
+    """The chain in plain PyTorch ops, as improved-diffusion computes it: GroupNorm in float32, cast back to
+    x's
     dtype, then scale-shift and SiLU in x's dtype. x [N, C, ...], weight/bias [C], scale/shift [N, C]."""
     # Parameters may be bf16/fp16 under DeepSpeed: upcast them with x.
     h = F.group_norm(x.float(), num_groups, weight.float(), bias.float(), eps).type(x.dtype)

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-
 SAMPLER_NAMES = ("uniform", "loss-second-moment")
 
 
@@ -171,7 +170,8 @@ class LossSecondMomentResampler(LossAwareSampler):
         )
         if history.shape != self._loss_history.shape or counts.shape != self._loss_counts.shape:
             raise ValueError(
-                f"resampler state has history {history.shape}, this diffusion needs {self._loss_history.shape}: "
+                f"resampler state has history {history.shape}, this diffusion needs "
+                f"{self._loss_history.shape}: "
                 "diffusion_steps differ between the checkpoint and this run"
             )
         self._loss_history, self._loss_counts = history.copy(), counts.copy()

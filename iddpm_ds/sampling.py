@@ -49,7 +49,8 @@ def sample_images(
 
 
 def make_grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
-    """uint8 [N, H, W, 3] -> one uint8 [rows*(H+pad)+pad, cols*(W+pad)+pad, 3] image on white, as square as N allows."""
+    """uint8 [N, H, W, 3] -> one uint8 [rows*(H+pad)+pad, cols*(W+pad)+pad, 3] image on white, as square as N
+    allows."""
     n, h, w, _ = images.shape
     cols = int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))

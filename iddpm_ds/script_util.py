@@ -1,4 +1,5 @@
-"""Factories with improved-diffusion's names, keywords and defaults, so `import iddpm_ds.script_util` is a drop-in.
+"""Factories with improved-diffusion's names, keywords and defaults, so `import iddpm_ds.script_util` is a
+drop-in.
 
 Additions (all optional, with defaults that reproduce improved-diffusion):
 `channel_mult` ("" = the per-size default), `num_head_channels` (-1 = use
@@ -122,7 +123,8 @@ def _resolve_unet_shape(
     else:
         raise ValueError(
             f"unsupported {flag}: {image_size} has no default channel_mult (defaults exist for "
-            f"{sorted(DEFAULT_CHANNEL_MULT)}); pass channel_mult, e.g. --channel_mult 1,2,2 for 16 px or 1,1,2,2,4,4,4 for 512 px"
+            f"{sorted(DEFAULT_CHANNEL_MULT)}); pass channel_mult, e.g. --channel_mult 1,2,2 for 16 px or "
+            "1,1,2,2,4,4,4 for 512 px"
         )
     if image_size % (2 ** (len(mult) - 1)):
         raise ValueError(
@@ -312,7 +314,8 @@ def create_gaussian_diffusion(
 def add_dict_to_argparser(
     parser: argparse.ArgumentParser, default_dict: Dict, help: Optional[Dict] = None
 ) -> None:
-    """Add a --key flag per entry, typed by its default (bools parsed by str2bool), with help[key] if given."""
+    """Add a --key flag per entry, typed by its default (bools parsed by str2bool), with help[key] if
+    given."""
     for k, v in default_dict.items():
         v_type = str if v is None else str2bool if isinstance(v, bool) else type(v)
         parser.add_argument(f"--{k}", default=v, type=v_type, help=(help or {}).get(k))

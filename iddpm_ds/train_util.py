@@ -30,8 +30,8 @@ import torch.distributed as dist
 
 from .checkpoint import CheckpointError, load_state_dict_file, verify_checkpoint_files
 from .dist_util import accelerator_is_cpu
-from .flags import ConfigError
 from .ema import EMA, MasterWeights
+from .flags import ConfigError
 from .resample import LossAwareSampler
 
 log = logging.getLogger("iddpm_ds")
@@ -148,14 +148,19 @@ def create_engine(
             eps=params.get("eps", 1e-8),
             weight_decay=params.get("weight_decay", weight_decay),
         )
-        optimizer = lambda ps: torch.optim.AdamW(ps, fused=accelerator_is_cpu() or None, **kwargs)  # noqa: E731
+
+        # noqa: E731
+        def optimizer(ps):
+            return torch.optim.AdamW(ps, fused=accelerator_is_cpu() or None, **kwargs)
+
     if lr_anneal_steps and "scheduler" in cfg:
         raise ConfigError("--lr_anneal_steps and a JSON 'scheduler' both set the learning rate; keep one")
     scheduler = None
     if lr_anneal_steps:
-        scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: max(0.0, 1 - s / lr_anneal_steps)
-        )  # noqa: E731
+
+        def scheduler(opt):
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / lr_anneal_steps))  # noqa: E731
+
     engine, _, _, _ = deepspeed.initialize(
         args=args,
         model=model,
@@ -262,7 +267,8 @@ class TrainLoop:
     # ------------------------------------------------------------------ step
     @property
     def step(self) -> int:
-        """Optimizer steps taken so far, skipped (fp16 overflow) ones included, as improved-diffusion counts."""
+        """Optimizer steps taken so far, skipped (fp16 overflow) ones included, as improved-diffusion
+        counts."""
         return self.engine.global_steps
 
     def done(self) -> bool:
@@ -345,7 +351,8 @@ class TrainLoop:
             return
         if self.world > 1:
             gathered = torch.empty(self.world * local.numel(), dtype=local.dtype, device=local.device)
-            # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single; older torches have only the old name.
+            # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single; older torches
+            # have only the old name.
             getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(
                 gathered, local.flatten().contiguous()
             )
@@ -476,8 +483,10 @@ class TrainLoop:
             if self.consecutive_nonfinite >= self.max_nonfinite_steps:
                 self.save()
                 raise TrainingDiverged(
-                    f"{self.consecutive_nonfinite} optimizer steps in a row had a non-finite loss (step {self.step}); "
-                    f"they were skipped, and {checkpoint_root(self.run_dir)} holds the weights from before: lower the lr or check the data"
+                    f"{self.consecutive_nonfinite} optimizer steps in a row had a non-finite loss (step "
+                    f"{self.step}); "
+                    f"they were skipped, and {checkpoint_root(self.run_dir)} holds the weights from before: "
+                    "lower the lr or check the data"
                 )
             if self.sample_interval and self.step % self.sample_interval == 0:
                 self.log_preview()
@@ -529,7 +538,8 @@ class TrainLoop:
         if errors:
             last = find_latest_checkpoint(self.run_dir)
             raise CheckpointError(
-                f"saving checkpoint {tag} failed ({errors[0]}); resume will use {last or 'no checkpoint (none complete)'}"
+                f"saving checkpoint {tag} failed ({errors[0]}); resume will use "
+                f"{last or 'no checkpoint (none complete)'}"
             )
         if self.rank == 0:
             meta = {
@@ -557,7 +567,8 @@ class TrainLoop:
         root, tag = os.path.split(os.path.normpath(ckpt_dir))
         if meta["world_size"] != self.world and load_tag is None:
             raise CheckpointError(
-                f"{ckpt_dir} was written by {meta['world_size']} ranks; this run has {self.world} (use prepare_resume)"
+                f"{ckpt_dir} was written by {meta['world_size']} ranks; this run has {self.world} (use "
+                "prepare_resume)"
             )
         verify_checkpoint_files(ckpt_dir)
         load_path, client = self.engine.load_checkpoint(
@@ -570,7 +581,8 @@ class TrainLoop:
         if isinstance(self.sampler, LossAwareSampler):
             if "sampler" not in client:
                 raise CheckpointError(
-                    f"{ckpt_dir} has no loss-aware sampler state (it was trained with --schedule_sampler uniform)"
+                    f"{ckpt_dir} has no loss-aware sampler state (it was trained with --schedule_sampler "
+                    "uniform)"
                 )
             self.sampler.load_state_dict({k: v.numpy() for k, v in client["sampler"].items()})
         run_dir = os.path.dirname(os.path.dirname(os.path.normpath(ckpt_dir)))
@@ -587,7 +599,8 @@ class TrainLoop:
         else:  # a new rank layout has no saved per-rank streams: fresh ones, distinct per rank and step
             seed_everything(1_000_003 * self.step + self.rank)
             log.warning(
-                "resumed %d-rank checkpoint on %d ranks: weights, optimizer, EMA, sampler and data position are exact; "
+                "resumed %d-rank checkpoint on %d ranks: weights, optimizer, EMA, sampler and data position "
+                "are exact; "
                 "random streams restart",
                 meta["world_size"],
                 self.world,
@@ -628,7 +641,8 @@ def prepare_resume(ckpt_dir: str, world_size: int) -> Optional[str]:
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            error = f"converting {ckpt_dir} to a universal checkpoint failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+            why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode
+            error = f"converting {ckpt_dir} to a universal checkpoint failed: {why}"
         else:
             os.replace(tmp, universal)
     errors = [None] * dist.get_world_size()

@@ -153,7 +153,8 @@ class AttentionBlock(nn.Module):
         if num_head_channels != -1:
             if channels % num_head_channels:
                 raise ValueError(
-                    f"attention channels {channels} are not divisible by num_head_channels={num_head_channels}"
+                    f"attention channels {channels} are not divisible by "
+                    f"num_head_channels={num_head_channels}"
                 )
             num_heads = channels // num_head_channels
         if channels % num_heads:

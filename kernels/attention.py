@@ -29,7 +29,8 @@ def split_qkv(qkv: torch.Tensor, num_heads: int, order: str):
 
 
 def qkv_attention_reference(qkv: torch.Tensor, num_heads: int, order: str = "legacy") -> torch.Tensor:
-    """PyTorch reference: softmax(q^T k / sqrt(ch)) v per head, softmax in float32 (float64 for float64 qkv); returns [B, heads*ch, T]."""
+    """PyTorch reference: softmax(q^T k / sqrt(ch)) v per head, softmax in float32 (float64 for float64 qkv);
+    returns [B, heads*ch, T]."""
     q, k, v = split_qkv(qkv, num_heads, order)
     B, H, ch, T = q.shape
     scale = 1 / math.sqrt(math.sqrt(ch))
@@ -47,7 +48,8 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, order: str = "legacy") -> t
     # fp32 at full precision stays with PyTorch on a GPU: exact fp32 (FMA) dots do not fit a flash kernel's
     # registers; with torch.backends.cuda.matmul.allow_tf32 the kernel runs them in TF32, as cuBLAS would.
     exact_fp32 = qkv.is_cuda and qkv.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-    # Triton's CPU interpreter multiplies the raw bits of bf16 dot operands (triton-lang/triton#11584, unsupported
+    # Triton's CPU interpreter multiplies the raw bits of bf16 dot operands (triton-lang/triton#11584,
+    # unsupported
     # upstream): its answer would be garbage, so bf16 on CPU stays with PyTorch. GPUs run bf16 in the kernel.
     interpreted_bf16 = not qkv.is_cuda and qkv.dtype == torch.bfloat16
     if use_triton(qkv) and not exact_fp32 and not interpreted_bf16:

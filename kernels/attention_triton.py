@@ -43,7 +43,7 @@ def _head_offsets(bh, H, T, head_stride, part_stride, D: tl.constexpr):
 @triton.jit
 def _fwd_kernel(
     QKV,
-    O,
+    Out,
     LSE,
     H,
     T,
@@ -85,8 +85,8 @@ def _fwd_kernel(
         m_i = m_new
     acc = acc / l_i[:, None]
     tl.store(
-        _tile_ptrs(O + o_off, offs_m, offs_d, T),
-        acc.to(O.dtype.element_ty),
+        _tile_ptrs(Out + o_off, offs_m, offs_d, T),
+        acc.to(Out.dtype.element_ty),
         mask=(offs_m[:, None] < T) & d_mask[None, :],
     )
     # Natural-log LSE of the scaled logits, for the backward recomputation.
@@ -96,8 +96,8 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_preprocess(O, DO, Delta, H, T, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Delta = rowsum(dO * O), [B*H, T]."""
+def _bwd_preprocess(Out, DO, Delta, H, T, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Delta = rowsum(dO * Out), [B*H, T]."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -106,7 +106,7 @@ def _bwd_preprocess(O, DO, Delta, H, T, D: tl.constexpr, BLOCK_D: tl.constexpr, 
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
     base = b.to(tl.int64) * H * D * T + (h * D) * T
-    o = tl.load(_tile_ptrs(O + base, offs_m, offs_d, T), mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(_tile_ptrs(Out + base, offs_m, offs_d, T), mask=mask, other=0.0).to(tl.float32)
     do = tl.load(_tile_ptrs(DO + base, offs_m, offs_d, T), mask=mask, other=0.0).to(tl.float32)
     tl.store(Delta + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, axis=1), mask=offs_m < T)
 
@@ -159,7 +159,8 @@ def _bwd_dkdv_kernel(
         q, do, lse, delta, m_valid, _ = _query_block(
             QKV, DO, LSE, Delta, q_off, o_off, bh, offs_m, offs_d, d_mask, T
         )
-        # Transposed tiles [N, M] (rows = this program's keys): every dot then has BLOCK_N rows, which Hopper's
+        # Transposed tiles [N, M] (rows = this program's keys): every dot then has BLOCK_N rows, which
+        # Hopper's
         # warpgroup MMA needs (64+); with query rows, the small BLOCK_M would put two of the four on mma.sync.
         pT = tl.exp(tl.dot(k, tl.trans(q), input_precision=PRECISION) * sm_scale - lse[None, :])
         pT = tl.where(n_valid[:, None] & m_valid[None, :], pT, 0.0)
@@ -323,7 +324,8 @@ class FlashQKVAttention(torch.autograd.Function):
         cfg = configs(T, D, device_capability(qkv.device), fp32=qkv.dtype == torch.float32)
         BLOCK_D = max(16, triton.next_power_of_2(D))
         head_stride, part_stride = _strides(order, H, D)
-        # fp32 reaches a GPU only when PyTorch allows TF32 matmuls (kernels.attention); the interpreter is exact.
+        # fp32 reaches a GPU only when PyTorch allows TF32 matmuls (kernels.attention); the interpreter is
+        # exact.
         precision = "ieee" if qkv.device.type == "cpu" else "tf32"
         out = torch.empty(B, H * D, T, device=qkv.device, dtype=qkv.dtype)
         lse = torch.empty(B * H, T, device=qkv.device, dtype=torch.float32)

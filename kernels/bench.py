@@ -2,7 +2,8 @@
 
     python kernels/bench.py [--out results.json]          (GPU: the full shape list below)
     python kernels/bench.py --sweep [--out sweep.json]    (GPU: time each attention kernel's candidate tiles)
-    TRITON_INTERPRET=1 python kernels/bench.py --smoke [--sweep]   (CPU: tiny shapes, checks the script itself)
+    TRITON_INTERPRET=1 python kernels/bench.py --smoke [--sweep]   (CPU: tiny shapes, checks the script
+    itself)
 
 Every provider is timed twice with triton.testing.do_bench (median), on fresh
 random inputs; its output and every input gradient are first checked against
@@ -25,16 +26,14 @@ import time
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
+import triton
+from triton.testing import do_bench
 
 from iddpm_ds.nn import unfused_norm_act  # noqa: E402  (the UNet's own unfused ops: the "eager" baseline)
-from kernels import group_norm_silu, group_norm_silu_reference, qkv_attention, qkv_attention_reference  # noqa: E402
+from kernels import group_norm_silu, group_norm_silu_reference, qkv_attention, qkv_attention_reference
 
-# From the 64 px and 256 px IDDPM UNets (bf16). "ss" = scale-shift + SiLU, "silu" = norm + SiLU, "plain" = norm only.
+# From the 64 px and 256 px IDDPM UNets (bf16). "ss" = scale-shift + SiLU, "silu" = norm + SiLU, "plain" =
+# norm only.
 GN_SHAPES = [
     ((64, 128, 64, 64), "silu"),
     ((64, 256, 32, 32), "ss"),
@@ -58,7 +57,8 @@ SMOKE_ATTN = [(1, 2, 20, 32)]
 
 def sdpa_from_qkv(qkv, heads, backend):
     """SDPA as a drop-in from our [B, 3*H*D, T] layout, transposes included: its fused kernels need each
-    head's channels contiguous ([B, H, T, D] with stride 1 on D), so q, k and v are copied into that layout."""
+    head's channels contiguous ([B, H, T, D] with stride 1 on D), so q, k and v are copied into that
+    layout."""
     from torch.nn.attention import sdpa_kernel
 
     B, width, T = qkv.shape
@@ -128,7 +128,8 @@ def fwd_bwd(fn, args, dy):
 
 
 def measure(row: dict, fn, args, dy, ref) -> dict:
-    """Check fn(*args) and its gradients against ref (float64_reference) on a poisoned allocator, then time forward
+    """Check fn(*args) and its gradients against ref (float64_reference) on a poisoned allocator, then time
+    forward
     and forward+backward. A failure is recorded in the row and the benchmark goes on: a one-shot GPU run must
     report every other number."""
     from kernels import dispatch
@@ -150,7 +151,8 @@ def measure(row: dict, fn, args, dy, ref) -> dict:
         if row["provider"] == "triton":
             if dispatch._broken:
                 raise RuntimeError(f"kernel {sorted(dispatch._broken)} fell back to the PyTorch reference")
-            # Same inputs, same bits: a result that moves between runs is a race (the kernels reduce in a fixed order).
+            # Same inputs, same bits: a result that moves between runs is a race (the kernels reduce in a
+            # fixed order).
             row["deterministic"] = all(torch.equal(a, b) for a, b in zip(first, run_once()))
         del first
         row["fwd_ms"] = timed(lambda: fn(*args))
@@ -167,8 +169,10 @@ def measure(row: dict, fn, args, dy, ref) -> dict:
         print(f"{label}: FAILED {row['error']}", flush=True)
     else:
         print(
-            f"{label}: fwd ms {row['fwd_ms']}, fwd+bwd ms {row['fwd_bwd_ms']}, rel err out {row['max_rel_err']:.1e} "
-            f"grads {row['grad_rel_err']:.1e}{'' if row.get('deterministic', True) else ', NOT DETERMINISTIC'}",
+            f"{label}: fwd ms {row['fwd_ms']}, fwd+bwd ms {row['fwd_bwd_ms']}, rel err out "
+            f"{row['max_rel_err']:.1e} "
+            f"grads {row['grad_rel_err']:.1e}"
+            f"{'' if row.get('deterministic', True) else ', NOT DETERMINISTIC'}",
             flush=True,
         )
     return row
@@ -269,7 +273,8 @@ SWEEP = {
 
 
 def sweep_attention(shapes, device, dtype):
-    """For each shape and kernel, every candidate tile of that kernel (the others at their defaults): checked, then timed."""
+    """For each shape and kernel, every candidate tile of that kernel (the others at their defaults):
+    checked, then timed."""
     from kernels import attention_triton
 
     default_configs = attention_triton.configs
@@ -326,10 +331,10 @@ def matmul_tflops(device, smoke) -> float:
 
 
 def training_step(device, smoke):
-    """images/s of one UNet training step (bf16 weights, AdamW) with kernels on vs off, and the loss and gradients
+    """images/s of one UNet training step (bf16 weights, AdamW) with kernels on vs off, and the loss and
+    gradients
     of one fixed batch each way (same weights, t and noise) to show the kernels train the same model."""
     from iddpm_ds.script_util import create_model_and_diffusion, model_and_diffusion_defaults
-
     from kernels import dispatch
 
     flags = model_and_diffusion_defaults()  # 64 px, 128 channels, attention at 16 and 8
@@ -349,7 +354,9 @@ def training_step(device, smoke):
         torch.manual_seed(0)
         model, diffusion = create_model_and_diffusion(**{**flags, "use_fused_kernels": fused})
         weights = torch.Generator(device="cpu").manual_seed(2)
-        with torch.no_grad():  # zero-initialised output convs make the output 0, and the loss mean(noise^2), whatever the blocks compute
+        # Zero-initialised output convs make the output 0, and the loss mean(noise^2), whatever the
+        # blocks compute.
+        with torch.no_grad():
             for p in model.parameters():
                 if not p.any():
                     p.copy_(torch.randn(p.shape, generator=weights) * 0.02)
@@ -374,7 +381,8 @@ def training_step(device, smoke):
             "loss_fixed_batch": first_loss,
         }
         print(
-            f"training step, kernels {'on' if fused else 'off'}: ms {ms}, loss of the fixed batch {first_loss:.6f}",
+            f"training step, kernels {'on' if fused else 'off'}: ms {ms}, loss of the fixed batch "
+            f"{first_loss:.6f}",
             flush=True,
         )
     result["fell_back_to_reference"] = sorted(dispatch._broken)
@@ -397,7 +405,8 @@ TOLERANCE = {
 
 
 def goals(report: dict) -> list:
-    """Each goal of issue #5 against one run's report: {"goal", "measured", "target", "ok"}; ok is None where the
+    """Each goal of issue #5 against one run's report: {"goal", "measured", "target", "ok"}; ok is None where
+    the
     run has no measurement (a provider failed or the run was cut off)."""
     rows = [r for r in report["rows"] if "error" not in r]
 
@@ -466,11 +475,13 @@ def goals(report: dict) -> list:
 def print_report(report: dict) -> None:
     meta, rows = report["meta"], report["rows"]
     print(
-        f"# {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['date']} | {meta['dtype']} | "
+        f"# {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['date']} | "
+        f"{meta['dtype']} | "
         f"copy {report['copy_GBps']:.0f} GB/s | bf16 matmul {report['matmul_TFLOPs']:.0f} TFLOP/s"
     )
     print(
-        f"{'op':<10} {'shape':<22} {'pattern':<6} {'provider':<19} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} {'GB/s|TF/s':>10} {'%copy':>6} "
+        f"{'op':<10} {'shape':<22} {'pattern':<6} {'provider':<19} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} "
+        f"{'GB/s|TF/s':>10} {'%copy':>6} "
         f"{'triton x':>8} {'err':>8} {'grad err':>8} {'same bits':>9} {'host us':>8}"
     )
     for r in rows:
@@ -480,21 +491,27 @@ def print_report(report: dict) -> None:
             continue
         rate = r.get("fwd_bwd_GBps", r.get("fwd_bwd_TFLOPs"))
         print(
-            f"{head} {min(r['fwd_ms']):>9.3f} {min(r['bwd_ms']):>9.3f} {min(r['fwd_bwd_ms']):>9.3f} {rate:>10.1f} "
-            f"{r.get('pct_of_copy', math.nan):>6.1f} {r.get('triton_speedup_fwd_bwd', math.nan):>8.2f} {r['max_rel_err']:>8.1e} {r['grad_rel_err']:>8.1e} "
+            f"{head} {min(r['fwd_ms']):>9.3f} {min(r['bwd_ms']):>9.3f} {min(r['fwd_bwd_ms']):>9.3f} "
+            f"{rate:>10.1f} "
+            f"{r.get('pct_of_copy', math.nan):>6.1f} {r.get('triton_speedup_fwd_bwd', math.nan):>8.2f} "
+            f"{r['max_rel_err']:>8.1e} {r['grad_rel_err']:>8.1e} "
             f"{ {True: 'yes', False: 'NO', None: ''}[r.get('deterministic')]:>9} {r['host_us_fwd_bwd']:>8.0f}"
         )
     step = report.get("training_step")
     if step:
         print(
-            f"training step {step['config']}: kernels off {step['kernels_off']['images_per_s']:.1f} img/s, on {step['kernels_on']['images_per_s']:.1f} img/s, "
-            f"speed-up {step['speedup']:.2f}x; fixed-batch loss off {step['kernels_off']['loss_fixed_batch']:.6f} on "
-            f"{step['kernels_on']['loss_fixed_batch']:.6f}, gradients differ by {step['grad_rel_diff']:.1e} of their max; "
+            f"training step {step['config']}: kernels off {step['kernels_off']['images_per_s']:.1f} img/s, "
+            f"on {step['kernels_on']['images_per_s']:.1f} img/s, "
+            f"speed-up {step['speedup']:.2f}x; fixed-batch loss off "
+            f"{step['kernels_off']['loss_fixed_batch']:.6f} on "
+            f"{step['kernels_on']['loss_fixed_batch']:.6f}, gradients differ by {step['grad_rel_diff']:.1e} "
+            "of their max; "
             f"fell back: {step['fell_back_to_reference'] or 'none'}"
         )
     verdicts = report["goals"]
     print(
-        f"# goals (issue #5): {sum(g['ok'] is True for g in verdicts)} met, {sum(g['ok'] is False for g in verdicts)} missed, "
+        f"# goals (issue #5): {sum(g['ok'] is True for g in verdicts)} met, "
+        f"{sum(g['ok'] is False for g in verdicts)} missed, "
         f"{sum(g['ok'] is None for g in verdicts)} not measured"
     )
     for g in verdicts:
@@ -509,7 +526,8 @@ def main() -> None:
     p.add_argument(
         "--out",
         default="",
-        help="write the report as JSON (rewritten after each section, so a cut-off run keeps what it measured)",
+        help="write the report as JSON (rewritten after each section, so a cut-off run keeps what it "
+        "measured)",
     )
     p.add_argument("--no_compile", action="store_true", help="leave out the torch.compile baseline")
     p.add_argument(

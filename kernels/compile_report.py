@@ -24,16 +24,13 @@ import sys
 import tempfile
 
 import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
-
-from kernels import attention_triton, group_norm_triton  # noqa: E402
-from kernels.bench import ATTN_SHAPES, GN_SHAPES  # noqa: E402
+from kernels import attention_triton, group_norm_triton
+from kernels.bench import ATTN_SHAPES, GN_SHAPES
 
 # Per-SM limits of the targets we build for: registers, shared memory per program (bytes), resident warps.
 SM_LIMITS = {80: (65536, 166912, 64), 89: (65536, 101376, 48), 90: (65536, 232448, 64)}
@@ -59,7 +56,8 @@ ATTN_WORK = (
 
 @contextlib.contextmanager
 def recorded_launches():
-    """Within the block, launching any kernel of kernels/ appends (kernel, args, kwargs) to the yielded list instead."""
+    """Within the block, launching any kernel of kernels/ appends (kernel, args, kwargs) to the yielded list
+    instead."""
     launches = []
     kernels = [
         obj
@@ -173,7 +171,8 @@ def main() -> None:
                 max_regs // (per_warp * warps), max_smem // smem if smem else max_warps, max_warps // warps
             )
             ptx = compiled.asm["ptx"]
-            # Which tensor-core instructions the dots became: Hopper's warpgroup MMA, the older per-warp mma.sync, both, or none.
+            # Which tensor-core instructions the dots became: Hopper's warpgroup MMA, the older per-warp
+            # mma.sync, both, or none.
             mma = "+".join(
                 name for name, op in (("wgmma", "wgmma.mma_async"), ("mma.sync", "mma.sync")) if op in ptx
             )
@@ -197,20 +196,25 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(
-        f"# sm_{args.arch} | triton {meta['triton']} | limits: {max_smem} B shared per program, {max_regs} registers per SM"
+        f"# sm_{args.arch} | triton {meta['triton']} | limits: {max_smem} B shared per program, {max_regs} "
+        "registers per SM"
     )
     print(
-        f"{'shape':<43} {'kernel':<26} {'blocks':<44} {'warps':>5} {'stg':>3} {'regs':>4} {'spill':>5} {'smem':>6} {'warps/SM':>8} {'mma':>14}"
+        f"{'shape':<43} {'kernel':<26} {'blocks':<44} {'warps':>5} {'stg':>3} {'regs':>4} {'spill':>5} "
+        f"{'smem':>6} {'warps/SM':>8} {'mma':>14}"
     )
     for r in rows:
         blocks = ",".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.startswith("BLOCK") or k == "D")
         print(
-            f"{r['shape']:<43} {r['kernel']:<26} {blocks:<44} {r['num_warps']:>5} {r['num_stages']:>3} {r['registers']:>4} "
-            f"{r['spill_bytes']:>5} {r['shared_bytes']:>6} {r['est_warps_per_sm']:>8} {r['mma']:>14}{'' if r['ok'] else '  <-- FAIL'}"
+            f"{r['shape']:<43} {r['kernel']:<26} {blocks:<44} {r['num_warps']:>5} {r['num_stages']:>3} "
+            f"{r['registers']:>4} "
+            f"{r['spill_bytes']:>5} {r['shared_bytes']:>6} {r['est_warps_per_sm']:>8} "
+            f"{r['mma']:>14}{'' if r['ok'] else '  <-- FAIL'}"
         )
     bad = [r for r in rows if not r["ok"]]
     print(
-        f"{len(rows)} launches, {len(cache)} distinct kernels, {len(bad)} spilling or over the shared-memory limit"
+        f"{len(rows)} launches, {len(cache)} distinct kernels, {len(bad)} spilling or over the shared-memory "
+        "limit"
     )
     sys.exit(1 if bad else 0)
 

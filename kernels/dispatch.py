@@ -31,7 +31,8 @@ def run_triton_or_reference(name: str, triton_fn, reference_fn):
 
             _broken.add(name)
             warnings.warn(
-                f"Triton kernel {name} is unavailable here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                f"Triton kernel {name} is unavailable here ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); "
                 "using the PyTorch reference instead"
             )
     return reference_fn()

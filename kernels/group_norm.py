@@ -54,9 +54,12 @@ def group_norm_silu(
     """
     if x.shape[1] % num_groups:
         raise ValueError(f"num_groups={num_groups} does not divide the {x.shape[1]} channels")
-    reference = lambda: group_norm_silu_reference(
-        x, weight, bias, num_groups, eps, scale=scale, shift=shift, silu=silu
-    )  # noqa: E731
+
+    def reference():
+        return group_norm_silu_reference(
+            x, weight, bias, num_groups, eps, scale=scale, shift=shift, silu=silu
+        )  # noqa: E731
+
     if use_triton(x):
         from .group_norm_triton import GroupNormSiLU
 

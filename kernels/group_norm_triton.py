@@ -74,7 +74,8 @@ def _store_row_grads(
     HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
 ):
-    """From a1 = sum_L du and a2 = sum_L du*xhat of a row: R[0] dweight and R[1] dbias partials (fp32), dscale, dshift."""
+    """From a1 = sum_L du and a2 = sum_L du*xhat of a row: R[0] dweight and R[1] dbias partials (fp32),
+    dscale, dshift."""
     tl.store(R + row, mult * a2, mask=mask)
     tl.store(R + n_rows + row, mult * a1, mask=mask)
     if HAS_SCALE:
@@ -85,7 +86,8 @@ def _store_row_grads(
 
 @triton.jit
 def _sum_over_batch_kernel(R, DW, DB, B, C, BLOCK: tl.constexpr):
-    """dweight[c] = sum_b R[0, b, c] and dbias[c] = sum_b R[1, b, c], in a fixed order (deterministic), cast to the parameters' dtype."""
+    """dweight[c] = sum_b R[0, b, c] and dbias[c] = sum_b R[1, b, c], in a fixed order (deterministic), cast
+    to the parameters' dtype."""
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = c < C
     dw = tl.zeros([BLOCK], dtype=tl.float32)
@@ -102,7 +104,8 @@ def _sum_over_batch_kernel(R, DW, DB, B, C, BLOCK: tl.constexpr):
 
 @triton.jit
 def _group_tile(pid, C, L, cpg, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    """Channels [BLOCK_C, 1], rows [BLOCK_C, 1], element offsets and mask [BLOCK_C, BLOCK_L] of group pid = b*G + g."""
+    """Channels [BLOCK_C, 1], rows [BLOCK_C, 1], element offsets and mask [BLOCK_C, BLOCK_L] of group pid =
+    b*G + g."""
     G = C // cpg
     b = pid // G
     k = tl.arange(0, BLOCK_C)[:, None]
@@ -414,7 +417,8 @@ def _flags(scale, shift, silu):
 
 
 class GroupNormSiLU(torch.autograd.Function):
-    """silu(group_norm(x) * (1 + scale) + shift) with Triton kernels; see kernels.group_norm.group_norm_silu."""
+    """silu(group_norm(x) * (1 + scale) + shift) with Triton kernels; see
+    kernels.group_norm.group_norm_silu."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, num_groups, eps, silu):

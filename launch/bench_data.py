@@ -9,17 +9,14 @@ and a JSON line.
 
 import json
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+from PIL import Image
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from iddpm_ds.flags import ConfigError, make_parser, run_cli  # noqa: E402
-from iddpm_ds.image_datasets import load_data  # noqa: E402
+from iddpm_ds.flags import ConfigError, make_parser, run_cli
+from iddpm_ds.image_datasets import load_data
 
 
 def make_folder(root: str, n: int = 256, size: int = 512) -> str:

@@ -1,6 +1,7 @@
 """Training throughput and per-rank memory: the DeepSpeed engine against a plain PyTorch loop.
 
-    deepspeed --num_gpus 2 launch/bench_train.py --deepspeed_config ds_configs/cpu.json [model flags] [--steps 20]
+    deepspeed --num_gpus 2 launch/bench_train.py --deepspeed_config ds_configs/cpu.json [model flags]
+    [--steps 20]
     deepspeed --num_gpus 4 launch/bench_train.py --memory True --image_size 256 [--out mem.json]
 
 --memory instead measures, at ZeRO 0, 1, 2 and 3 in turn, the bytes each rank
@@ -18,27 +19,25 @@ measured from the tensors each rank holds. Prints a table, then one JSON line.
 
 import json
 import os
-import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from iddpm_ds import dist_util  # noqa: E402
-from iddpm_ds.ds_config import load as load_ds_config  # noqa: E402
-from iddpm_ds.ds_config import precision, resolve  # noqa: E402
-from iddpm_ds.flags import HELP, ConfigError, make_parser, run_cli, validate_model_flags  # noqa: E402
-from iddpm_ds.resample import UniformSampler  # noqa: E402
+from iddpm_ds import dist_util
+from iddpm_ds.ds_config import load as load_ds_config
+from iddpm_ds.ds_config import precision, resolve
+from iddpm_ds.flags import HELP, ConfigError, make_parser, run_cli, validate_model_flags
+from iddpm_ds.resample import UniformSampler
 from iddpm_ds.script_util import (
     add_dict_to_argparser,
     args_to_dict,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
-)  # noqa: E402
-from iddpm_ds.train_util import TrainLoop, create_engine, seed_everything  # noqa: E402
+)
+from iddpm_ds.train_util import TrainLoop, create_engine, seed_everything
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEFAULTS = dict(
     steps=20,
@@ -104,7 +103,8 @@ def time_steps(step_fn, steps, warmup) -> float:
 
 
 def plain_pytorch(flags, cfg, args, device, world):
-    """Seconds for args.steps steps of a plain loop (same model, batch, loss, fused AdamW; DDP), and its tensor bytes."""
+    """Seconds for args.steps steps of a plain loop (same model, batch, loss, fused AdamW; DDP), and its
+    tensor bytes."""
     micro, gas = cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]
     seed_everything(0)
     model, diffusion = create_model_and_diffusion(**flags)
@@ -152,7 +152,8 @@ def grad_bytes(engine) -> int:
 
 
 def memory_table(flags, base_cfg, args, world) -> list:
-    """Per-rank state bytes at each ZeRO stage after one step (rank 0's; ZeRO shards are equal up to padding)."""
+    """Per-rank state bytes at each ZeRO stage after one step (rank 0's; ZeRO shards are equal up to
+    padding)."""
     rows = []
     for stage in (0, 1, 2, 3):
         cfg = {**base_cfg, "zero_optimization": {**base_cfg.get("zero_optimization", {}), "stage": stage}}
@@ -232,15 +233,18 @@ def main() -> None:
         if rank == 0:
             n_params = sum(p.numel() for p in create_model_and_diffusion(**flags)[0].parameters())
             print(
-                f"# {n_params / 1e6:.1f}M params ({flags['image_size']} px config), {world} ranks, {precision(cfg)}; bytes per rank"
+                f"# {n_params / 1e6:.1f}M params ({flags['image_size']} px config), {world} ranks, "
+                f"{precision(cfg)}; bytes per rank"
             )
             print(
-                f"{'ZeRO':>4} {'params MB':>10} {'grads MB':>9} {'optim MB':>9} {'EMA MB':>8} {'optim+EMA B/param':>18}"
+                f"{'ZeRO':>4} {'params MB':>10} {'grads MB':>9} {'optim MB':>9} {'EMA MB':>8} "
+                f"{'optim+EMA B/param':>18}"
             )
             for r in rows:
                 r["params_count"] = n_params
                 print(
-                    f"{r['zero_stage']:>4} {r['params'] / 2**20:>10.1f} {r['grads'] / 2**20:>9.1f} {r['optimizer'] / 2**20:>9.1f} "
+                    f"{r['zero_stage']:>4} {r['params'] / 2**20:>10.1f} {r['grads'] / 2**20:>9.1f} "
+                    f"{r['optimizer'] / 2**20:>9.1f} "
                     f"{r['ema'] / 2**20:>8.1f} {(r['optimizer'] + r['ema']) / n_params:>18.2f}"
                 )
             print(json.dumps(rows))
@@ -290,14 +294,16 @@ def main() -> None:
     }
     result["engine_overhead_pct"] = 100 * (ds_s / plain_s - 1)
     print(
-        f"{'loop':<10} {'images/s':>10} {'params MB':>10} {'opt+master MB':>14} {'EMA MB':>8}   (rank 0, {world} ranks, ZeRO-{result['zero_stage']}, {result['precision']})"
+        f"{'loop':<10} {'images/s':>10} {'params MB':>10} {'opt+master MB':>14} {'EMA MB':>8}   (rank 0, "
+        f"{world} ranks, ZeRO-{result['zero_stage']}, {result['precision']})"
     )
     for name, mem, speed in (
         ("plain", gathered[0]["plain"], result["plain_images_per_s"]),
         ("deepspeed", gathered[0]["deepspeed"], result["deepspeed_images_per_s"]),
     ):
         print(
-            f"{name:<10} {speed:>10.1f} {mem['params'] / 2**20:>10.1f} {mem['optimizer'] / 2**20:>14.1f} {mem.get('ema', 0) / 2**20:>8.1f}"
+            f"{name:<10} {speed:>10.1f} {mem['params'] / 2**20:>10.1f} {mem['optimizer'] / 2**20:>14.1f} "
+            f"{mem.get('ema', 0) / 2**20:>8.1f}"
         )
     print(f"engine overhead: {result['engine_overhead_pct']:+.1f}%")
     print(json.dumps(result))

@@ -12,16 +12,13 @@ temporary name and renamed when complete).
 import io
 import json
 import os
-import sys
 import tarfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from PIL import Image
+from tqdm import tqdm
 
-from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from iddpm_ds.flags import ConfigError, make_parser, run_cli  # noqa: E402
-from iddpm_ds.image_datasets import FolderSource, center_crop_arr  # noqa: E402
+from iddpm_ds.flags import ConfigError, make_parser, run_cli
+from iddpm_ds.image_datasets import FolderSource, center_crop_arr
 
 
 def add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -97,7 +94,8 @@ def main() -> None:
         json.dump(index, f, indent=1)
     os.replace(os.path.join(args.out, "index.json.tmp"), os.path.join(args.out, "index.json"))
     print(
-        f"wrote {index['count']} samples in {num_shards} shards to {args.out} ({n - written} unreadable images skipped)"
+        f"wrote {index['count']} samples in {num_shards} shards to {args.out} ({n - written} unreadable "
+        "images skipped)"
     )
 
 

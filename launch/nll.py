@@ -13,22 +13,21 @@ import json
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from iddpm_ds import dist_util  # noqa: E402
-from iddpm_ds.checkpoint import load_official_state_dict, load_state_dict_file, resolve_trained_model  # noqa: E402
-from iddpm_ds.flags import HELP, ConfigError, explicit_flags, make_parser, run_cli, validate_model_flags  # noqa: E402
-from iddpm_ds.image_datasets import load_data  # noqa: E402
+from iddpm_ds import dist_util
+from iddpm_ds.checkpoint import load_official_state_dict, load_state_dict_file, resolve_trained_model
+from iddpm_ds.flags import HELP, ConfigError, explicit_flags, make_parser, run_cli, validate_model_flags
+from iddpm_ds.image_datasets import load_data
 from iddpm_ds.script_util import (
     add_dict_to_argparser,
     args_to_dict,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
-)  # noqa: E402
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 NLL_DEFAULTS = dict(
     run_dir="",

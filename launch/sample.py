@@ -1,7 +1,8 @@
 """Sample images from a trained model: improved-diffusion's .npz plus a PNG grid.
 
     python launch/sample.py --run_dir runs/demo                       (flags from its config.json, newest EMA)
-    python launch/sample.py --model_path ema_0.9999_200000.pt --image_size 64 ...   (a bare .pt: give the flags)
+    python launch/sample.py --model_path ema_0.9999_200000.pt --image_size 64 ...   (a bare .pt: give the
+    flags)
     deepspeed --num_gpus 2 launch/sample.py --run_dir runs/demo       (each rank samples its share)
 
 --model_path may also be a DeepSpeed checkpoint directory (checkpoints/stepNNNNNN).
@@ -13,15 +14,12 @@ seed gives the same images whatever the batch size or number of ranks.
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+import numpy as np
+import torch
+import torch.distributed as dist
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from iddpm_ds import dist_util  # noqa: E402
-from iddpm_ds.checkpoint import load_official_state_dict, load_state_dict_file, resolve_trained_model  # noqa: E402
+from iddpm_ds import dist_util
+from iddpm_ds.checkpoint import load_official_state_dict, load_state_dict_file, resolve_trained_model
 from iddpm_ds.flags import (
     HELP,
     ConfigError,
@@ -30,9 +28,9 @@ from iddpm_ds.flags import (
     run_cli,
     validate_model_flags,
     validate_sample_flags,
-)  # noqa: E402
-from iddpm_ds.sampling import make_grid, sample_images  # noqa: E402
-from iddpm_ds.script_util import (  # noqa: E402
+)
+from iddpm_ds.sampling import make_grid, sample_images
+from iddpm_ds.script_util import (
     NUM_CLASSES,
     add_dict_to_argparser,
     args_to_dict,
@@ -41,6 +39,8 @@ from iddpm_ds.script_util import (  # noqa: E402
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SAMPLE_DEFAULTS = dict(
     run_dir="",
@@ -79,7 +79,8 @@ def main(super_res: bool = False) -> None:
     if super_res:
         if not args.base_samples or not os.path.isfile(args.base_samples):
             raise ConfigError(
-                "super-resolution sampling needs --base_samples: an .npz of low-resolution samples (arr_0 uint8 NHWC)"
+                "super-resolution sampling needs --base_samples: an .npz of low-resolution samples (arr_0 "
+                "uint8 NHWC)"
             )
         with np.load(args.base_samples) as f:
             base = f["arr_0"]
@@ -98,7 +99,8 @@ def main(super_res: bool = False) -> None:
     model.to(device).eval()
     if rank == 0:
         print(
-            f"sampling {args.num_samples} images from {path} ({diffusion.num_timesteps} steps, {'DDIM' if args.use_ddim else 'ancestral'})"
+            f"sampling {args.num_samples} images from {path} ({diffusion.num_timesteps} steps, "
+            f"{'DDIM' if args.use_ddim else 'ancestral'})"
         )
 
     labels = None

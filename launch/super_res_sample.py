@@ -1,4 +1,5 @@
-"""Upsample low-resolution samples with a super-resolution model: sample.py with improved-diffusion's SR flags.
+"""Upsample low-resolution samples with a super-resolution model: sample.py with improved-diffusion's SR
+flags.
 
     python launch/super_res_sample.py --run_dir runs/sr --base_samples runs/base/samples_64x64x64x3.npz
 
@@ -6,12 +7,7 @@
 its arr_1 labels are used for class-conditional models).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from sample import cli  # noqa: E402
+from sample import cli
 
 if __name__ == "__main__":
     cli(super_res=True)

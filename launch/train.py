@@ -18,22 +18,19 @@ import os
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+import torch
+from torch.utils.tensorboard import SummaryWriter
 
-import torch  # noqa: E402
-from torch.utils.tensorboard import SummaryWriter  # noqa: E402
-
-from iddpm_ds import dist_util  # noqa: E402
+from iddpm_ds import dist_util
 from iddpm_ds.checkpoint import (
     CheckpointError,
     load_official_state_dict,
     load_state_dict_file,
     merge_run_flags,
     read_run_config,
-)  # noqa: E402
-from iddpm_ds.ds_config import precision, resolve  # noqa: E402
-from iddpm_ds.ds_config import load as load_ds_config  # noqa: E402
+)
+from iddpm_ds.ds_config import load as load_ds_config
+from iddpm_ds.ds_config import precision, resolve
 from iddpm_ds.flags import (
     HELP,
     explicit_flags,
@@ -41,11 +38,12 @@ from iddpm_ds.flags import (
     run_cli,
     validate_model_flags,
     validate_train_flags,
-)  # noqa: E402
-from iddpm_ds.image_datasets import SuperResStream, load_data  # noqa: E402
-from iddpm_ds.sampling import make_grid, sample_images  # noqa: E402
-from iddpm_ds.resample import create_named_schedule_sampler  # noqa: E402
-from iddpm_ds.script_util import (  # noqa: E402
+)
+from iddpm_ds.image_datasets import SuperResStream, load_data
+from iddpm_ds.preemption import PreemptionWatch
+from iddpm_ds.resample import create_named_schedule_sampler
+from iddpm_ds.sampling import make_grid, sample_images
+from iddpm_ds.script_util import (
     NUM_CLASSES,
     add_dict_to_argparser,
     args_to_dict,
@@ -54,7 +52,6 @@ from iddpm_ds.script_util import (  # noqa: E402
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
-from iddpm_ds.preemption import PreemptionWatch  # noqa: E402
 from iddpm_ds.train_util import (
     TrainLoop,
     atomic_write_text,
@@ -62,7 +59,9 @@ from iddpm_ds.train_util import (
     find_latest_checkpoint,
     prepare_resume,
     seed_everything,
-)  # noqa: E402
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TRAIN_DEFAULTS = dict(
     data_dir="",
@@ -111,7 +110,8 @@ def resolve_run_dir(log_dir: str) -> str:
 
 
 def make_preview_fn(factory, model_flags: dict, image_size: int, data_classes, device):
-    """state_dict -> uint8 HWC grid of PREVIEW_SAMPLES DDIM samples (fixed seeds and labels, so grids compare across steps)."""
+    """state_dict -> uint8 HWC grid of PREVIEW_SAMPLES DDIM samples (fixed seeds and labels, so grids compare
+    across steps)."""
     model, diffusion = factory(
         **{**model_flags, "timestep_respacing": PREVIEW_RESPACING, "use_checkpoint": False}
     )
@@ -222,7 +222,8 @@ def main(super_res: bool = False) -> None:
     writer, preview_fn = None, None
     if rank == 0:
         log.info(
-            "run dir %s | %d ranks x %d threads | rendezvous %s:%s | %s | ZeRO-%d | micro-batch %d x accumulation %d | %.2fM params",
+            "run dir %s | %d ranks x %d threads | rendezvous %s:%s | %s | ZeRO-%d | micro-batch %d x "
+            "accumulation %d | %.2fM params",
             run_dir,
             world,
             threads,

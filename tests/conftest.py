@@ -1,13 +1,11 @@
 import os
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from iddpm_ds.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
-from iddpm_ds.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_flags(**overrides):
@@ -44,7 +42,8 @@ def free_port() -> int:
 
 
 def report_fault(fault: str, injected: str, observed: str, lost_steps) -> None:
-    """Record one fault test's outcome for benchmarks/RELIABILITY.md (only under benchmarks/reliability.py)."""
+    """Record one fault test's outcome for benchmarks/RELIABILITY.md (only under
+    benchmarks/reliability.py)."""
     import json
 
     path = os.environ.get("IDDPM_DS_RELIABILITY_REPORT")

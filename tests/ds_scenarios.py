@@ -7,26 +7,22 @@ import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import deepspeed.runtime.engine as ds_engine
+import numpy as np
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from iddpm_ds import dist_util  # noqa: E402
+from iddpm_ds import dist_util
+from iddpm_ds.image_datasets import load_data
+from iddpm_ds.resample import LossSecondMomentResampler, UniformSampler
+from iddpm_ds.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from iddpm_ds.train_util import TrainLoop, create_engine, seed_everything
 
 dist_util.setup_dist()
 torch.set_num_threads(1)
-from deepspeed.accelerator import get_accelerator  # noqa: E402
-
 # DeepSpeed refuses fp16 on CPU; the loss-scaler logic itself runs fine, so the test lets it.
 get_accelerator().is_fp16_supported = lambda: True
-
-from iddpm_ds.image_datasets import load_data  # noqa: E402
-from iddpm_ds.resample import LossSecondMomentResampler, UniformSampler  # noqa: E402
-from iddpm_ds.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
-from iddpm_ds.train_util import TrainLoop, create_engine, seed_everything  # noqa: E402
 
 RANK, WORLD = dist.get_rank(), dist.get_world_size()
 OUT = sys.argv[-1]  # the deepspeed launcher puts --local_rank first
@@ -217,7 +213,8 @@ applied_next = loop.run_step()
 results["fp16_overflow"]["next_step_applied"] = bool(applied_next)
 
 
-# A non-finite loss in fp32 / bf16 skips the step (DeepSpeed's ZeRO-0 fp32 optimizer would apply it) and is counted.
+# A non-finite loss in fp32 / bf16 skips the step (DeepSpeed's ZeRO-0 fp32 optimizer would apply it) and is
+# counted.
 def nonfinite_case(stage, prec):
     stream = Poisoned(load_data(data_dir="builtin:mnist", batch_size=4, image_size=8, num_workers=0, seed=0))
     loop = make_loop(stage, prec, data=stream)
@@ -240,10 +237,11 @@ def nonfinite_case(stage, prec):
 for stage, prec in ((0, "fp32"), (2, "bf16")):
     results[f"nonfinite_z{stage}_{prec}"] = nonfinite_case(stage, prec)
 
-# ZeRO-0 fp16/bf16 as a GPU runs it: DeepSpeed's FusedAdam gets the FP16_Optimizer wrapper (one flat fp32 master per
-# parameter group) instead of the FP16_UnfusedOptimizer a CPU optimizer gets. AdamW stands in for FusedAdam here, so
+# ZeRO-0 fp16/bf16 as a GPU runs it: DeepSpeed's FusedAdam gets the FP16_Optimizer wrapper (one flat fp32
+# master per
+# parameter group) instead of the FP16_UnfusedOptimizer a CPU optimizer gets. AdamW stands in for FusedAdam
+# here, so
 # this CPU run takes the GPU's path: the master weights must be found, and the EMA must follow its formula.
-import deepspeed.runtime.engine as ds_engine  # noqa: E402
 
 fused_adam, ds_engine.FusedAdam = ds_engine.FusedAdam, torch.optim.AdamW
 for prec in ("fp16", "bf16"):

@@ -5,28 +5,25 @@ sampler history and data position to OUT (rank 0)."""
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_optimizer_state
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from iddpm_ds import dist_util  # noqa: E402
-
-dist_util.setup_dist()
-torch.set_num_threads(1)
-from deepspeed.utils import safe_get_full_optimizer_state  # noqa: E402
-
-from iddpm_ds.image_datasets import load_data  # noqa: E402
-from iddpm_ds.resample import LossSecondMomentResampler  # noqa: E402
-from iddpm_ds.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
+from iddpm_ds import dist_util
+from iddpm_ds.image_datasets import load_data
+from iddpm_ds.resample import LossSecondMomentResampler
+from iddpm_ds.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from iddpm_ds.train_util import (
     TrainLoop,
     create_engine,
     find_latest_checkpoint,
     prepare_resume,
     seed_everything,
-)  # noqa: E402
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+dist_util.setup_dist()
+torch.set_num_threads(1)
 
 mode, run_dir, out = sys.argv[-3:]
 os.makedirs(run_dir, exist_ok=True)

@@ -8,21 +8,17 @@ import os
 import sys
 
 import torch
+from conftest import tiny_flags
+from deepspeed.accelerator import get_accelerator
 
 from iddpm_ds import dist_util
+from iddpm_ds.ds_config import load, resolve
+from iddpm_ds.script_util import create_model_and_diffusion
+from iddpm_ds.train_util import create_engine, loss_scale_of
 
 dist_util.setup_dist()
-from deepspeed.accelerator import get_accelerator  # noqa: E402
-
 # Resolve and build as an fp16-capable device would, on any CPU: fp16 configs stay fp16.
 get_accelerator().is_fp16_supported = lambda: True
-
-from iddpm_ds.ds_config import load, resolve  # noqa: E402
-from iddpm_ds.script_util import create_model_and_diffusion  # noqa: E402
-from iddpm_ds.train_util import create_engine, loss_scale_of  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import tiny_flags  # noqa: E402
 
 FLAGS = argparse.Namespace(
     lr=1e-4, weight_decay=0.0, batch_size=1, microbatch=-1, use_fp16=False, fp16_scale_growth=1e-3

@@ -1,4 +1,5 @@
-"""Used by test_faults: launch/train.py whose disk 'fills up' while saving the checkpoint of step $FAIL_AT_STEP."""
+"""Used by test_faults: launch/train.py whose disk 'fills up' while saving the checkpoint of step
+$FAIL_AT_STEP."""
 
 import errno
 import os

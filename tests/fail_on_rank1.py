@@ -1,13 +1,10 @@
 """Used by test_engine: under mpirun, rank 1 raises while rank 0 waits in a collective."""
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch.distributed as dist
 
-import torch.distributed as dist  # noqa: E402
-
-from iddpm_ds import dist_util  # noqa: E402
+from iddpm_ds import dist_util
 
 dist_util.abort_all_ranks_on_error()
 dist_util.setup_dist(int(sys.argv[1]))

@@ -28,6 +28,8 @@ _modules = {}
 def entry_point(script: str):
     """launch/SCRIPT imported as a module (its main is not run)."""
     if script not in _modules:
+        if os.path.join(ROOT, "launch") not in sys.path:  # as when run: super_res_*.py import train/sample
+            sys.path.append(os.path.join(ROOT, "launch"))
         spec = importlib.util.spec_from_file_location(script[:-3], os.path.join(ROOT, "launch", script))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -96,10 +98,9 @@ def test_invalid_super_resolution_sizes(monkeypatch, capsys):
 @pytest.fixture
 def bare_model(tmp_path):
     import torch
+    from conftest import tiny_flags
 
     from iddpm_ds.script_util import create_model_and_diffusion
-
-    from conftest import tiny_flags
 
     model, _ = create_model_and_diffusion(**tiny_flags())
     path = tmp_path / "model.pt"

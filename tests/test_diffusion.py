@@ -4,13 +4,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_flags
 
 from iddpm_ds import gaussian_diffusion as gd
 from iddpm_ds.losses import discretized_gaussian_log_likelihood, normal_kl
 from iddpm_ds.respace import SpacedDiffusion, space_timesteps
 from iddpm_ds.script_util import create_gaussian_diffusion, create_model_and_diffusion
-
-from conftest import tiny_flags
 
 
 def make_diffusion(
@@ -40,7 +39,10 @@ def test_linear_schedule_is_ddpm():
 
 def test_cosine_schedule_matches_alpha_bar_and_clips():
     T = 1000
-    f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    def f(t):
+        return math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
+
     d = make_diffusion(T, "cosine")
     expected = np.array([f(t + 1) / f(0) for t in range(T)])
     # Before the clip kicks in, alpha_bar_t is exactly f(t)/f(0).
@@ -183,7 +185,10 @@ def test_respacing_keeps_alphas_cumprod():
     assert np.allclose(spaced.alphas_cumprod, base.alphas_cumprod[sorted(kept)], rtol=1e-12)
 
     seen = []
-    model = lambda x, t, **kw: (seen.append(t.clone()), torch.zeros_like(x))[1]
+
+    def model(x, t, **kw):
+        return (seen.append(t.clone()), torch.zeros_like(x))[1]
+
     spaced.p_mean_variance(model, torch.zeros(2, 1, 2, 2), torch.tensor([0, 24]))
     assert seen[0].tolist() == [0, 960]  # original indices, not respaced ones
 
@@ -191,7 +196,10 @@ def test_respacing_keeps_alphas_cumprod():
 def test_rescale_timesteps_feeds_the_model_0_to_1000():
     d = create_gaussian_diffusion(steps=100, rescale_timesteps=True, timestep_respacing="10")
     seen = []
-    model = lambda x, t, **kw: (seen.append(t.clone()), torch.zeros_like(x))[1]
+
+    def model(x, t, **kw):
+        return (seen.append(t.clone()), torch.zeros_like(x))[1]
+
     d.training_losses(model, torch.zeros(2, 1, 2, 2), torch.tensor([0, 9]))
     assert seen[0].dtype == torch.float32 and seen[0].tolist() == [0.0, 990.0]
 
@@ -199,7 +207,9 @@ def test_rescale_timesteps_feeds_the_model_0_to_1000():
 COMBOS = list(itertools.product(gd.ModelMeanType, gd.ModelVarType, gd.LossType))
 
 
-@pytest.mark.parametrize("mean,var,loss", COMBOS, ids=[f"{m.name}-{v.name}-{l.name}" for m, v, l in COMBOS])
+@pytest.mark.parametrize(
+    "mean,var,loss", COMBOS, ids=[f"{m.name}-{v.name}-{loss.name}" for m, v, loss in COMBOS]
+)
 def test_every_objective_gives_finite_losses_and_gradients(mean, var, loss):
     torch.manual_seed(0)
     learned = var in (gd.ModelVarType.LEARNED, gd.ModelVarType.LEARNED_RANGE)
@@ -210,7 +220,10 @@ def test_every_objective_gives_finite_losses_and_gradients(mean, var, loss):
         loss_type=loss,
     )
     net = torch.nn.Conv2d(3, 6 if learned else 3, 3, padding=1)
-    model = lambda x, t, **kw: net(x) * (0.1 if learned else 1.0)
+
+    def model(x, t, **kw):
+        return net(x) * (0.1 if learned else 1.0)
+
     x0 = torch.rand(4, 3, 8, 8) * 2 - 1
     t = torch.tensor([0, 5, 10, 19])
     terms = d.training_losses(model, x0, t)
@@ -226,7 +239,10 @@ def test_hybrid_loss_stops_vb_gradient_into_the_mean():
     d = create_gaussian_diffusion(steps=50, learn_sigma=True, rescale_learned_sigmas=True)
     assert d.loss_type == gd.LossType.RESCALED_MSE and d.model_var_type == gd.ModelVarType.LEARNED_RANGE
     out = (torch.randn(2, 6, 4, 4) * 0.1).requires_grad_()
-    model = lambda x, t, **kw: out
+
+    def model(x, t, **kw):
+        return out
+
     terms = d.training_losses(model, torch.rand(2, 3, 4, 4) * 2 - 1, torch.tensor([3, 30]))
     (g_vb,) = torch.autograd.grad(terms["vb"].sum(), out, retain_graph=True)
     assert g_vb[:, :3].abs().max() == 0 and g_vb[:, 3:].abs().max() > 0

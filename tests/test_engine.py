@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,7 +135,8 @@ def test_fp16_overflow_step_is_skipped_and_touches_nothing(scenarios):
 
 @pytest.mark.parametrize("prec", ["fp16", "bf16"])
 def test_zero0_reduced_precision_with_the_gpu_optimizer_wrapper(scenarios, prec):
-    """On a GPU, DeepSpeed's FusedAdam puts ZeRO-0 fp16/bf16 under FP16_Optimizer (flat fp32 master per group);
+    """On a GPU, DeepSpeed's FusedAdam puts ZeRO-0 fp16/bf16 under FP16_Optimizer (flat fp32 master per
+    group);
     the engine must find those master weights (it refused to start before) and keep the EMA exact."""
     r = scenarios[f"fused_wrapper_z0_{prec}"]
     assert r["wrapper"] == "FP16_Optimizer"
@@ -475,7 +475,8 @@ def test_suggested_fixes_of_run_errors_work_and_sampling_finds_the_run(tmp_path)
             "4",
         ]
     )
-    # sample.py: a run directory as --model_path, $OPENAI_LOGDIR honoured, progress counted in denoising steps.
+    # sample.py: a run directory as --model_path, $OPENAI_LOGDIR honoured, progress counted in denoising
+    # steps.
     sample = os.path.join(ROOT, "launch", "sample.py")
     out_dir = tmp_path / "openai_logdir"
     proc = subprocess.run(

@@ -1,4 +1,5 @@
-"""Faults a long run meets: preemption, a dead rank, a full disk, divergence, a changed rank count, a tampered file."""
+"""Faults a long run meets: preemption, a dead rank, a full disk, divergence, a changed rank count, a
+tampered file."""
 
 import json
 import os
@@ -10,7 +11,6 @@ import time
 import psutil
 import pytest
 import torch
-
 from conftest import free_port, report_fault
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -206,7 +206,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path):
     report_fault(
         "disk full during save",
         "torch.save raises ENOSPC while writing the step-4 checkpoint",
-        "one-line error naming ENOSPC, step 4 and the kept step-2 checkpoint; step 4 never got COMPLETE; rerun resumed at 3",
+        "one-line error naming ENOSPC, step 4 and the kept step-2 checkpoint; step 4 never got COMPLETE; "
+        "rerun resumed at 3",
         2,
     )
 
@@ -249,7 +250,8 @@ def test_divergence_stops_with_a_checkpoint_from_before(tmp_path, config):
     report_fault(
         f"divergence ({os.path.basename(config)})",
         "--lr 1e30: the loss overflows to inf",
-        f"{record['nonfinite_steps']} non-finite steps skipped and counted; stopped after 3 in a row with exit 3 and a "
+        f"{record['nonfinite_steps']} non-finite steps skipped and counted; stopped after 3 in a row with "
+        "exit 3 and a "
         f"checkpoint of finite pre-divergence weights at step {last}",
         0,
     )

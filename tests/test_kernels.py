@@ -29,7 +29,8 @@ GN_CASES = [
 
 @pytest.fixture(params=["resident", "split"])
 def gn_path(request, monkeypatch):
-    """Both GroupNorm paths at small shapes: "split" forces every group through the split kernels with 16-element blocks."""
+    """Both GroupNorm paths at small shapes: "split" forces every group through the split kernels with
+    16-element blocks."""
     from kernels import group_norm_triton
 
     if request.param == "split":
@@ -126,7 +127,8 @@ def test_attention_matches_float64_reference(B, H, D, T, order):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
 def test_attention_16_bit_inputs(dtype, tol):
-    """fp16 runs the kernel's 16-bit path in the interpreter; bf16 on CPU must not reach the interpreter's dot,
+    """fp16 runs the kernel's 16-bit path in the interpreter; bf16 on CPU must not reach the interpreter's
+    dot,
     which multiplies bf16 bit patterns (triton-lang/triton#11584), and still be right."""
     torch.manual_seed(5)
     qkv = torch.randn(1, 3 * 2 * 32, 40).to(dtype).requires_grad_()
@@ -159,9 +161,9 @@ def test_force_reference_switch(monkeypatch):
 
 
 def test_unet_with_kernels_on_matches_off():
-    from iddpm_ds.script_util import create_model_and_diffusion
-
     from conftest import tiny_flags
+
+    from iddpm_ds.script_util import create_model_and_diffusion
 
     results = []
     for fused in (False, True):
@@ -209,7 +211,8 @@ def test_benchmark_script_smoke(tmp_path):
     )
     step = report["training_step"]
     assert step["kernels_on"]["images_per_s"] > 0 and step["fell_back_to_reference"] == []
-    # bf16 model with non-zero output convs: the kernels and the eager path compute the same loss and gradients
+    # bf16 model with non-zero output convs: the kernels and the eager path compute the same loss and
+    # gradients
     assert step["loss_rel_diff"] < 1e-2 and step["grad_rel_diff"] < 5e-2
     assert all(g["ok"] for g in report["goals"] if "rel err" in g["goal"])
     assert "# goals (issue #5)" in proc.stdout
@@ -236,8 +239,10 @@ def test_benchmark_script_smoke(tmp_path):
 
 
 def test_benchmark_baselines_compute_the_same_attention_and_norm(monkeypatch):
-    """The baselines the one GPU run compares against, checked here: SDPA fed from our layout by the benchmark's
-    transposes is our attention (its flash backend, which has a CPU build, refuses inputs whose head dim is not
+    """The baselines the one GPU run compares against, checked here: SDPA fed from our layout by the
+    benchmark's
+    transposes is our attention (its flash backend, which has a CPU build, refuses inputs whose head dim is
+    not
     contiguous), and the torch.compile provider runs and matches float64."""
     from torch.nn.attention import SDPBackend
 
@@ -301,23 +306,21 @@ def test_goal_verdicts_follow_the_measurements():
         "training_step": {"speedup": 1.4, "fell_back_to_reference": [], "config": {"image_size": 64}},
     }
     verdicts = {g["goal"]: g["ok"] for g in goals(report)}
-    assert (
-        verdicts
-        == {
-            "group_norm [64, 128, 64, 64] silu: max rel err, output and gradients": True,
-            "group_norm [64, 128, 64, 64] silu: fwd+bwd % of copy bandwidth": True,  # 85 >= 80
-            "group_norm [64, 128, 64, 64] silu: fwd+bwd speed-up over eager": False,  # 3x < 4x
-            "group_norm [64, 128, 64, 64] silu: fwd+bwd speed-up over torch.compile": True,  # 1.5x >= 1.3x
-            "group_norm [64, 512, 8, 8] ss: max rel err, output and gradients": False,  # 0.05 > 0.02 for bf16
-            "group_norm [64, 512, 8, 8] ss: fwd+bwd speed-up over eager": None,  # eager failed: not measured
-            "group_norm [64, 512, 8, 8] ss: fwd+bwd speed-up over torch.compile": None,
-            "group_norm [64, 512, 8, 8] ss: fwd+bwd us": False,  # 25 us > 20 us
-            "attention [8, 8, 1024, 64]: max rel err, output and gradients": True,
-            "attention [8, 8, 1024, 64]: fwd+bwd speed-up over SDPA (faster backend)": False,  # 0.9x against mem-efficient
-            "attention [8, 8, 1024, 64]: fwd TFLOP/s": True,
-            "64 px training step: speed-up with kernels on": True,
-        }
-    )
+    assert verdicts == {
+        "group_norm [64, 128, 64, 64] silu: max rel err, output and gradients": True,
+        "group_norm [64, 128, 64, 64] silu: fwd+bwd % of copy bandwidth": True,  # 85 >= 80
+        "group_norm [64, 128, 64, 64] silu: fwd+bwd speed-up over eager": False,  # 3x < 4x
+        "group_norm [64, 128, 64, 64] silu: fwd+bwd speed-up over torch.compile": True,  # 1.5x >= 1.3x
+        "group_norm [64, 512, 8, 8] ss: max rel err, output and gradients": False,  # 0.05 > 0.02 for bf16
+        "group_norm [64, 512, 8, 8] ss: fwd+bwd speed-up over eager": None,  # eager failed: not measured
+        "group_norm [64, 512, 8, 8] ss: fwd+bwd speed-up over torch.compile": None,
+        "group_norm [64, 512, 8, 8] ss: fwd+bwd us": False,  # 25 us > 20 us
+        "attention [8, 8, 1024, 64]: max rel err, output and gradients": True,
+        "attention [8, 8, 1024, 64]: fwd+bwd speed-up over SDPA (faster "
+        "backend)": False,  # 0.9x against mem-efficient
+        "attention [8, 8, 1024, 64]: fwd TFLOP/s": True,
+        "64 px training step: speed-up with kernels on": True,
+    }
     report["training_step"]["fell_back_to_reference"] = ["qkv_attention"]
     assert goals(report)[-1]["ok"] is None  # a speed-up with a kernel fallen back measures nothing
 

@@ -8,11 +8,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import free_port, tiny_flags
 
 from iddpm_ds.checkpoint import CheckpointError, load_official_state_dict
 from iddpm_ds.script_util import create_model_and_diffusion
-
-from conftest import free_port, tiny_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +33,8 @@ def run(script, *args, check=True, launcher=()):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A run directory as train.py leaves it: config.json and consolidated EMA weights of a tiny class-conditional model."""
+    """A run directory as train.py leaves it: config.json and consolidated EMA weights of a tiny
+    class-conditional model."""
     d = tmp_path_factory.mktemp("run")
     flags = tiny_flags(class_cond=True, learn_sigma=True, diffusion_steps=50)
     torch.manual_seed(0)
@@ -110,7 +110,8 @@ def test_distributed_sampling_partitions_the_work(run_dir, tmp_path):
         launcher=("deepspeed", "--num_gpus", "2", "--master_port", str(free_port())),
     )
     with np.load(one) as f1, np.load(two) as f2:
-        # The same images in the same order: each rank drew a disjoint share and rank 0 put them back in order.
+        # The same images in the same order: each rank drew a disjoint share and rank 0 put them back in
+        # order.
         assert np.array_equal(f1["arr_0"], f2["arr_0"]) and f2["arr_1"].tolist() == [1, 2, 1, 2, 1]
 
 
@@ -170,7 +171,9 @@ def test_ddim_eta0_is_deterministic_and_reverse_inverts_it():
     model, x0 = train_tiny()
     _, d = create_model_and_diffusion(**tiny_flags(diffusion_steps=50, timestep_respacing="ddim25"))
     x = x0[:4]
-    K = 12  # up to mid-process: near t = T the cosine schedule's alpha_bar -> 0 makes any x_0 estimate ill-conditioned
+    # Up to mid-process: near t = T the cosine schedule's alpha_bar -> 0 makes any x_0 estimate
+    # ill-conditioned.
+    K = 12
     with torch.no_grad():
         z = x
         for i in range(K):  # encode x_0 -> x_K along the deterministic ODE
@@ -212,7 +215,8 @@ def test_nll_script_matches_a_direct_computation(tmp_path):
     assert result["num_samples"] == 6 and np.isfinite(result["bpd"]) and result["bpd"] > 0
     assert result["bpd"] == pytest.approx(result["prior_bpd"] + result["vb_terms_bpd"], rel=1e-6)
 
-    # Direct: the same images (the unshuffled stream's first 6), the same noise (seed 0), calc_bpd_loop by hand.
+    # Direct: the same images (the unshuffled stream's first 6), the same noise (seed 0), calc_bpd_loop by
+    # hand.
     from iddpm_ds.image_datasets import load_data
 
     _, diffusion = create_model_and_diffusion(**flags)

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import tiny_flags
 
 from iddpm_ds.checkpoint import CheckpointError, load_official_state_dict, load_state_dict_file
 from iddpm_ds.script_util import (
@@ -9,8 +10,6 @@ from iddpm_ds.script_util import (
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
-
-from conftest import tiny_flags
 
 
 def model_kwargs(**overrides):
@@ -174,7 +173,8 @@ def attention_keys(prefix, c):
 
 def improved_diffusion_layout():
     """improved-diffusion's state_dict names and shapes for image_size=8, num_channels=32, num_res_blocks=1,
-    channel_mult=(1, 2), attention at 4 px, learn_sigma, class_cond, use_scale_shift_norm (its unet.py, read by hand)."""
+    channel_mult=(1, 2), attention at 4 px, learn_sigma, class_cond, use_scale_shift_norm (its unet.py, read
+    by hand)."""
     e = 128
     keys = {
         "time_embed.0.weight": (e, 32),

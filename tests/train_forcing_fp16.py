@@ -6,8 +6,9 @@ import os
 import runpy
 import sys
 
-from iddpm_ds import dist_util  # noqa: F401  (before DeepSpeed: it picks the CPU accelerator quietly)
 from deepspeed.accelerator import get_accelerator
+
+from iddpm_ds import dist_util  # noqa: F401  (before DeepSpeed: it picks the CPU accelerator quietly)
 
 get_accelerator().is_fp16_supported = lambda: os.environ["FP16_SUPPORTED"] == "1"
 train = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "train.py")

@@ -25,7 +25,8 @@ def launched_by_mpi() -> bool:
     return any(k in os.environ for k in MPI_ENV_KEYS) and "RANK" not in os.environ
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nobody listens on now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -69,7 +70,7 @@ def setup_dist(master_port: Optional[int] = None) -> None:
             WORLD_SIZE="1",
             LOCAL_SIZE="1",
             MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(master_port or _free_port()),
+            MASTER_PORT=str(master_port or free_port()),
         )
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     if not accelerator_is_cpu():

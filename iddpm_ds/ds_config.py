@@ -11,7 +11,7 @@ import json
 import os
 from typing import Dict, List, Set, Tuple
 
-from .flags import ConfigError
+from .errors import ConfigError
 
 # Top-level keys DeepSpeed 0.19 understands; anything else is most likely a typo.
 KNOWN_KEYS = {

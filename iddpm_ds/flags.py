@@ -7,16 +7,15 @@ one `NAME: error: ...` line and exits with status 2.
 """
 
 import argparse
+import json
 import os
 import sys
 from typing import Callable, Dict, Iterable, List, Optional, Set
 
 import numpy as np
 
-
-class ConfigError(ValueError):
-    """A configuration the run cannot start with; the message is for the user as is."""
-
+from .checkpointing import read_complete
+from .errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 
 HELP = {
     # improved-diffusion's model and diffusion flags
@@ -107,9 +106,6 @@ def run_cli(main: Callable[[], None]) -> None:
     """Run an entry point's main: a user error becomes one `NAME: error: ...` line and exit status
     2 (3 for a diverged run), and the process group is left together after success."""
     from . import dist_util
-    from .checkpoint import CheckpointError
-    from .image_datasets import DataError
-    from .train_util import TrainingDiverged
 
     name = os.path.basename(sys.argv[0])
     try:
@@ -121,6 +117,82 @@ def run_cli(main: Callable[[], None]) -> None:
     except TrainingDiverged as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(3)
+
+
+# --------------------------------------------------------------------------- run directories
+# --------------------------------------------------------------------------- run directories
+# Flags that change how a model is run, never what its weights mean.
+RUNTIME_ONLY_FLAGS = {"timestep_respacing", "use_fused_kernels", "use_checkpoint", "dropout"}
+
+
+def read_run_config(run_dir: str) -> Dict:
+    """The config.json that launch/train.py writes into a run directory."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{run_dir} has no config.json (not a training run directory?)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def merge_run_flags(saved: Dict, flags: Dict, explicit, source: str, override: bool = False) -> Dict:
+    """Model flags for reusing a run: saved values fill in every flag not given on the command line;
+    a given flag that contradicts a saved one is an error (unless override or runtime-only)."""
+    merged = dict(flags)
+    for k, v in saved.items():
+        if k not in explicit:
+            merged[k] = v
+        elif k not in RUNTIME_ONLY_FLAGS and flags.get(k) != v and not override:
+            raise CheckpointError(
+                f"--{k} {flags.get(k)} contradicts {v!r} in {source} (use the same flags, or --override True "
+                "to force)"
+            )
+    return merged
+
+
+def _newest(run_dir: str, prefix: str) -> str:
+    files = sorted(
+        f for f in os.listdir(run_dir) if f.startswith(prefix) and f.endswith(".pt") and ".tmp" not in f
+    )
+    if not files:
+        raise CheckpointError(f"no {prefix}*.pt in {run_dir}")
+    return os.path.join(run_dir, files[-1])
+
+
+def resolve_trained_model(
+    run_dir: str, model_path: str, use_ema: bool, flags: Dict, explicit, override: bool = False
+):
+    """(weights file, model flags, number of data classes or None) for sampling or evaluation.
+
+    :param run_dir: a training run directory (flags from its config.json, newest EMA or model file).
+    :param model_path: a .pt file, a checkpoints/stepNNNNNN directory (its consolidated files), or a
+        run directory (taken as run_dir).
+    :param flags: the command line's model flags; explicit: the names given on it.
+    """
+    data_classes = None
+    path = model_path
+    if path and os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        run_dir, path = path, ""  # a run directory where a checkpoint was expected: same as --run_dir
+    if path and os.path.isdir(path):
+        meta = read_complete(path)
+        if meta is None:
+            raise CheckpointError(
+                f"{path} is neither a run directory (no config.json) nor a complete checkpoint "
+                "directory (no COMPLETE): pass --run_dir RUN_DIR, or --model_path with a .pt file "
+                "or RUN_DIR/checkpoints/stepNNNNNN"
+            )
+        run_dir = os.path.dirname(os.path.dirname(os.path.normpath(path)))
+        path = os.path.join(run_dir, next(iter(meta["ema"].values())) if use_ema else meta["model"])
+    if run_dir:
+        config = read_run_config(run_dir)
+        flags = merge_run_flags(
+            config["model_flags"], flags, explicit, os.path.join(run_dir, "config.json"), override
+        )
+        data_classes = config.get("data_classes")
+        if not path:
+            path = _newest(run_dir, "ema_") if use_ema else _newest(run_dir, "model")
+    if not path:
+        raise CheckpointError("give --run_dir or --model_path")
+    return path, flags, data_classes
 
 
 # --------------------------------------------------------------------------- validation

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import DataError, first_line
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "gif", "webp")
@@ -39,10 +41,6 @@ REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://")
 SHARD_CACHE = os.environ.get(
     "IDDPM_DS_SHARD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "iddpm_ds", "shards")
 )
-
-
-class DataError(ValueError):
-    """Bad data configuration, raised before training starts; the message is for the user as is."""
 
 
 # --------------------------------------------------------------------------- pixels
@@ -446,7 +444,7 @@ class StreamBatches(torch.utils.data.IterableDataset):
                     log.warning(
                         "skipping unreadable image %s: %s",
                         key,
-                        str(e).splitlines()[0] if str(e) else type(e).__name__,
+                        first_line(e),
                     )
         raise DataError("every image in the dataset failed to decode")
 

@@ -5,6 +5,8 @@ from typing import Callable, Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from .seeding import mix_seed
+
 
 @torch.no_grad()
 def sample_images(
@@ -30,7 +32,7 @@ def sample_images(
     """
     device = device or next(model.parameters()).device
     shape = (3, image_size, image_size)
-    gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in indices]
+    gens = [torch.Generator().manual_seed(mix_seed(seed, i)) for i in indices]
 
     def noise():
         return torch.stack([torch.randn(*shape, generator=g) for g in gens]).to(device)

@@ -6,21 +6,13 @@ it); only an applied step updates the EMA and the loss-aware sampler, whose
 per-sample (t, loss) pairs are all-gathered once per step so every rank
 holds identical history.
 
-Checkpoint layout under the run directory:
-
-    modelNNNNNN.pt, ema_RATE_NNNNNN.pt   consolidated fp32 weights (improved-diffusion's names)
-    checkpoints/stepNNNNNN/              DeepSpeed state + rng_rankRRR.pt + COMPLETE
-    checkpoints/latest                   tag of the newest COMPLETE checkpoint (atomic)
-
-COMPLETE is written by rank 0 after every rank has finished writing, so a
-checkpoint without it (a save that died) is never resumed from.
+What a checkpoint holds on disk, and how it is written atomically, is checkpointing.py's.
 """
 
 import contextlib
 import json
 import logging
 import os
-import random
 import time
 from typing import Callable, Dict, Optional
 
@@ -28,93 +20,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointError, load_state_dict_file, verify_checkpoint_files
+from .checkpointing import (
+    atomic_torch_save,
+    checkpoint_root,
+    find_latest_checkpoint,
+    load_state_dict_file,
+    read_complete,
+    rng_state,
+    set_rng_state,
+    verify_checkpoint_files,
+    write_complete,
+)
 from .dist_util import accelerator_is_cpu
 from .ema import EMA, MasterWeights
-from .flags import ConfigError
+from .errors import CheckpointError, ConfigError, TrainingDiverged, first_line
 from .resample import LossAwareSampler
+from .seeding import mix_seed, seed_everything
 
 log = logging.getLogger("iddpm_ds")
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite losses; the message is for the user as is."""
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def checkpoint_root(run_dir: str) -> str:
-    return os.path.join(run_dir, "checkpoints")
-
-
-def find_latest_checkpoint(path: str) -> Optional[str]:
-    """The newest complete checkpoint directory under a run dir, a checkpoints/ dir, or a tag dir itself."""
-    if os.path.isfile(os.path.join(path, "COMPLETE")):
-        return path
-    root = checkpoint_root(path) if os.path.isdir(checkpoint_root(path)) else path
-    if not os.path.isdir(root):
-        return None
-    latest = os.path.join(root, "latest")
-    if os.path.isfile(latest):
-        tag = open(latest).read().strip()
-        if os.path.isfile(os.path.join(root, tag, "COMPLETE")):
-            return os.path.join(root, tag)
-    complete = sorted(
-        d
-        for d in os.listdir(root)
-        if d.startswith("step") and os.path.isfile(os.path.join(root, d, "COMPLETE"))
-    )
-    return os.path.join(root, complete[-1]) if complete else None
-
-
-def _rng_state() -> Dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "np_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-        "np_pos": int(np_state[2]),
-        "np_has_gauss": int(np_state[3]),
-        "np_gauss": float(np_state[4]),
-        "python": list(random.getstate()[1]),
-        "python_version": random.getstate()[0],
-        "python_gauss": random.getstate()[2],
-    }
-    if torch.cuda.is_available():  # the noise and timesteps of a GPU run come from this rank's CUDA generator
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: Dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    np.random.set_state(
-        (
-            "MT19937",
-            state["np_keys"].numpy().astype(np.uint32),
-            state["np_pos"],
-            state["np_has_gauss"],
-            state["np_gauss"],
-        )
-    )
-    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
 
 
 def create_engine(
@@ -170,12 +93,6 @@ def create_engine(
         config=cfg,
     )
     return engine
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 def loss_scale_of(engine) -> Optional[float]:
@@ -525,13 +442,13 @@ class TrainLoop:
             # DeepSpeed's save runs collectives before its writes; our writes below are local, so a
             # failure on one rank cannot leave the others waiting in a collective.
             self.engine.save_checkpoint(root, tag, client_state=client_state, save_latest=False)
-            atomic_torch_save(_rng_state(), os.path.join(ckpt_dir, f"rng_rank{self.rank:03d}.pt"))
+            atomic_torch_save(rng_state(), os.path.join(ckpt_dir, f"rng_rank{self.rank:03d}.pt"))
             if self.rank == 0:
                 atomic_torch_save(model_sd, os.path.join(self.run_dir, f"model{step:06d}.pt"))
                 for rate, sd in ema_sds.items():
                     atomic_torch_save(sd, os.path.join(self.run_dir, ema_files[str(rate)]))
         except (OSError, RuntimeError) as e:
-            error = f"rank {self.rank}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            error = f"rank {self.rank}: {first_line(e)}"
         errors = [None] * self.world
         dist.all_gather_object(errors, error)  # also the barrier: every rank's files are on disk
         errors = [e for e in errors if e]
@@ -549,8 +466,7 @@ class TrainLoop:
                 "model": f"model{step:06d}.pt",
                 "ema": ema_files,
             }
-            atomic_write_text(os.path.join(ckpt_dir, "COMPLETE"), json.dumps(meta))
-            atomic_write_text(os.path.join(root, "latest"), tag)
+            write_complete(ckpt_dir, meta)
             log.info("saved checkpoint %s", ckpt_dir)
         dist.barrier()
         self.last_saved_step = step
@@ -562,8 +478,7 @@ class TrainLoop:
         :param load_tag: the DeepSpeed tag to load instead of ckpt_dir's own (the universal
             copy made by prepare_resume when the number of ranks changed).
         """
-        with open(os.path.join(ckpt_dir, "COMPLETE")) as f:
-            meta = json.load(f)
+        meta = read_complete(ckpt_dir)
         root, tag = os.path.split(os.path.normpath(ckpt_dir))
         if meta["world_size"] != self.world and load_tag is None:
             raise CheckpointError(
@@ -595,9 +510,9 @@ class TrainLoop:
             self.ema.load_full(rate, load_state_dict_file(os.path.join(run_dir, name)))
         rng_file = os.path.join(ckpt_dir, f"rng_rank{self.rank:03d}.pt")
         if meta["world_size"] == self.world:
-            _set_rng_state(torch.load(rng_file, weights_only=True))
+            set_rng_state(torch.load(rng_file, weights_only=True))
         else:  # a new rank layout has no saved per-rank streams: fresh ones, distinct per rank and step
-            seed_everything(1_000_003 * self.step + self.rank)
+            seed_everything(mix_seed(self.step, self.rank))
             log.warning(
                 "resumed %d-rank checkpoint on %d ranks: weights, optimizer, EMA, sampler and data position "
                 "are exact; "
@@ -607,46 +522,3 @@ class TrainLoop:
             )
         self.last_saved_step = self.step
         log.info("resumed from %s at step %d", ckpt_dir, self.step)
-
-
-def prepare_resume(ckpt_dir: str, world_size: int) -> Optional[str]:
-    """Before building the engine: None if ckpt_dir matches this world size, else the tag of a
-    universal copy (made once by rank 0 with DeepSpeed's ds_to_universal) that loads on any
-    number of ranks; the engine must then be built with checkpoint.load_universal = true.
-    Collective."""
-    import subprocess
-    import sys
-
-    with open(os.path.join(ckpt_dir, "COMPLETE")) as f:
-        meta = json.load(f)
-    if meta["world_size"] == world_size:
-        return None
-    universal = os.path.normpath(ckpt_dir) + "_universal"
-    error = ""
-    if dist.get_rank() == 0 and not os.path.isdir(universal):
-        verify_checkpoint_files(ckpt_dir)
-        tmp = universal + ".tmp"
-        cmd = [
-            sys.executable,
-            "-m",
-            "deepspeed.checkpoint.ds_to_universal",
-            "--input_folder",
-            ckpt_dir,
-            "--output_folder",
-            tmp,
-            "--num_extract_workers",
-            "1",
-            "--num_merge_workers",
-            "1",
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode
-            error = f"converting {ckpt_dir} to a universal checkpoint failed: {why}"
-        else:
-            os.replace(tmp, universal)
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    if any(errors):
-        raise CheckpointError(next(e for e in errors if e))
-    return os.path.basename(universal)

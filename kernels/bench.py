@@ -160,7 +160,7 @@ def measure(row: dict, fn, args, dy, ref) -> dict:
         row["bwd_ms"] = [b - f for f, b in zip(row["fwd_ms"], row["fwd_bwd_ms"])]
         row["host_us_fwd_bwd"] = host_us(fwd_bwd(fn, args, dy))
     except Exception as e:  # noqa: BLE001 - any failure is a result of this provider, not the end of the run
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        row["error"] = f"{type(e).__name__}: {dispatch.first_line(e)[:160]}"
     dispatch._broken.clear()  # a kernel that failed at one shape is tried afresh at the next
     label = " ".join(
         str(row[k]) for k in ("op", "shape", "pattern", "provider", "kernel", "tile") if k in row

@@ -5,6 +5,13 @@ import os
 import torch
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line ('' if it has none). kernels/ imports nothing from
+    iddpm_ds, so it keeps this one-liner of its own."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """True when x should go through a Triton kernel rather than the PyTorch reference."""
     if os.environ.get("KERNELS_FORCE_REFERENCE", "0") == "1":
@@ -31,8 +38,7 @@ def run_triton_or_reference(name: str, triton_fn, reference_fn):
 
             _broken.add(name)
             warnings.warn(
-                f"Triton kernel {name} is unavailable here ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}); "
+                f"Triton kernel {name} is unavailable here ({type(e).__name__}: {first_line(e)}); "
                 "using the PyTorch reference instead"
             )
     return reference_fn()

@@ -35,7 +35,8 @@ from iddpm_ds.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
-from iddpm_ds.train_util import TrainLoop, create_engine, seed_everything
+from iddpm_ds.seeding import seed_everything
+from iddpm_ds.train_util import TrainLoop, create_engine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -17,8 +17,16 @@ import torch
 import torch.distributed as dist
 
 from iddpm_ds import dist_util
-from iddpm_ds.checkpoint import load_official_state_dict, load_state_dict_file, resolve_trained_model
-from iddpm_ds.flags import HELP, ConfigError, explicit_flags, make_parser, run_cli, validate_model_flags
+from iddpm_ds.checkpointing import load_official_state_dict, load_state_dict_file
+from iddpm_ds.flags import (
+    HELP,
+    ConfigError,
+    explicit_flags,
+    make_parser,
+    resolve_trained_model,
+    run_cli,
+    validate_model_flags,
+)
 from iddpm_ds.image_datasets import load_data
 from iddpm_ds.script_util import (
     add_dict_to_argparser,

@@ -22,19 +22,22 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from iddpm_ds import dist_util
-from iddpm_ds.checkpoint import (
-    CheckpointError,
+from iddpm_ds.checkpointing import (
+    atomic_write_text,
+    find_latest_checkpoint,
     load_official_state_dict,
     load_state_dict_file,
-    merge_run_flags,
-    read_run_config,
+    prepare_resume,
 )
 from iddpm_ds.ds_config import load as load_ds_config
 from iddpm_ds.ds_config import precision, resolve
+from iddpm_ds.errors import CheckpointError
 from iddpm_ds.flags import (
     HELP,
     explicit_flags,
     make_parser,
+    merge_run_flags,
+    read_run_config,
     run_cli,
     validate_model_flags,
     validate_train_flags,
@@ -52,14 +55,8 @@ from iddpm_ds.script_util import (
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
-from iddpm_ds.train_util import (
-    TrainLoop,
-    atomic_write_text,
-    create_engine,
-    find_latest_checkpoint,
-    prepare_resume,
-    seed_everything,
-)
+from iddpm_ds.seeding import seed_everything
+from iddpm_ds.train_util import TrainLoop, create_engine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -32,15 +32,6 @@ def tiny():
     return create_model_and_diffusion(**tiny_flags())
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now (parallel launches must not share DeepSpeed's default 29500)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def report_fault(fault: str, injected: str, observed: str, lost_steps) -> None:
     """Record one fault test's outcome for benchmarks/RELIABILITY.md (only under
     benchmarks/reliability.py)."""

@@ -17,7 +17,8 @@ from iddpm_ds import dist_util
 from iddpm_ds.image_datasets import load_data
 from iddpm_ds.resample import LossSecondMomentResampler, UniformSampler
 from iddpm_ds.script_util import create_model_and_diffusion, model_and_diffusion_defaults
-from iddpm_ds.train_util import TrainLoop, create_engine, seed_everything
+from iddpm_ds.seeding import seed_everything
+from iddpm_ds.train_util import TrainLoop, create_engine
 
 dist_util.setup_dist()
 torch.set_num_threads(1)

@@ -10,16 +10,12 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_optimizer_state
 
 from iddpm_ds import dist_util
+from iddpm_ds.checkpointing import find_latest_checkpoint, prepare_resume
 from iddpm_ds.image_datasets import load_data
 from iddpm_ds.resample import LossSecondMomentResampler
 from iddpm_ds.script_util import create_model_and_diffusion, model_and_diffusion_defaults
-from iddpm_ds.train_util import (
-    TrainLoop,
-    create_engine,
-    find_latest_checkpoint,
-    prepare_resume,
-    seed_everything,
-)
+from iddpm_ds.seeding import seed_everything
+from iddpm_ds.train_util import TrainLoop, create_engine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 dist_util.setup_dist()

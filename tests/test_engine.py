@@ -8,7 +8,8 @@ import time
 
 import pytest
 import torch
-from conftest import free_port
+
+from iddpm_ds.dist_util import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launch", "train.py")
@@ -237,7 +238,7 @@ def test_run_dir_holds_config_logs_and_tensorboard(tmp_path):
     assert grid.step == 2 and grid.width > 8 * 4
     assert (run_dir / "model000002.pt").exists() and (run_dir / "ema_0.9_000002.pt").exists()
     # Sampling-ready: the consolidated EMA loads into a fresh model with the saved flags.
-    from iddpm_ds.checkpoint import load_official_state_dict, load_state_dict_file
+    from iddpm_ds.checkpointing import load_official_state_dict, load_state_dict_file
     from iddpm_ds.script_util import create_model_and_diffusion
 
     model, _ = create_model_and_diffusion(**config["model_flags"])

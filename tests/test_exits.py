@@ -12,7 +12,8 @@ import textwrap
 import numpy as np
 import psutil
 import pytest
-from conftest import free_port
+
+from iddpm_ds.dist_util import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [

@@ -11,7 +11,9 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import free_port, report_fault
+from conftest import report_fault
+
+from iddpm_ds.dist_util import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launch", "train.py")

@@ -8,9 +8,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import free_port, tiny_flags
+from conftest import tiny_flags
 
-from iddpm_ds.checkpoint import CheckpointError, load_official_state_dict
+from iddpm_ds.checkpointing import CheckpointError, load_official_state_dict
+from iddpm_ds.dist_util import free_port
 from iddpm_ds.script_util import create_model_and_diffusion
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import tiny_flags
 
-from iddpm_ds.checkpoint import CheckpointError, load_official_state_dict, load_state_dict_file
+from iddpm_ds.checkpointing import CheckpointError, load_official_state_dict, load_state_dict_file
 from iddpm_ds.script_util import (
     create_model,
     create_model_and_diffusion,

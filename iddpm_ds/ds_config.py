@@ -137,41 +137,44 @@ def resolve(
     cfg = copy.deepcopy(cfg)
     notes = []
 
-    micro = cfg.get("train_micro_batch_size_per_gpu")
-    gas = cfg.get("gradient_accumulation_steps", 1)
+    micro_batch = cfg.get("train_micro_batch_size_per_gpu")
+    grad_accum_steps = cfg.get("gradient_accumulation_steps", 1)
     if "batch_size" in explicit or "microbatch" in explicit:
         batch = args.batch_size
         micro_flag = args.microbatch if args.microbatch > 0 else batch
         if batch % micro_flag:
             raise ConfigError(f"--batch_size {batch} is not a multiple of --microbatch {micro_flag}")
-        micro, gas = micro_flag, batch // micro_flag
+        micro_batch, grad_accum_steps = micro_flag, batch // micro_flag
         cfg.pop("train_batch_size", None)
         notes.append(
-            f"--batch_size/--microbatch override the JSON: micro-batch {micro} x accumulation {gas} per rank"
+            f"--batch_size/--microbatch override the JSON: micro-batch {micro_batch} x accumulation "
+            f"{grad_accum_steps} per rank"
         )
-    if micro is None:
+    if micro_batch is None:
         if "train_batch_size" not in cfg:
             raise ConfigError(
                 "the DeepSpeed config sets no batch size: add train_micro_batch_size_per_gpu (or pass "
                 "--batch_size)"
             )
         total = cfg["train_batch_size"]
-        if total % (gas * world_size):
+        if total % (grad_accum_steps * world_size):
             raise ConfigError(
-                f"train_batch_size {total} is not divisible by gradient_accumulation_steps {gas} x "
+                f"train_batch_size {total} is not divisible by gradient_accumulation_steps "
+                f"{grad_accum_steps} x "
                 f"{world_size} ranks"
             )
-        micro = total // (gas * world_size)
-    if "train_batch_size" in cfg and cfg["train_batch_size"] != micro * gas * world_size:
+        micro_batch = total // (grad_accum_steps * world_size)
+    if "train_batch_size" in cfg and cfg["train_batch_size"] != micro_batch * grad_accum_steps * world_size:
         raise ConfigError(
-            f"train_batch_size {cfg['train_batch_size']} != micro-batch {micro} x accumulation {gas} x "
+            f"train_batch_size {cfg['train_batch_size']} != micro-batch {micro_batch} x accumulation "
+            f"{grad_accum_steps} x "
             f"{world_size} ranks; "
             "remove train_batch_size or make them agree"
         )
     cfg.update(
-        train_micro_batch_size_per_gpu=micro,
-        gradient_accumulation_steps=gas,
-        train_batch_size=micro * gas * world_size,
+        train_micro_batch_size_per_gpu=micro_batch,
+        gradient_accumulation_steps=grad_accum_steps,
+        train_batch_size=micro_batch * grad_accum_steps * world_size,
     )
 
     for flag in ("lr", "weight_decay"):

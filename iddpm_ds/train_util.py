@@ -169,8 +169,7 @@ class TrainLoop:
         self.stop_reason = ""
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = engine.device
-        self.micro = engine.train_micro_batch_size_per_gpu()
-        self.gas = engine.gradient_accumulation_steps()
+        self.grad_accum_steps = engine.gradient_accumulation_steps()
         self.master = MasterWeights(engine)
         self.ema = EMA(self.master, self.ema_rates)
         self.writer = writer
@@ -195,39 +194,47 @@ class TrainLoop:
         )
 
     def run_step(self) -> bool:
-        """One optimizer step over gas micro-batches; returns whether the update was applied."""
+        """One optimizer step over grad_accum_steps micro-batches; returns whether the update was applied."""
         finite = torch.ones((), device=self.device)
-        for micro in range(self.gas):
-            batch, cond = next(self.data)
-            batch = batch.to(self.device)
-            cond = {k: v.to(self.device) for k, v in cond.items()}
+        for i in range(self.grad_accum_steps):
+            batch, cond = self._next_micro_batch()
             t, weights = self.sampler.sample(batch.shape[0], self.device)
             losses = self.diffusion.training_losses(self.engine, batch, t, model_kwargs=cond)
             loss = (losses["loss"] * weights).mean()
             finite = finite * torch.isfinite(loss.detach())
-            self.engine.backward(loss)
-            if micro == self.gas - 1:
+            self.engine.backward(loss)  # DeepSpeed all-reduces the gradients at the last micro-batch
+            boundary = i == self.grad_accum_steps - 1
+            if boundary:
+                # Before the update: a non-finite loss on any rank skips the step on every rank.
                 all_finite = self._all_ranks_finite(finite)
                 if self.master.plain_fp32:
-                    self._grad_norm = self._plain_grad_norm()
-                with self._update_suppressed(not all_finite):
-                    self.engine.step()
-            else:
-                self.engine.step()
-            self._pending.append(
-                torch.stack([t.to(torch.float64), losses["loss"].detach().to(torch.float64)])
-            )
-            self._accumulate({k: v.detach() * weights for k, v in losses.items()}, t)
-        applied = self.engine.was_step_applied() and all_finite
+                    self._grad_norm = self._plain_grad_norm()  # DeepSpeed reports none at ZeRO-0 fp32
+            with self._update_suppressed(boundary and not all_finite):
+                self.engine.step()  # weights change only at the boundary
+            self._record(t, losses, weights)
+        applied = self.engine.was_step_applied() and all_finite  # False on an fp16 overflow too
+        self._count_nonfinite(all_finite)
+        # Only an applied update may move the sampler's history and the EMA.
+        self._sync_sampler(applied)
+        if applied:
+            self.ema.update()
+        return applied
+
+    def _next_micro_batch(self):
+        batch, cond = next(self.data)
+        return batch.to(self.device), {k: v.to(self.device) for k, v in cond.items()}
+
+    def _record(self, t: torch.Tensor, losses: Dict[str, torch.Tensor], weights: torch.Tensor) -> None:
+        """Keep the micro-batch's (t, loss) pairs for the sampler and its weighted losses for the log."""
+        self._pending.append(torch.stack([t.to(torch.float64), losses["loss"].detach().to(torch.float64)]))
+        self._accumulate({k: v.detach() * weights for k, v in losses.items()}, t)
+
+    def _count_nonfinite(self, all_finite: bool) -> None:
         if all_finite:
             self.consecutive_nonfinite = 0
         else:
             self.nonfinite_steps += 1
             self.consecutive_nonfinite += 1
-        self._sync_sampler(applied)
-        if applied:
-            self.ema.update()
-        return applied
 
     def _plain_grad_norm(self) -> float:
         """The global gradient norm, before any clipping, for the one engine that does not report it
@@ -262,7 +269,7 @@ class TrainLoop:
 
     def _sync_sampler(self, apply: bool) -> None:
         """All-gather this step's (t, loss) pairs (one fixed-size collective) into the loss-aware sampler."""
-        local = torch.cat(self._pending, dim=1)  # [2, gas * micro]
+        local = torch.cat(self._pending, dim=1)  # [2, grad_accum_steps * micro_batch]
         self._pending = []
         if not isinstance(self.sampler, LossAwareSampler):
             return

@@ -70,9 +70,9 @@ class SyntheticData:
 
     skipped, epoch = 0, 0.0
 
-    def __init__(self, micro, size):
+    def __init__(self, micro_batch, size):
         g = torch.Generator().manual_seed(0)
-        self.x = torch.rand(micro, 3, size, size, generator=g) * 2 - 1
+        self.x = torch.rand(micro_batch, 3, size, size, generator=g) * 2 - 1
 
     def __next__(self):
         return self.x, {}
@@ -106,7 +106,7 @@ def time_steps(step_fn, steps, warmup) -> float:
 def plain_pytorch(flags, cfg, args, device, world):
     """Seconds for args.steps steps of a plain loop (same model, batch, loss, fused AdamW; DDP), and its
     tensor bytes."""
-    micro, gas = cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]
+    micro_batch, grad_accum_steps = cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]
     seed_everything(0)
     model, diffusion = create_model_and_diffusion(**flags)
     model.to(device)
@@ -114,15 +114,15 @@ def plain_pytorch(flags, cfg, args, device, world):
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
     sampler = UniformSampler(diffusion)
-    data = SyntheticData(micro, flags["image_size"])
+    data = SyntheticData(micro_batch, flags["image_size"])
 
     def step():
         opt.zero_grad(set_to_none=True)
-        for _ in range(gas):
+        for _ in range(grad_accum_steps):
             x, _ = next(data)
-            t, w = sampler.sample(micro, device)
+            t, w = sampler.sample(micro_batch, device)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = (diffusion.training_losses(net, x.to(device), t)["loss"] * w).mean() / gas
+                loss = (diffusion.training_losses(net, x.to(device), t)["loss"] * w).mean() / grad_accum_steps
             loss.backward()
         opt.step()
 
@@ -224,10 +224,10 @@ def main() -> None:
         world,
         get_accelerator().is_fp16_supported(),
     )
-    micro, gas = cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]
+    micro_batch, grad_accum_steps = cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     device = dist_util.dev()
-    images_per_step = micro * gas * world
+    images_per_step = micro_batch * grad_accum_steps * world
 
     if args.memory:
         rows = memory_table(flags, cfg, args, world)
@@ -260,7 +260,7 @@ def main() -> None:
     loop = TrainLoop(
         engine=engine,
         diffusion=diffusion,
-        data=SyntheticData(micro, flags["image_size"]),
+        data=SyntheticData(micro_batch, flags["image_size"]),
         schedule_sampler=UniformSampler(diffusion),
         ema_rate=args.ema_rate,
         run_dir=".",
@@ -284,8 +284,8 @@ def main() -> None:
         "world_size": world,
         "zero_stage": engine.zero_optimization_stage(),
         "precision": precision(cfg),
-        "micro_batch": micro,
-        "accumulation": gas,
+        "micro_batch": micro_batch,
+        "accumulation": grad_accum_steps,
         "image_size": flags["image_size"],
         "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
         "steps": args.steps,

@@ -17,6 +17,7 @@ import tarfile
 from PIL import Image
 from tqdm import tqdm
 
+from iddpm_ds.checkpointing import atomic_write_text
 from iddpm_ds.flags import ConfigError, make_parser, run_cli
 from iddpm_ds.image_datasets import FolderSource, center_crop_arr
 
@@ -90,9 +91,7 @@ def main() -> None:
         "shards": shards,
         "shard_size": args.shard_size,
     }
-    with open(os.path.join(args.out, "index.json.tmp"), "w") as f:
-        json.dump(index, f, indent=1)
-    os.replace(os.path.join(args.out, "index.json.tmp"), os.path.join(args.out, "index.json"))
+    atomic_write_text(os.path.join(args.out, "index.json"), json.dumps(index, indent=1))
     print(
         f"wrote {index['count']} samples in {num_shards} shards to {args.out} ({n - written} unreadable "
         "images skipped)"

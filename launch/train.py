@@ -136,28 +136,19 @@ def make_preview_fn(factory, model_flags: dict, image_size: int, data_classes, d
     return preview
 
 
-def main(super_res: bool = False) -> None:
-    model_defaults = sr_model_and_diffusion_defaults() if super_res else model_and_diffusion_defaults()
-    factory = sr_create_model_and_diffusion if super_res else create_model_and_diffusion
+def parse_flags(model_defaults: dict, super_res: bool):
+    """The command line, checked before any rank starts work: (args, explicit flag names, DeepSpeed JSON)."""
     argv = sys.argv[1:]
     args = create_argparser(model_defaults).parse_args(argv)
     explicit = explicit_flags(argv)
-    validate_train_flags(args, explicit)  # every flag checked before any rank starts work
+    validate_train_flags(args, explicit)
     validate_model_flags(args_to_dict(args, model_defaults.keys()), super_res)
-    if not args.deepspeed_config:
-        args.deepspeed_config = os.path.join(REPO, "ds_configs", "cpu.json")
-    ds_cfg = load_ds_config(args.deepspeed_config)  # validated before any rank starts work
+    ds_cfg = load_ds_config(args.deepspeed_config or os.path.join(REPO, "ds_configs", "cpu.json"))
+    return args, explicit, ds_cfg
 
-    dist_util.abort_all_ranks_on_error()
-    preemption = PreemptionWatch()  # before the slow set-up, so an early SIGTERM is not lost
-    dist_util.setup_dist(args.master_port or None)
-    threads = dist_util.set_threads_per_rank()
-    from deepspeed.accelerator import get_accelerator
 
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    ds_cfg, notes = resolve(ds_cfg, args, explicit, world, get_accelerator().is_fp16_supported())
-    run_dir = resolve_run_dir(args.log_dir)
-    os.makedirs(run_dir, exist_ok=True)
+def start_logging(run_dir: str, rank: int, notes) -> logging.Logger:
+    """Console and run_dir/log.txt on rank 0; other ranks print warnings only."""
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format="%(asctime)s %(message)s",
@@ -167,30 +158,36 @@ def main(super_res: bool = False) -> None:
     log = logging.getLogger("iddpm_ds")
     for line in notes if rank == 0 else []:  # the same on every rank: said once
         log.warning(line) if line.startswith("WARNING") else log.info(line)
+    return log
 
+
+def run_model_flags(run_dir: str, args, model_defaults: dict, explicit) -> dict:
+    """The command line's model flags; continuing a run, its saved flags unless contradicted."""
     model_flags = args_to_dict(args, model_defaults.keys())
-    if os.path.isfile(
-        os.path.join(run_dir, "config.json")
-    ):  # continuing a run: its flags, unless contradicted
-        model_flags = merge_run_flags(
-            read_run_config(run_dir)["model_flags"],
-            model_flags,
-            explicit,
-            os.path.join(run_dir, "config.json"),
-            args.override,
-        )
-    image_size = model_flags["large_size" if super_res else "image_size"]
+    config = os.path.join(run_dir, "config.json")
+    if os.path.isfile(config):
+        saved = read_run_config(run_dir)["model_flags"]
+        model_flags = merge_run_flags(saved, model_flags, explicit, config, args.override)
+    return model_flags
+
+
+def build_model(factory, model_flags: dict, args, rank: int, run_dir: str):
+    """(model, diffusion, checkpoint dir to resume or None, weights file it started from or None)."""
     seed_everything(args.seed)  # same initial weights on every rank
     model, diffusion = factory(**model_flags)
     resume_dir = find_latest_checkpoint(args.resume_checkpoint or run_dir)
-    init_weights = None
+    init_weights_path = None
     if args.resume_checkpoint and resume_dir is None:
         if not args.resume_checkpoint.endswith(".pt"):
             raise CheckpointError(f"no complete checkpoint found at {args.resume_checkpoint}")
-        init_weights = args.resume_checkpoint  # an improved-diffusion style modelNNNNNN.pt: weights only
-        load_official_state_dict(model, load_state_dict_file(init_weights))
+        init_weights_path = args.resume_checkpoint  # an improved-diffusion style modelNNNNNN.pt: weights only
+        load_official_state_dict(model, load_state_dict_file(init_weights_path))
     seed_everything(args.seed + rank)  # per-rank noise, timesteps and dropout
+    return model, diffusion, resume_dir, init_weights_path
 
+
+def build_engine(model, ds_cfg: dict, args, resume_dir, world: int):
+    """The DeepSpeed engine, and the tag to load when resuming on another number of ranks (else None)."""
     load_tag = prepare_resume(resume_dir, world) if resume_dir else None
     if load_tag:  # the rank count changed: load DeepSpeed's universal (world-size independent) copy
         ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
@@ -203,10 +200,15 @@ def main(super_res: bool = False) -> None:
         weight_decay=args.weight_decay,
         lr_anneal_steps=args.lr_anneal_steps,
     )
+    return engine, load_tag
+
+
+def build_data(args, engine, model_flags: dict, super_res: bool):
+    """This rank's stream of micro-batches, and the number of classes the data has (or None)."""
     data = load_data(
         data_dir=args.data_dir,
         batch_size=engine.train_micro_batch_size_per_gpu(),
-        image_size=image_size,
+        image_size=model_flags["large_size" if super_res else "image_size"],
         class_cond=model_flags["class_cond"],
         seed=args.seed,
         num_workers=args.num_workers,
@@ -215,7 +217,50 @@ def main(super_res: bool = False) -> None:
     data_classes = len(data.source.classes) if data.source.classes else None
     if super_res:
         data = SuperResStream(data, model_flags["small_size"])
+    return data, data_classes
 
+
+def write_run_config(
+    run_dir: str, args, model_flags: dict, ds_cfg: dict, world: int, super_res: bool, data_classes
+):
+    """config.json: everything sampling and resuming need, so no flag is typed twice."""
+    config = {
+        "model_flags": model_flags,
+        "train_flags": {k: getattr(args, k) for k in TRAIN_DEFAULTS},
+        "deepspeed": ds_cfg,
+        "world_size": world,
+        "precision": precision(ds_cfg),
+        "super_res": super_res,
+        "data_classes": data_classes,
+    }
+    atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(config, indent=1, default=str))
+
+
+def main(super_res: bool = False) -> None:
+    model_defaults = sr_model_and_diffusion_defaults() if super_res else model_and_diffusion_defaults()
+    factory = sr_create_model_and_diffusion if super_res else create_model_and_diffusion
+    args, explicit, ds_cfg = parse_flags(model_defaults, super_res)
+
+    # Join the other ranks.
+    dist_util.abort_all_ranks_on_error()
+    preemption = PreemptionWatch()  # before the slow set-up, so an early SIGTERM is not lost
+    dist_util.setup_dist(args.master_port or None)
+    threads = dist_util.set_threads_per_rank()
+    from deepspeed.accelerator import get_accelerator
+
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    ds_cfg, notes = resolve(ds_cfg, args, explicit, world, get_accelerator().is_fp16_supported())
+    run_dir = resolve_run_dir(args.log_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    log = start_logging(run_dir, rank, notes)
+
+    # Model, engine and data.
+    model_flags = run_model_flags(run_dir, args, model_defaults, explicit)
+    model, diffusion, resume_dir, init_weights_path = build_model(factory, model_flags, args, rank, run_dir)
+    engine, load_tag = build_engine(model, ds_cfg, args, resume_dir, world)
+    data, data_classes = build_data(args, engine, model_flags, super_res)
+
+    # What rank 0 writes besides checkpoints: config.json, TensorBoard, sample previews.
     writer, preview_fn = None, None
     if rank == 0:
         log.info(
@@ -232,20 +277,13 @@ def main(super_res: bool = False) -> None:
             engine.gradient_accumulation_steps(),
             sum(p.numel() for p in model.parameters()) / 1e6,
         )
-        config = {
-            "model_flags": model_flags,
-            "train_flags": {k: getattr(args, k) for k in TRAIN_DEFAULTS},
-            "deepspeed": ds_cfg,
-            "world_size": world,
-            "precision": precision(ds_cfg),
-            "super_res": super_res,
-            "data_classes": data_classes,
-        }
-        atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(config, indent=1, default=str))
+        write_run_config(run_dir, args, model_flags, ds_cfg, world, super_res, data_classes)
         writer = SummaryWriter(os.path.join(run_dir, "tb"))
         if args.sample_interval and not super_res:
+            image_size = model_flags["image_size"]
             preview_fn = make_preview_fn(factory, model_flags, image_size, data_classes, engine.device)
 
+    # Train.
     loop = TrainLoop(
         engine=engine,
         diffusion=diffusion,
@@ -265,8 +303,8 @@ def main(super_res: bool = False) -> None:
     )
     if resume_dir:
         loop.resume(resume_dir, load_tag)
-    elif init_weights:
-        log.info("initialised weights from %s", init_weights)
+    elif init_weights_path:
+        log.info("initialised weights from %s", init_weights_path)
     loop.run_loop()
     data.close()
     if writer is not None:

@@ -24,6 +24,19 @@ def create_named_schedule_sampler(name: str, diffusion) -> "ScheduleSampler":
     raise ValueError(f"unknown schedule sampler: {name!r} (expected 'uniform' or 'loss-second-moment')")
 
 
+def all_gather_columns(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's [K, N] tensor side by side, [K, world * N] in rank order (N equal on all ranks).
+
+    One collective: every rank must call it.
+    """
+    world = dist.get_world_size()
+    gathered = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
+    # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single; older torches
+    # have only the old name.
+    getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(gathered, local.flatten().contiguous())
+    return gathered.view(world, *local.shape).permute(1, 0, 2).reshape(local.shape[0], -1)
+
+
 class ScheduleSampler(ABC):
     """A distribution over the diffusion's timesteps, used to reduce the objective's variance."""
 
@@ -77,12 +90,9 @@ class LossAwareSampler(ScheduleSampler):
             size = torch.tensor([local.shape[1]], device=local.device)
             sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
             dist.all_gather(sizes, size)
-            max_bs = int(torch.stack(sizes).max())
-            padded = torch.zeros(3, max_bs, dtype=torch.float64, device=local.device)
+            padded = torch.zeros(3, int(torch.stack(sizes).max()), dtype=torch.float64, device=local.device)
             padded[:, : local.shape[1]] = local
-            gathered = [torch.empty_like(padded) for _ in sizes]
-            dist.all_gather(gathered, padded)
-            local = torch.cat(gathered, dim=1)
+            local = all_gather_columns(padded)
         local = local[:, local[0] > 0].cpu().numpy()
         self.update_with_all_losses(local[1].astype(np.int64), local[2])
 

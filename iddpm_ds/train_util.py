@@ -34,7 +34,7 @@ from .checkpointing import (
 from .dist_util import accelerator_is_cpu
 from .ema import EMA, MasterWeights
 from .errors import CheckpointError, ConfigError, TrainingDiverged, first_line
-from .resample import LossAwareSampler
+from .resample import LossAwareSampler, all_gather_columns
 from .seeding import mix_seed, seed_everything
 
 log = logging.getLogger("iddpm_ds")
@@ -274,13 +274,7 @@ class TrainLoop:
         if not isinstance(self.sampler, LossAwareSampler):
             return
         if self.world > 1:
-            gathered = torch.empty(self.world * local.numel(), dtype=local.dtype, device=local.device)
-            # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single; older torches
-            # have only the old name.
-            getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(
-                gathered, local.flatten().contiguous()
-            )
-            local = gathered.view(self.world, 2, -1).permute(1, 0, 2).reshape(2, -1)
+            local = all_gather_columns(local)
         if apply:
             pairs = local.cpu().numpy()
             self.sampler.update_with_all_losses(pairs[0].astype(np.int64), pairs[1])

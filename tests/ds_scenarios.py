@@ -11,12 +11,13 @@ import deepspeed.runtime.engine as ds_engine
 import numpy as np
 import torch
 import torch.distributed as dist
+from conftest import tiny_flags
 from deepspeed.accelerator import get_accelerator
 
 from iddpm_ds import dist_util
 from iddpm_ds.image_datasets import load_data
 from iddpm_ds.resample import LossSecondMomentResampler, UniformSampler
-from iddpm_ds.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from iddpm_ds.script_util import create_model_and_diffusion
 from iddpm_ds.seeding import seed_everything
 from iddpm_ds.train_util import TrainLoop, create_engine
 
@@ -31,28 +32,15 @@ RUN_DIR = os.path.join(os.path.dirname(OUT), "run")
 
 
 def tiny():
-    flags = model_and_diffusion_defaults()
-    flags.update(
-        image_size=8,
-        num_channels=32,
-        num_res_blocks=1,
-        channel_mult="1,2",
-        attention_resolutions="4",
-        num_heads=2,
-        diffusion_steps=20,
-        noise_schedule="cosine",
-        learn_sigma=True,
-        use_fused_kernels=False,
-    )
     seed_everything(0)
-    return create_model_and_diffusion(**flags)
+    return create_model_and_diffusion(**tiny_flags(learn_sigma=True))
 
 
-def make_loop(stage, prec, micro=4, gas=1, sampler=None, lr=1e-3, data=None, eps=1e-8):
+def make_loop(stage, prec, micro_batch=4, grad_accum_steps=1, sampler=None, lr=1e-3, data=None, eps=1e-8):
     model, diffusion = tiny()
     cfg = {
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": gas,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum_steps,
         "zero_optimization": {"stage": stage},
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "eps": eps}},
         "steps_per_print": 10**9,
@@ -61,7 +49,9 @@ def make_loop(stage, prec, micro=4, gas=1, sampler=None, lr=1e-3, data=None, eps
     }
     engine = create_engine(model, cfg)
     seed_everything(1 + RANK)
-    data = data or load_data(data_dir="builtin:mnist", batch_size=micro, image_size=8, num_workers=0, seed=0)
+    data = data or load_data(
+        data_dir="builtin:mnist", batch_size=micro_batch, image_size=8, num_workers=0, seed=0
+    )
     loop = TrainLoop(
         engine=engine,
         diffusion=diffusion,
@@ -144,17 +134,17 @@ results["zero2_vs_zero0"] = max_diff(finals[0], finals[2])
 
 # Micro-batch 4 x accumulation 2 == micro-batch 8 x 1 (same samples, timesteps and noise).
 finals = {}
-for micro, gas in ((4, 2), (8, 1)):
-    loop = make_loop(2, "fp32", micro=micro, gas=gas, eps=1e-3)
+for micro_batch, grad_accum_steps in ((4, 2), (8, 1)):
+    loop = make_loop(2, "fp32", micro_batch=micro_batch, grad_accum_steps=grad_accum_steps, eps=1e-3)
     for _ in range(3):
         loop.run_step()
-    finals[(micro, gas)] = master(loop)
+    finals[(micro_batch, grad_accum_steps)] = master(loop)
 results["accumulation_vs_batch"] = max_diff(finals[(4, 2)], finals[(8, 1)])
 
 # Loss-aware sampler: identical on every rank, warmed up; EMA follows its formula at ZeRO-2 and ZeRO-3.
 for stage in (2, 3):
     loop = make_loop(
-        stage, "fp32", micro=8, sampler=lambda d: LossSecondMomentResampler(d, history_per_term=1)
+        stage, "fp32", micro_batch=8, sampler=lambda d: LossSecondMomentResampler(d, history_per_term=1)
     )
     results[f"ema_formula_z{stage}"] = ema_formula_error(loop, 10)
     results[f"sampler_identical_z{stage}"] = all_equal_across_ranks(
@@ -189,7 +179,11 @@ class Poisoned:
 
 stream = Poisoned(load_data(data_dir="builtin:mnist", batch_size=4, image_size=8, num_workers=0, seed=0))
 loop = make_loop(
-    2, "fp16", gas=2, sampler=lambda d: LossSecondMomentResampler(d, history_per_term=2), data=stream
+    2,
+    "fp16",
+    grad_accum_steps=2,
+    sampler=lambda d: LossSecondMomentResampler(d, history_per_term=2),
+    data=stream,
 )
 for _ in range(3):
     loop.run_step()

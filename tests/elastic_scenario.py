@@ -7,13 +7,14 @@ import sys
 
 import torch
 import torch.distributed as dist
+from conftest import tiny_flags
 from deepspeed.utils import safe_get_full_optimizer_state
 
 from iddpm_ds import dist_util
 from iddpm_ds.checkpointing import find_latest_checkpoint, prepare_resume
 from iddpm_ds.image_datasets import load_data
 from iddpm_ds.resample import LossSecondMomentResampler
-from iddpm_ds.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from iddpm_ds.script_util import create_model_and_diffusion
 from iddpm_ds.seeding import seed_everything
 from iddpm_ds.train_util import TrainLoop, create_engine
 
@@ -24,20 +25,8 @@ torch.set_num_threads(1)
 mode, run_dir, out = sys.argv[-3:]
 os.makedirs(run_dir, exist_ok=True)
 world = dist.get_world_size()
-flags = model_and_diffusion_defaults()
-flags.update(
-    image_size=8,
-    num_channels=32,
-    num_res_blocks=1,
-    channel_mult="1,2",
-    attention_resolutions="4",
-    num_heads=2,
-    diffusion_steps=20,
-    noise_schedule="cosine",
-    use_fused_kernels=False,
-)
 seed_everything(0)
-model, diffusion = create_model_and_diffusion(**flags)
+model, diffusion = create_model_and_diffusion(**tiny_flags())
 cfg = {
     "train_micro_batch_size_per_gpu": 4,
     "gradient_accumulation_steps": 1,

@@ -19,7 +19,7 @@ import os
 import pickle
 import random
 import zipfile
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -173,12 +173,16 @@ def load_state_dict_file(path: str, map_location="cpu") -> Dict[str, torch.Tenso
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    return _safe_load(path, map_location, "more than tensors and plain values")
+
+
+def _safe_load(path: str, map_location, holds: str, allowed: Sequence = ()):
+    """torch.load with weights_only (and `allowed` classes); a refused or broken file is a CheckpointError."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"refusing to load {path}: it holds more than tensors and plain values ({first_line(e)})"
-        ) from None
+        raise CheckpointError(f"refusing to load {path}: it holds {holds} ({first_line(e)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(
             f"checkpoint {path} is unreadable (truncated or corrupt?): {first_line(e)}"
@@ -206,18 +210,7 @@ def verify_checkpoint_files(ckpt_dir: str) -> None:
     for name in sorted(os.listdir(ckpt_dir)):
         if not name.endswith(".pt"):
             continue
-        path = os.path.join(ckpt_dir, name)
-        try:
-            with torch.serialization.safe_globals(allowed):
-                torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(
-                f"refusing to load {path}: it holds objects that could run code ({first_line(e)})"
-            ) from None
-        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-            raise CheckpointError(
-                f"checkpoint file {path} is unreadable (truncated or corrupt?): {first_line(e)}"
-            ) from None
+        _safe_load(os.path.join(ckpt_dir, name), "cpu", "objects that could run code", allowed)
 
 
 def _describe_mismatch(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> List[str]:

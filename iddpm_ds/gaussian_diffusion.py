@@ -95,6 +95,14 @@ def _extract_into_tensor(
     return res.view(-1, *([1] * (len(broadcast_shape) - 1))).expand(broadcast_shape)
 
 
+def _last(iterator: Iterator):
+    """The final item of an iterator (a sampling loop's x_0)."""
+    item = None
+    for item in iterator:
+        pass
+    return item
+
+
 class GaussianDiffusion:
     """Training and sampling utilities for a diffusion process with given betas.
 
@@ -304,19 +312,10 @@ class GaussianDiffusion:
         progress=False,
     ) -> torch.Tensor:
         """Generate samples of the given shape [N, C, H, W] from the model; returns x_0."""
-        final = None
-        for final in self.p_sample_loop_progressive(
-            model,
-            shape,
-            noise=noise,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-            device=device,
-            progress=progress,
-        ):
-            pass
-        return final["sample"]
+        steps = self.p_sample_loop_progressive(
+            model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress
+        )
+        return _last(steps)["sample"]
 
     def p_sample_loop_progressive(
         self,
@@ -330,22 +329,11 @@ class GaussianDiffusion:
         progress=False,
     ) -> Iterator[Dict[str, torch.Tensor]]:
         """Yield p_sample's output dict at every step, from t = T-1 down to 0."""
-        img, indices = self._loop_start(model, shape, noise, device, progress)
-        for i in indices:
-            t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)
-            with torch.no_grad():
-                out = self.p_sample(
-                    model,
-                    img,
-                    t,
-                    clip_denoised=clip_denoised,
-                    denoised_fn=denoised_fn,
-                    model_kwargs=model_kwargs,
-                )
-            yield out
-            img = out["sample"]
+        step_kwargs = dict(clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
+        return self._loop(self.p_sample, model, shape, noise, device, progress, step_kwargs)
 
-    def _loop_start(self, model, shape, noise, device, progress):
+    def _loop(self, step, model, shape, noise, device, progress, step_kwargs):
+        """Run step (p_sample or ddim_sample) from t = T-1 down to 0, yielding each step's output dict."""
         if device is None:
             device = next(model.parameters()).device
         img = noise if noise is not None else torch.randn(*shape, device=device)
@@ -354,7 +342,12 @@ class GaussianDiffusion:
             from tqdm.auto import tqdm
 
             indices = tqdm(indices)
-        return img, indices
+        for i in indices:
+            t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)
+            with torch.no_grad():
+                out = step(model, img, t, **step_kwargs)
+            yield out
+            img = out["sample"]
 
     # ------------------------------------------------------------------ DDIM
     def ddim_sample(
@@ -410,20 +403,10 @@ class GaussianDiffusion:
         eta=0.0,
     ) -> torch.Tensor:
         """Generate samples [N, C, H, W] with DDIM; returns x_0."""
-        final = None
-        for final in self.ddim_sample_loop_progressive(
-            model,
-            shape,
-            noise=noise,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-            device=device,
-            progress=progress,
-            eta=eta,
-        ):
-            pass
-        return final["sample"]
+        steps = self.ddim_sample_loop_progressive(
+            model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, eta
+        )
+        return _last(steps)["sample"]
 
     def ddim_sample_loop_progressive(
         self,
@@ -438,21 +421,10 @@ class GaussianDiffusion:
         eta=0.0,
     ) -> Iterator[Dict[str, torch.Tensor]]:
         """Yield ddim_sample's output dict at every step, from t = T-1 down to 0."""
-        img, indices = self._loop_start(model, shape, noise, device, progress)
-        for i in indices:
-            t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)
-            with torch.no_grad():
-                out = self.ddim_sample(
-                    model,
-                    img,
-                    t,
-                    clip_denoised=clip_denoised,
-                    denoised_fn=denoised_fn,
-                    model_kwargs=model_kwargs,
-                    eta=eta,
-                )
-            yield out
-            img = out["sample"]
+        step_kwargs = dict(
+            clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs, eta=eta
+        )
+        return self._loop(self.ddim_sample, model, shape, noise, device, progress, step_kwargs)
 
     # ------------------------------------------------------------------ losses
     def _vb_terms_bpd(

@@ -8,7 +8,7 @@ num_heads) and `use_fused_kernels` (route norms/attention through `kernels`).
 
 import argparse
 import inspect
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
@@ -78,34 +78,10 @@ def create_model_and_diffusion(
     use_fused_kernels=True,
 ):
     """Build (UNetModel, SpacedDiffusion) from model_and_diffusion_defaults()-style keywords."""
-    model = create_model(
-        image_size,
-        num_channels,
-        num_res_blocks,
-        learn_sigma=learn_sigma,
-        class_cond=class_cond,
-        use_checkpoint=use_checkpoint,
-        attention_resolutions=attention_resolutions,
-        num_heads=num_heads,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        dropout=dropout,
-        channel_mult=channel_mult,
-        num_head_channels=num_head_channels,
-        use_fused_kernels=use_fused_kernels,
+    flags = locals()
+    return _call_with(create_model, flags), _call_with(
+        create_gaussian_diffusion, {**flags, "steps": diffusion_steps}
     )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        sigma_small=sigma_small,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-    )
-    return model, diffusion
 
 
 def _resolve_unet_shape(
@@ -136,6 +112,59 @@ def _resolve_unet_shape(
     return mult, attention_ds
 
 
+def _call_with(fn: Callable, values: Dict):
+    """fn called with the entries of values it has parameters for (the factories forward the same flags)."""
+    names = inspect.signature(fn).parameters
+    return fn(**{k: v for k, v in values.items() if k in names})
+
+
+def _unet_keywords(values: Dict) -> Dict:
+    """The flags every UNet factory passes on unchanged (not the image size, which each names its own)."""
+    keep = (
+        "num_channels",
+        "num_res_blocks",
+        "learn_sigma",
+        "class_cond",
+        "use_checkpoint",
+        "attention_resolutions",
+        "num_heads",
+        "num_heads_upsample",
+        "use_scale_shift_norm",
+        "dropout",
+        "channel_mult",
+        "num_head_channels",
+        "use_fused_kernels",
+    )
+    return {k: values[k] for k in keep}
+
+
+def _build_unet(
+    cls,
+    image_size: int,
+    size_flag: str,
+    *,
+    num_channels,
+    num_res_blocks,
+    learn_sigma,
+    class_cond,
+    attention_resolutions,
+    channel_mult,
+    **unet_kwargs,
+):
+    """cls (UNetModel or SuperResModel) for RGB images of image_size px; 6 outputs with learn_sigma."""
+    mult, attention_ds = _resolve_unet_shape(image_size, channel_mult, attention_resolutions, size_flag)
+    return cls(
+        in_channels=3,
+        model_channels=num_channels,
+        out_channels=(6 if learn_sigma else 3),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=attention_ds,
+        channel_mult=mult,
+        num_classes=(NUM_CLASSES if class_cond else None),
+        **unet_kwargs,
+    )
+
+
 def create_model(
     image_size,
     num_channels,
@@ -153,23 +182,7 @@ def create_model(
     use_fused_kernels=True,
 ) -> UNetModel:
     """Build the UNet for RGB images of image_size px (6 output channels with learn_sigma)."""
-    mult, attention_ds = _resolve_unet_shape(image_size, channel_mult, attention_resolutions, "image_size")
-    return UNetModel(
-        in_channels=3,
-        model_channels=num_channels,
-        out_channels=(6 if learn_sigma else 3),
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=attention_ds,
-        dropout=dropout,
-        channel_mult=mult,
-        num_classes=(NUM_CLASSES if class_cond else None),
-        use_checkpoint=use_checkpoint,
-        num_heads=num_heads,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        num_head_channels=num_head_channels,
-        use_fused_kernels=use_fused_kernels,
-    )
+    return _build_unet(UNetModel, image_size, "image_size", **_unet_keywords(locals()))
 
 
 def sr_model_and_diffusion_defaults() -> Dict:
@@ -206,34 +219,10 @@ def sr_create_model_and_diffusion(
     use_fused_kernels=True,
 ):
     """Build (SuperResModel, SpacedDiffusion) for small_size -> large_size upsampling."""
-    model = sr_create_model(
-        large_size,
-        small_size,
-        num_channels,
-        num_res_blocks,
-        learn_sigma=learn_sigma,
-        class_cond=class_cond,
-        use_checkpoint=use_checkpoint,
-        attention_resolutions=attention_resolutions,
-        num_heads=num_heads,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        dropout=dropout,
-        channel_mult=channel_mult,
-        num_head_channels=num_head_channels,
-        use_fused_kernels=use_fused_kernels,
+    flags = locals()
+    return _call_with(sr_create_model, flags), _call_with(
+        create_gaussian_diffusion, {**flags, "steps": diffusion_steps}
     )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-    )
-    return model, diffusion
 
 
 def sr_create_model(
@@ -256,23 +245,7 @@ def sr_create_model(
     """Build the super-resolution UNet for large_size px outputs (small_size only documents the input)."""
     if small_size > large_size:
         raise ValueError(f"small_size ({small_size}) must not exceed large_size ({large_size})")
-    mult, attention_ds = _resolve_unet_shape(large_size, channel_mult, attention_resolutions, "large_size")
-    return SuperResModel(
-        in_channels=3,
-        model_channels=num_channels,
-        out_channels=(6 if learn_sigma else 3),
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=attention_ds,
-        dropout=dropout,
-        channel_mult=mult,
-        num_classes=(NUM_CLASSES if class_cond else None),
-        use_checkpoint=use_checkpoint,
-        num_heads=num_heads,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        num_head_channels=num_head_channels,
-        use_fused_kernels=use_fused_kernels,
-    )
+    return _build_unet(SuperResModel, large_size, "large_size", **_unet_keywords(locals()))
 
 
 def create_gaussian_diffusion(

@@ -220,9 +220,8 @@ def bench_group_norm(shapes, device, dtype, use_compile):
                 dy,
                 ref,
             )
-            if (
-                "error" not in row
-            ):  # fwd+bwd moves x and y forward, x, dy and dx backward: 5 tensors of x's size
+            # fwd+bwd moves x and y forward, x, dy and dx backward: 5 tensors of x's size.
+            if "error" not in row:
                 row["fwd_bwd_GBps"] = 5 * n_bytes / (min(row["fwd_bwd_ms"]) * 1e-3) / 1e9
             rows.append(row)
         del ref

@@ -18,8 +18,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from iddpm_ds.checkpointing import atomic_write_text
+from iddpm_ds.data_sources import FolderSource
 from iddpm_ds.flags import ConfigError, make_parser, run_cli
-from iddpm_ds.image_datasets import FolderSource, center_crop_arr
+from iddpm_ds.pixels import center_crop_arr
 
 
 def add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -190,12 +190,7 @@ def test_help_describes_every_flag_with_its_default(script):
     assert len(entries) >= 3
     for entry in entries:
         flag = entry.split()[0].rstrip(",")
-        if flag in (
-            "-h",
-            "--deepspeed",
-            "--deepscale",
-            "--deepscale_config",
-        ):  # argparse's and DeepSpeed's own
+        if flag in ("-h", "--deepspeed", "--deepscale", "--deepscale_config"):  # argparse's, DeepSpeed's
             continue
         # "--flag VALUE   description (default: x)": a description, not just the metavar.
         description = re.sub(r"^\S+( [A-Z_]+)?", "", entry.strip()).strip()

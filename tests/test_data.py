@@ -10,8 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from iddpm_ds import image_datasets as data
-from iddpm_ds.image_datasets import ArraySource, DataError, DataStream, center_crop_arr, load_data
+from iddpm_ds import builtin_datasets
+from iddpm_ds.data_sources import ArraySource
+from iddpm_ds.errors import DataError
+from iddpm_ds.image_datasets import DataStream, load_data
+from iddpm_ds.pixels import center_crop_arr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -238,13 +241,14 @@ def test_default_dataset_is_mnist_without_network():
     ],
 )
 def test_optional_builtins_name_their_package_when_missing(monkeypatch, tmp_path, name, attr, package):
-    monkeypatch.setattr(data, attr, str(tmp_path / "absent"))
+    monkeypatch.setattr(builtin_datasets, attr, str(tmp_path / "absent"))
     with pytest.raises(DataError, match=package):
         load_data(data_dir=name, batch_size=2, image_size=8)
 
 
 def test_fashion_mnist_loads_or_names_its_package():
-    if not os.path.isdir(data.FASHION_DIR):  # optional Debian package; setup.sh installs it where it can
+    # An optional Debian package; setup.sh installs it where it can.
+    if not os.path.isdir(builtin_datasets.FASHION_DIR):
         with pytest.raises(DataError, match="dataset-fashion-mnist"):
             load_data(data_dir="builtin:fashion-mnist", batch_size=4, image_size=32)
         return
@@ -256,7 +260,7 @@ def test_fashion_mnist_loads_or_names_its_package():
 
 
 def test_emoji_loads_or_names_its_package():
-    if not os.path.isfile(data.EMOJI_FONT):
+    if not os.path.isfile(builtin_datasets.EMOJI_FONT):
         with pytest.raises(DataError, match="fonts-noto-color-emoji"):
             load_data(data_dir="builtin:emoji", batch_size=4, image_size=64)
         return

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The one prepared GPU run for issue #5: at most 7 minutes (each step has its own timeout, 400 s in all), in order
+# The one prepared GPU run for the kernels: at most 7 minutes (each step has its own timeout, 400 s in all), in order
 # of value, each step printing every measurement as it lands so a cut-off run still reports:
 #   1. kernels/bench.py: the copy-bandwidth and bf16-matmul ceilings; each kernel's output and every gradient
 #      checked on the device against float64; the kernels timed against eager / torch.compile / SDPA; the 64 px
-#      training step with kernels on and off; then each goal of issue #5 as met / missed / not measured
+#      training step with kernels on and off; then each kernel goal as met / missed / not measured
 #      (kernels.json, rewritten after each section, and kernels.txt);
 #   2. kernels/bench.py --sweep: every attention kernel's candidate tiles, checked and timed (sweep.json,
 #      sweep.txt), to retune attention_triton.configs() from measurements.

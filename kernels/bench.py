@@ -12,7 +12,7 @@ a float64 reference on the device, after the allocator is poisoned with NaNs
 of a device-to-device copy measured in the same run (GroupNorm), TFLOP/s beside
 a bf16 matmul's (attention), speed-ups, and the 64 px IDDPM training step with
 kernels on/off. A provider that fails is recorded and the run goes on. The
-table is printed last, then each goal of issue #5 as met / missed / not
+table is printed last, then each kernel goal as met / missed / not
 measured; --out writes JSON.
 """
 
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from iddpm_ds.nn import unfused_norm_act  # noqa: E402  (the UNet's own unfused ops: the "eager" baseline)
+from iddpm_ds.nn import unfused_norm_act  # the UNet's own unfused ops: the "eager" baseline
 from kernels import group_norm_silu, group_norm_silu_reference, qkv_attention, qkv_attention_reference
 
 # From the 64 px and 256 px IDDPM UNets (bf16). "ss" = scale-shift + SiLU, "silu" = norm + SiLU, "plain" =
@@ -392,7 +392,8 @@ def training_step(device, smoke):
     return result
 
 
-# Issue #5's goals (bf16, measured against the baselines in the same run). GroupNorm shapes whose x holds at
+# The kernels' speed goals (bf16, measured against the baselines in the same run). GroupNorm shapes whose x
+# holds at
 # least LARGE_BYTES are the "large" ones held to the copy-bandwidth goal; 8x8 maps are the "small" ones.
 LARGE_BYTES = 32 * 2**20
 ATTN_VS_SDPA = {64: 1.5, 256: 1.3, 1024: 1.0}  # T -> fwd+bwd speed-up over the faster SDPA backend
@@ -404,7 +405,7 @@ TOLERANCE = {
 
 
 def goals(report: dict) -> list:
-    """Each goal of issue #5 against one run's report: {"goal", "measured", "target", "ok"}; ok is None where
+    """Each kernel goal against one run's report: {"goal", "measured", "target", "ok"}; ok is None where
     the
     run has no measurement (a provider failed or the run was cut off)."""
     rows = [r for r in report["rows"] if "error" not in r]
@@ -509,7 +510,7 @@ def print_report(report: dict) -> None:
         )
     verdicts = report["goals"]
     print(
-        f"# goals (issue #5): {sum(g['ok'] is True for g in verdicts)} met, "
+        f"# kernel goals: {sum(g['ok'] is True for g in verdicts)} met, "
         f"{sum(g['ok'] is False for g in verdicts)} missed, "
         f"{sum(g['ok'] is None for g in verdicts)} not measured"
     )

@@ -393,8 +393,7 @@ def training_step(device, smoke):
 
 
 # The kernels' speed goals (bf16, measured against the baselines in the same run). GroupNorm shapes whose x
-# holds at
-# least LARGE_BYTES are the "large" ones held to the copy-bandwidth goal; 8x8 maps are the "small" ones.
+# holds at least LARGE_BYTES are the "large" ones held to the copy-bandwidth goal; 8x8 maps the "small" ones.
 LARGE_BYTES = 32 * 2**20
 ATTN_VS_SDPA = {64: 1.5, 256: 1.3, 1024: 1.0}  # T -> fwd+bwd speed-up over the faster SDPA backend
 TOLERANCE = {

@@ -75,10 +75,8 @@ def setup_dist(master_port: Optional[int] = None) -> None:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     if not accelerator_is_cpu():
         # NCCL collectives (barrier, all_gather_object) run on the current CUDA device: without this every
-        # rank of
-        # a tool that builds no DeepSpeed engine (sampling, evaluation) would use GPU 0. LOCAL_RANK is known
-        # only
-        # now under mpirun (DeepSpeed's MPI discovery sets it).
+        # rank of a tool that builds no DeepSpeed engine (sampling, evaluation) would use GPU 0. LOCAL_RANK is
+        # known only now under mpirun (DeepSpeed's MPI discovery sets it).
         torch.cuda.set_device(dev())
 
 

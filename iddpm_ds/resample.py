@@ -31,8 +31,8 @@ def all_gather_columns(local: torch.Tensor) -> torch.Tensor:
     """
     world = dist.get_world_size()
     gathered = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
-    # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single; older torches
-    # have only the old name.
+    # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single; older torches have only
+    # the old name.
     getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(gathered, local.flatten().contiguous())
     return gathered.view(world, *local.shape).permute(1, 0, 2).reshape(local.shape[0], -1)
 

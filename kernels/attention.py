@@ -49,8 +49,8 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, order: str = "legacy") -> t
     # registers; with torch.backends.cuda.matmul.allow_tf32 the kernel runs them in TF32, as cuBLAS would.
     exact_fp32 = qkv.is_cuda and qkv.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
     # Triton's CPU interpreter multiplies the raw bits of bf16 dot operands (triton-lang/triton#11584,
-    # unsupported
-    # upstream): its answer would be garbage, so bf16 on CPU stays with PyTorch. GPUs run bf16 in the kernel.
+    # unsupported upstream): its answer would be garbage, so bf16 on CPU stays with PyTorch. GPUs run bf16 in
+    # the kernel.
     interpreted_bf16 = not qkv.is_cuda and qkv.dtype == torch.bfloat16
     if use_triton(qkv) and not exact_fp32 and not interpreted_bf16:
         from .attention_triton import FlashQKVAttention

@@ -160,8 +160,8 @@ def _bwd_dkdv_kernel(
             QKV, DO, LSE, Delta, q_off, o_off, bh, offs_m, offs_d, d_mask, T
         )
         # Transposed tiles [N, M] (rows = this program's keys): every dot then has BLOCK_N rows, which
-        # Hopper's
-        # warpgroup MMA needs (64+); with query rows, the small BLOCK_M would put two of the four on mma.sync.
+        # Hopper's warpgroup MMA needs (64+); with query rows, the small BLOCK_M would put two of the four on
+        # mma.sync.
         pT = tl.exp(tl.dot(k, tl.trans(q), input_precision=PRECISION) * sm_scale - lse[None, :])
         pT = tl.where(n_valid[:, None] & m_valid[None, :], pT, 0.0)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)

@@ -353,8 +353,8 @@ def training_step(device, smoke):
         torch.manual_seed(0)
         model, diffusion = create_model_and_diffusion(**{**flags, "use_fused_kernels": fused})
         weights = torch.Generator(device="cpu").manual_seed(2)
-        # Zero-initialised output convs make the output 0, and the loss mean(noise^2), whatever the
-        # blocks compute.
+        # Zero-initialised output convs make the output 0, and the loss mean(noise^2), whatever the blocks
+        # compute.
         with torch.no_grad():
             for p in model.parameters():
                 if not p.any():

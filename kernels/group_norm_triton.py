@@ -392,8 +392,8 @@ def plan(cpg: int, L: int, element_size: int) -> Plan:
     """
     block_c, block_l = triton.next_power_of_2(cpg), triton.next_power_of_2(L)
     limit = RESIDENT_MAX // max(1, element_size // 2)
-    # Unaligned rows: Triton cannot prove them aligned, so loads are not vectorised and every element
-    # carries a pointer.
+    # Unaligned rows: Triton cannot prove them aligned, so loads are not vectorised and every element carries
+    # a pointer.
     if L % 16:
         limit //= 2
     if block_c * block_l <= limit:

@@ -233,10 +233,9 @@ for stage, prec in ((0, "fp32"), (2, "bf16")):
     results[f"nonfinite_z{stage}_{prec}"] = nonfinite_case(stage, prec)
 
 # ZeRO-0 fp16/bf16 as a GPU runs it: DeepSpeed's FusedAdam gets the FP16_Optimizer wrapper (one flat fp32
-# master per
-# parameter group) instead of the FP16_UnfusedOptimizer a CPU optimizer gets. AdamW stands in for FusedAdam
-# here, so
-# this CPU run takes the GPU's path: the master weights must be found, and the EMA must follow its formula.
+# master per parameter group) instead of the FP16_UnfusedOptimizer a CPU optimizer gets. AdamW stands in for
+# FusedAdam here, so this CPU run takes the GPU's path: the master weights must be found, and the EMA must
+# follow its formula.
 
 fused_adam, ds_engine.FusedAdam = ds_engine.FusedAdam, torch.optim.AdamW
 for prec in ("fp16", "bf16"):

@@ -290,10 +290,12 @@ def validate_model_flags(flags: Dict, super_res: bool = False) -> None:
     _require(steps >= 1, f"--diffusion_steps must be at least 1, got {steps}")
     _require(schedule in ("linear", "cosine"), f"--noise_schedule must be linear or cosine, got {schedule!r}")
     betas = get_named_beta_schedule(schedule, steps)
+    # A beta of exactly 1 (the linear schedule at T = 20) passes improved-diffusion's check but makes
+    # alpha_bar 0 at the last step, and every x_0 prediction there infinite.
     _require(
-        bool((betas > 0).all() and (betas <= 1).all()),
-        f"--diffusion_steps {steps} with --noise_schedule {schedule} gives betas above 1 (its betas scale as "
-        f"1000/T and need T >= 20): use --diffusion_steps 20 or more, or --noise_schedule cosine",
+        bool((betas > 0).all() and (betas < 1).all()),
+        f"--diffusion_steps {steps} with --noise_schedule {schedule} gives betas of 1 or more (its betas scale "
+        f"as 1000/T and need T > 20): use --diffusion_steps 21 or more, or --noise_schedule cosine",
     )
     if flags["timestep_respacing"]:
         try:

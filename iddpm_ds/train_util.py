@@ -119,6 +119,10 @@ def format_record(record: Dict[str, float]) -> str:
     return " | ".join(parts)
 
 
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
 class TrainLoop:
     """Runs training on a DeepSpeed engine until max_steps / lr_anneal_steps, saving as it goes.
 
@@ -192,6 +196,35 @@ class TrainLoop:
             (self.max_steps and self.step >= self.max_steps)
             or (self.lr_anneal_steps and self.step >= self.lr_anneal_steps)
         )
+
+    def state_bytes(self) -> Dict[str, int]:
+        """Bytes this rank holds: module parameters (its ZeRO-3 partition at stage 3), fp32 master copies
+        not shared with them plus Adam moments, and the EMA shadows."""
+        module = list(self.engine.module.parameters())
+        module_ptrs = {p.data_ptr() for p in module}
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        masters = [p for g in inner.param_groups for p in g["params"] if p.data_ptr() not in module_ptrs]
+        moments = [
+            v for st in inner.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0
+        ]
+        return {
+            "params": tensor_bytes(p.ds_tensor if hasattr(p, "ds_tensor") else p for p in module),
+            "optimizer": tensor_bytes(masters) + tensor_bytes(moments),
+            "ema": tensor_bytes(t for shadow in self.ema.shadow.values() for t in shadow.values()),
+        }
+
+    def log_state_bytes(self) -> None:
+        """One log line per rank with state_bytes(), so the ZeRO split shows in the log. Collective."""
+        per_rank = [None] * self.world
+        dist.all_gather_object(per_rank, self.state_bytes())
+        for rank, b in enumerate(per_rank):
+            log.info(
+                "rank %d holds: params %.1f MB | fp32 master + Adam moments %.1f MB | EMA %.1f MB",
+                rank,
+                b["params"] / 2**20,
+                b["optimizer"] / 2**20,
+                b["ema"] / 2**20,
+            )
 
     def run_step(self) -> bool:
         """One optimizer step over grad_accum_steps micro-batches; returns whether the update was applied."""
@@ -389,8 +422,12 @@ class TrainLoop:
             bar.close()
 
     def _loop(self, bar) -> None:
+        first = True
         while not self.done():
             self.run_step()
+            if first:  # after one step: the optimizer holds its moments only once it has stepped
+                self.log_state_bytes()
+                first = False
             bar.update(1)
             if self.step % self.log_interval == 0:
                 record = self.log_step()

@@ -36,7 +36,7 @@ from iddpm_ds.script_util import (
     model_and_diffusion_defaults,
 )
 from iddpm_ds.seeding import seed_everything
-from iddpm_ds.train_util import TrainLoop, create_engine
+from iddpm_ds.train_util import TrainLoop, create_engine, tensor_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,10 +76,6 @@ class SyntheticData:
 
     def __next__(self):
         return self.x, {}
-
-
-def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def optimizer_state_bytes(opt) -> int:
@@ -177,24 +173,7 @@ def memory_table(flags, base_cfg, args, world) -> list:
         engine.backward(diffusion.training_losses(engine, x.to(engine.device), t)["loss"].mean())
         grads = grad_bytes(engine)
         engine.step()
-        module_ptrs = {p.data_ptr() for p in engine.module.parameters()}
-        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-        masters = [p for g in inner.param_groups for p in g["params"] if p.data_ptr() not in module_ptrs]
-        moments = [
-            v for st in inner.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0
-        ]
-        rows.append(
-            {
-                "zero_stage": stage,
-                "world_size": world,
-                "params": tensor_bytes(
-                    p.ds_tensor if hasattr(p, "ds_tensor") else p for p in engine.module.parameters()
-                ),
-                "grads": grads,
-                "optimizer": tensor_bytes(masters) + tensor_bytes(moments),
-                "ema": tensor_bytes(t for shadow in loop.ema.shadow.values() for t in shadow.values()),
-            }
-        )
+        rows.append({"zero_stage": stage, "world_size": world, "grads": grads, **loop.state_bytes()})
         del loop, engine, model
     return rows
 
@@ -269,13 +248,7 @@ def main() -> None:
         progress=False,
     )
     ds_s = time_steps(loop.run_step, args.steps, args.warmup)
-    ds_mem = {
-        "params": tensor_bytes(
-            p.ds_tensor if hasattr(p, "ds_tensor") else p for p in engine.module.parameters()
-        ),
-        "optimizer": optimizer_state_bytes(engine.optimizer),
-        "ema": tensor_bytes(t for shadow in loop.ema.shadow.values() for t in shadow.values()),
-    }
+    ds_mem = loop.state_bytes()
     gathered = [None] * world
     dist.all_gather_object(gathered, {"plain": plain_mem, "deepspeed": ds_mem})
     if rank != 0:

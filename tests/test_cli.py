@@ -54,6 +54,7 @@ def fails_in_one_line(script, argv, monkeypatch, capsys):
 
 TRAIN_CASES = [
     (["--diffusion_steps", "10"], "--noise_schedule cosine"),
+    (["--diffusion_steps", "20"], "need T > 20"),  # a beta of exactly 1: alpha_bar reaches 0
     (["--image_size", "48"], "no default channel_mult"),
     (["--image_size", "34", "--channel_mult", "1,2,2"], "not divisible by 2^2"),
     (["--image_size", "32", "--num_channels", "48"], "multiples of 32"),
@@ -204,8 +205,8 @@ def test_suggested_fixes_for_flag_errors_work(monkeypatch, capsys):
     from iddpm_ds.script_util import model_and_diffusion_defaults
 
     line = fails_in_one_line("train.py", ["--diffusion_steps", "10"], monkeypatch, capsys)
-    assert "use --diffusion_steps 20 or more, or --noise_schedule cosine" in line
-    for fix in ({"diffusion_steps": 20}, {"diffusion_steps": 10, "noise_schedule": "cosine"}):
+    assert "use --diffusion_steps 21 or more, or --noise_schedule cosine" in line
+    for fix in ({"diffusion_steps": 21}, {"diffusion_steps": 10, "noise_schedule": "cosine"}):
         validate_model_flags({**model_and_diffusion_defaults(), **fix})
     line = fails_in_one_line("train.py", ["--image_size", "16"], monkeypatch, capsys)
     assert "e.g. 1,2,2 for 16 px" in line

@@ -294,8 +294,8 @@ def validate_model_flags(flags: Dict, super_res: bool = False) -> None:
     # alpha_bar 0 at the last step, and every x_0 prediction there infinite.
     _require(
         bool((betas > 0).all() and (betas < 1).all()),
-        f"--diffusion_steps {steps} with --noise_schedule {schedule} gives betas of 1 or more (its betas scale "
-        f"as 1000/T and need T > 20): use --diffusion_steps 21 or more, or --noise_schedule cosine",
+        f"--diffusion_steps {steps} with --noise_schedule {schedule} gives betas of 1 or more (its betas "
+        f"scale as 1000/T and need T > 20): use --diffusion_steps 21 or more, or --noise_schedule cosine",
     )
     if flags["timestep_respacing"]:
         try:

@@ -9,9 +9,12 @@ import os
 import socket
 import sys
 import time
+import warnings
 from typing import Optional
 
 import torch
+
+from .errors import ConfigError
 
 MPI_ENV_KEYS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID")
 
@@ -43,7 +46,6 @@ def setup_dist(master_port: Optional[int] = None) -> None:
         (deepspeed/torchrun launchers set their own); default 29500 under
         mpirun, a free port for a single process.
     """
-    import warnings
 
     import deepspeed
     import deepspeed.comm.torch  # noqa: F401  (the module object is needed below)
@@ -73,11 +75,26 @@ def setup_dist(master_port: Optional[int] = None) -> None:
             MASTER_PORT=str(master_port or free_port()),
         )
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    check_slots()
     if not accelerator_is_cpu():
         # NCCL collectives (barrier, all_gather_object) run on the current CUDA device: without this every
         # rank of a tool that builds no DeepSpeed engine (sampling, evaluation) would use GPU 0. LOCAL_RANK is
         # known only now under mpirun (DeepSpeed's MPI discovery sets it).
         torch.cuda.set_device(dev())
+
+
+def check_slots() -> None:
+    """A host must not run more ranks (its hostfile slots) than it has GPUs; on CPUs it only slows down."""
+    ranks = local_world_size()
+    if not accelerator_is_cpu() and ranks > torch.cuda.device_count():
+        raise ConfigError(
+            f"host {socket.gethostname()} runs {ranks} ranks (its hostfile slots) but has "
+            f"{torch.cuda.device_count()} GPUs: lower its slots"
+        )
+    if accelerator_is_cpu() and ranks > (os.cpu_count() or 1):
+        warnings.warn(
+            f"host {socket.gethostname()} runs {ranks} ranks on {os.cpu_count()} CPUs: they will share cores"
+        )
 
 
 def setup_if_launched(master_port: Optional[int] = None):

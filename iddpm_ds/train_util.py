@@ -203,7 +203,10 @@ class TrainLoop:
         module = list(self.engine.module.parameters())
         module_ptrs = {p.data_ptr() for p in module}
         inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
-        masters = [p for g in inner.param_groups for p in g["params"] if p.data_ptr() not in module_ptrs]
+        # ZeRO-3 swaps its flat fp32 partitions out of param_groups between steps; they stay listed here.
+        masters = getattr(self.engine.optimizer, "fp32_partitioned_groups_flat", None) or [
+            p for g in inner.param_groups for p in g["params"] if p.data_ptr() not in module_ptrs
+        ]
         moments = [
             v for st in inner.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0
         ]
@@ -357,7 +360,7 @@ class TrainLoop:
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         record["lr"] = float(self.engine.get_lr()[0])
-        scale = loss_scale_of(self.engine)
+        scale = loss_scale_of(self.engine) if self.engine.fp16_enabled() else None  # bf16/fp32 report 1
         if scale is not None:
             record["loss_scale"] = scale
         record["skipped_steps"] = int(self.engine.skipped_steps)

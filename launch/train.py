@@ -15,8 +15,20 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 import time
+
+try:  # a rank on a host whose Python lacks the stack stops here, in one line
+    import deepspeed  # noqa: F401
+
+    import iddpm_ds.dist_util  # noqa: F401  (first: it picks DeepSpeed's accelerator before DeepSpeed loads)
+except ModuleNotFoundError as e:
+    sys.exit(
+        f"train.py: error: {sys.executable} on host {socket.gethostname()} cannot import {e.name}: install "
+        "the "
+        "project for that Python there (bash setup.sh), or name one that has it in .deepspeed_env's PATH"
+    )
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -275,7 +287,7 @@ def main(super_res: bool = False) -> None:
             engine.zero_optimization_stage(),
             engine.train_micro_batch_size_per_gpu(),
             engine.gradient_accumulation_steps(),
-            sum(p.numel() for p in model.parameters()) / 1e6,
+            sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) / 1e6,  # ZeRO-3: partitioned
         )
         write_run_config(run_dir, args, model_flags, ds_cfg, world, super_res, data_classes)
         writer = SummaryWriter(os.path.join(run_dir, "tb"))

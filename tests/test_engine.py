@@ -476,6 +476,9 @@ def test_suggested_fixes_of_run_errors_work_and_sampling_finds_the_run(tmp_path)
             "4",
         ]
     )
+    # ZeRO-0 fp32, where DeepSpeed computes no gradient norm: it is logged all the same.
+    record = json.loads((tmp_path / "b" / "progress.jsonl").read_text().splitlines()[-1])
+    assert record["grad_norm"] > 0
     # sample.py: a run directory as --model_path, $OPENAI_LOGDIR honoured, progress counted in denoising
     # steps.
     sample = os.path.join(ROOT, "launch", "sample.py")

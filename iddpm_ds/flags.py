@@ -42,6 +42,10 @@ HELP = {
     "num_head_channels": "channels per attention head (-1 = use num_heads)",
     "use_fused_kernels": "Triton GroupNorm+SiLU and attention kernels where they run (GPU); PyTorch "
     "elsewhere",
+    "class_dropout_prob": "classifier-free guidance: replace a label by the learned null class with this "
+    "probability in training (0 = off: improved-diffusion's model and checkpoints)",
+    "guidance_scale": "classifier-free guidance weight w: eps_uncond + w (eps_cond - eps_uncond); 1 = plain "
+    "conditional (needs a model trained with class_dropout_prob > 0 otherwise)",
     "large_size": "super-resolution: output image side in pixels",
     "small_size": "super-resolution: low-resolution input side in pixels",
     # training
@@ -285,6 +289,11 @@ def validate_model_flags(flags: Dict, super_res: bool = False) -> None:
             bad = sorted(w for w in widths if w % value)
             _require(not bad, f"--{flag} {value} does not divide the attention widths {bad}")
     _require(0.0 <= flags["dropout"] < 1.0, f"--dropout must lie in [0, 1), got {flags['dropout']}")
+    p = flags["class_dropout_prob"]
+    _require(0.0 <= p < 1.0, f"--class_dropout_prob must lie in [0, 1), got {p}")
+    _require(
+        p == 0 or flags["class_cond"], f"--class_dropout_prob {p} needs --class_cond True (labels to drop)"
+    )
 
     steps, schedule = flags["diffusion_steps"], flags["noise_schedule"]
     _require(steps >= 1, f"--diffusion_steps must be at least 1, got {steps}")
@@ -353,6 +362,12 @@ def validate_sample_flags(args: argparse.Namespace, flags: Dict, num_classes: Op
     _require(args.batch_size >= 1, f"--batch_size must be at least 1, got {args.batch_size}")
     _require(args.eta >= 0, f"--eta must not be negative, got {args.eta}")
     _require(args.seed >= 0, f"--seed must not be negative, got {args.seed}")
+    if args.guidance_scale != 1.0:
+        _require(
+            flags["class_cond"] and flags["class_dropout_prob"] > 0,
+            f"--guidance_scale {args.guidance_scale} needs a model trained with a null class "
+            "(--class_cond True --class_dropout_prob > 0); this one has none: use --guidance_scale 1",
+        )
     if args.class_labels:
         _require(
             flags["class_cond"],

@@ -8,6 +8,22 @@ import torch
 from .seeding import mix_seed
 
 
+def classifier_free_guidance(model: Callable, scale: float, null_label: int, channels: int = 3) -> Callable:
+    """model(x, t, y=...) with classifier-free guidance (Ho & Salimans 2022): one batched forward of the
+    conditional and the null-class halves, eps_uncond + scale (eps_cond - eps_uncond) on the first
+    `channels` outputs; learned-variance channels (if any) come from the conditional half. scale = 1
+    is plain conditional sampling, 0 unconditional."""
+
+    def guided(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
+        null = torch.full_like(y, null_label)
+        both = model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null]), **kwargs)
+        cond, uncond = both.chunk(2)
+        eps = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
+        return torch.cat([eps, cond[:, channels:]], dim=1)
+
+    return guided
+
+
 @torch.no_grad()
 def sample_images(
     model,

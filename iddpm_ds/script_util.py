@@ -3,7 +3,8 @@ drop-in.
 
 Additions (all optional, with defaults that reproduce improved-diffusion):
 `channel_mult` ("" = the per-size default), `num_head_channels` (-1 = use
-num_heads) and `use_fused_kernels` (route norms/attention through `kernels`).
+num_heads), `use_fused_kernels` (route norms/attention through `kernels`) and
+`class_dropout_prob` (> 0: classifier-free guidance's learned null class, label NULL_CLASS).
 """
 
 import argparse
@@ -15,6 +16,7 @@ from .respace import SpacedDiffusion, space_timesteps
 from .unet import SuperResModel, UNetModel
 
 NUM_CLASSES = 1000
+NULL_CLASS = NUM_CLASSES  # the label of "no class" in a model trained with class_dropout_prob > 0
 
 # improved-diffusion's sizes keep their exact widths; 128 follows guided-diffusion.
 DEFAULT_CHANNEL_MULT = {
@@ -50,6 +52,7 @@ def model_and_diffusion_defaults() -> Dict:
         channel_mult="",
         num_head_channels=-1,
         use_fused_kernels=True,
+        class_dropout_prob=0.0,
     )
 
 
@@ -76,6 +79,7 @@ def create_model_and_diffusion(
     channel_mult="",
     num_head_channels=-1,
     use_fused_kernels=True,
+    class_dropout_prob=0.0,
 ):
     """Build (UNetModel, SpacedDiffusion) from model_and_diffusion_defaults()-style keywords."""
     flags = locals()
@@ -134,6 +138,7 @@ def _unet_keywords(values: Dict) -> Dict:
         "channel_mult",
         "num_head_channels",
         "use_fused_kernels",
+        "class_dropout_prob",
     )
     return {k: values[k] for k in keep}
 
@@ -149,6 +154,7 @@ def _build_unet(
     class_cond,
     attention_resolutions,
     channel_mult,
+    class_dropout_prob,
     **unet_kwargs,
 ):
     """cls (UNetModel or SuperResModel) for RGB images of image_size px; 6 outputs with learn_sigma."""
@@ -160,7 +166,8 @@ def _build_unet(
         num_res_blocks=num_res_blocks,
         attention_resolutions=attention_ds,
         channel_mult=mult,
-        num_classes=(NUM_CLASSES if class_cond else None),
+        # Classifier-free guidance trains one more label: NULL_CLASS, "no class".
+        num_classes=(NUM_CLASSES + (class_dropout_prob > 0) if class_cond else None),
         **unet_kwargs,
     )
 
@@ -180,6 +187,7 @@ def create_model(
     channel_mult="",
     num_head_channels=-1,
     use_fused_kernels=True,
+    class_dropout_prob=0.0,
 ) -> UNetModel:
     """Build the UNet for RGB images of image_size px (6 output channels with learn_sigma)."""
     return _build_unet(UNetModel, image_size, "image_size", **_unet_keywords(locals()))
@@ -217,6 +225,7 @@ def sr_create_model_and_diffusion(
     channel_mult="",
     num_head_channels=-1,
     use_fused_kernels=True,
+    class_dropout_prob=0.0,
 ):
     """Build (SuperResModel, SpacedDiffusion) for small_size -> large_size upsampling."""
     flags = locals()
@@ -241,6 +250,7 @@ def sr_create_model(
     channel_mult="",
     num_head_channels=-1,
     use_fused_kernels=True,
+    class_dropout_prob=0.0,
 ) -> SuperResModel:
     """Build the super-resolution UNet for large_size px outputs (small_size only documents the input)."""
     if small_size > large_size:

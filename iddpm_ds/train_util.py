@@ -119,6 +119,14 @@ def format_record(record: Dict[str, float]) -> str:
     return " | ".join(parts)
 
 
+def drop_labels(y: torch.Tensor, prob: float, null_label: int) -> torch.Tensor:
+    """Classifier-free guidance's training: each label becomes null_label with probability prob, so one
+    model learns both p(x | y) and p(x). Draws from the global torch RNG (saved with each checkpoint)."""
+    if prob <= 0:
+        return y
+    return torch.where(torch.rand(y.shape, device=y.device) < prob, torch.full_like(y, null_label), y)
+
+
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -141,6 +149,7 @@ class TrainLoop:
         the divergence, as every such step was skipped) and stop the run with TrainingDiverged.
     :param preemption: a PreemptionWatch; when any rank reports a reason, every rank stops after
         the same step with a complete checkpoint.
+    :param class_dropout_prob, null_label: classifier-free guidance's label dropout (drop_labels).
     """
 
     def __init__(
@@ -162,6 +171,8 @@ class TrainLoop:
         preview_fn: Optional[Callable[[Dict[str, torch.Tensor]], np.ndarray]] = None,
         max_nonfinite_steps: int = 10,
         preemption=None,
+        class_dropout_prob: float = 0.0,
+        null_label: int = -1,
     ):
         self.engine, self.diffusion, self.data, self.sampler = engine, diffusion, data, schedule_sampler
         self.ema_rates = [float(r) for r in str(ema_rate).split(",") if r.strip()]
@@ -169,6 +180,7 @@ class TrainLoop:
         self.max_steps, self.lr_anneal_steps = max_steps, lr_anneal_steps
         self.sample_interval, self.preview_fn = sample_interval, preview_fn
         self.max_nonfinite_steps, self.preemption = max_nonfinite_steps, preemption
+        self.class_dropout_prob, self.null_label = class_dropout_prob, null_label
         self.nonfinite_steps, self.consecutive_nonfinite = 0, 0
         self.stop_reason = ""
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -258,7 +270,10 @@ class TrainLoop:
 
     def _next_micro_batch(self):
         batch, cond = next(self.data)
-        return batch.to(self.device), {k: v.to(self.device) for k, v in cond.items()}
+        cond = {k: v.to(self.device) for k, v in cond.items()}
+        if "y" in cond:
+            cond["y"] = drop_labels(cond["y"], self.class_dropout_prob, self.null_label)
+        return batch.to(self.device), cond
 
     def _record(self, t: torch.Tensor, losses: Dict[str, torch.Tensor], weights: torch.Tensor) -> None:
         """Keep the micro-batch's (t, loss) pairs for the sampler and its weighted losses for the log."""

@@ -7,7 +7,8 @@
 
 --model_path may also be a DeepSpeed checkpoint directory (checkpoints/stepNNNNNN).
 Sampling is ancestral with --timestep_respacing ("250", "ddim50", ...) or DDIM
-(--use_ddim, --eta). Image i is drawn from (--seed, i) alone, so the same
+(--use_ddim, --eta), classifier-free guided with --guidance_scale W for a model trained with
+--class_dropout_prob > 0. Image i is drawn from (--seed, i) alone, so the same
 seed gives the same images whatever the batch size or number of ranks.
 """
 
@@ -30,8 +31,9 @@ from iddpm_ds.flags import (
     validate_model_flags,
     validate_sample_flags,
 )
-from iddpm_ds.sampling import make_grid, sample_images
+from iddpm_ds.sampling import classifier_free_guidance, make_grid, sample_images
 from iddpm_ds.script_util import (
+    NULL_CLASS,
     NUM_CLASSES,
     add_dict_to_argparser,
     args_to_dict,
@@ -53,6 +55,7 @@ SAMPLE_DEFAULTS = dict(
     use_ddim=False,
     eta=0.0,
     class_labels="",
+    guidance_scale=1.0,
     seed=0,
     out="",
     override=False,
@@ -98,6 +101,8 @@ def main(super_res: bool = False) -> None:
     model, diffusion = (sr_create_model_and_diffusion if super_res else create_model_and_diffusion)(**flags)
     load_official_state_dict(model, load_state_dict_file(path))
     model.to(device).eval()
+    if args.guidance_scale != 1.0:
+        model = classifier_free_guidance(model, args.guidance_scale, NULL_CLASS)
     if rank == 0:
         print(
             f"sampling {args.num_samples} images from {path} ({diffusion.num_timesteps} steps, "

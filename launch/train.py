@@ -59,6 +59,7 @@ from iddpm_ds.preemption import PreemptionWatch
 from iddpm_ds.resample import create_named_schedule_sampler
 from iddpm_ds.sampling import make_grid, sample_images
 from iddpm_ds.script_util import (
+    NULL_CLASS,
     NUM_CLASSES,
     add_dict_to_argparser,
     args_to_dict,
@@ -312,6 +313,8 @@ def main(super_res: bool = False) -> None:
         preview_fn=preview_fn,
         max_nonfinite_steps=args.max_nonfinite_steps,
         preemption=preemption,
+        class_dropout_prob=model_flags["class_dropout_prob"],
+        null_label=NULL_CLASS,
     )
     if resume_dir:
         loop.resume(resume_dir, load_tag)

@@ -505,3 +505,39 @@ def test_suggested_fixes_of_run_errors_work_and_sampling_finds_the_run(tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out_dir / "samples_3x8x8x3.npz").exists() and (out_dir / "samples_3x8x8x3.png").exists()
     assert "8/8" in proc.stderr  # 2 batches x 4 steps
+
+
+def test_classifier_free_guidance_trains_a_null_class_and_samples_with_it(tmp_path):
+    run_dir = tmp_path / "run"
+    # Zero-initialised output convs pass no gradient to the label embedding before the third step.
+    launch(1, run_dir, "--max_steps", "4", "--class_dropout_prob", "0.5")
+    assert json.loads((run_dir / "config.json").read_text())["model_flags"]["class_dropout_prob"] == 0.5
+    trained = torch.load(run_dir / "model000004.pt", weights_only=True)["label_emb.weight"]
+    assert trained.shape[0] == 1001  # the learned null class
+    from iddpm_ds.script_util import create_model_and_diffusion
+    from iddpm_ds.seeding import seed_everything
+
+    seed_everything(0)  # train.py's initial weights
+    flags = json.loads((run_dir / "config.json").read_text())["model_flags"]
+    initial = create_model_and_diffusion(**flags)[0].state_dict()["label_emb.weight"]
+    assert not torch.equal(trained[1000], initial[1000])  # dropped labels trained the null row
+    assert torch.equal(trained[500], initial[500])  # a class the digits never use got no gradient
+    sample = os.path.join(ROOT, "launch", "sample.py")
+    out = tmp_path / "guided.npz"
+    run(
+        [
+            sys.executable,
+            sample,
+            "--run_dir",
+            str(run_dir),
+            "--num_samples",
+            "2",
+            "--timestep_respacing",
+            "3",
+            "--guidance_scale",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
+    assert out.exists()

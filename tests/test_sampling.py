@@ -277,3 +277,72 @@ def test_super_resolution_train_and_sample_round_trip(tmp_path):
     )
     with np.load(out) as f:
         assert f["arr_0"].shape == (3, 16, 16, 3) and f["arr_1"].tolist() == [1, 2, 3]
+
+
+def test_class_dropout_adds_only_a_null_class_row():
+    plain, _ = create_model_and_diffusion(**tiny_flags(class_cond=True))
+    guided, _ = create_model_and_diffusion(**tiny_flags(class_cond=True, class_dropout_prob=0.1))
+    assert plain.label_emb.weight.shape[0] == 1000  # improved-diffusion's layout, unchanged at 0
+    assert guided.label_emb.weight.shape[0] == 1001  # one learned "no class" row, label NULL_CLASS
+    own, other = plain.state_dict(), guided.state_dict()
+    assert own.keys() == other.keys()
+    assert all(own[k].shape == other[k].shape for k in own if k != "label_emb.weight")
+
+
+def test_drop_labels_replaces_labels_with_the_null_class_at_the_given_rate():
+    from iddpm_ds.train_util import drop_labels
+
+    y = torch.arange(10).repeat(1000)
+    assert torch.equal(drop_labels(y, 0.0, 1000), y)
+    torch.manual_seed(0)
+    dropped = drop_labels(y, 0.3, 1000)
+    null = dropped == 1000
+    assert abs(null.float().mean().item() - 0.3) < 0.02
+    assert torch.equal(dropped[~null], y[~null])
+
+
+def test_guidance_combines_the_conditional_and_null_halves():
+    from iddpm_ds.sampling import classifier_free_guidance
+
+    def model(x, t, y):  # eps channels = y, variance channels = 100 + y: distinguishable halves
+        yy = y.float().view(-1, 1, 1, 1).expand(-1, 3, *x.shape[2:])
+        return torch.cat([yy, 100 + yy], dim=1)
+
+    x, t, y = torch.zeros(2, 3, 4, 4), torch.tensor([5, 5]), torch.tensor([2, 7])
+    for w in (0.0, 1.0, 3.0):
+        out = classifier_free_guidance(model, w, null_label=1000)(x, t, y=y)
+        eps_c, eps_u = y.float().view(-1, 1, 1, 1), 1000.0
+        assert torch.allclose(out[:, :3], (eps_u + w * (eps_c - eps_u)).expand(-1, 3, 4, 4))
+        assert torch.equal(out[:, 3:], 100 + y.float().view(-1, 1, 1, 1).expand(-1, 3, 4, 4))  # conditional
+
+
+def test_guided_sampling_needs_a_null_class_and_then_works(run_dir, tmp_path):
+    proc = run(
+        "sample.py", "--run_dir", str(run_dir), "--num_samples", "2", "--guidance_scale", "3", check=False
+    )
+    assert proc.returncode == 2 and "class_dropout_prob" in proc.stderr and "Traceback" not in proc.stderr
+    guided_dir = tmp_path / "guided"
+    guided_dir.mkdir()
+    flags = {**json.loads((run_dir / "config.json").read_text())["model_flags"], "class_dropout_prob": 0.1}
+    torch.manual_seed(0)
+    model, _ = create_model_and_diffusion(**flags)
+    torch.save(model.state_dict(), guided_dir / "ema_0.9999_000010.pt")
+    (guided_dir / "config.json").write_text(json.dumps({"model_flags": flags, "data_classes": 10}))
+    out = tmp_path / "g.npz"
+    for w in ("1", "3"):
+        run(
+            "sample.py",
+            "--run_dir",
+            str(guided_dir),
+            "--num_samples",
+            "3",
+            "--timestep_respacing",
+            "4",
+            "--guidance_scale",
+            w,
+            "--out",
+            str(out.with_name(f"g{w}.npz")),
+        )
+    with np.load(out.with_name("g1.npz")) as a, np.load(out.with_name("g3.npz")) as b:
+        assert a["arr_0"].shape == b["arr_0"].shape == (3, 8, 8, 3)
+        assert np.array_equal(a["arr_1"], b["arr_1"]) and a["arr_1"].max() < 10  # real labels, never the null

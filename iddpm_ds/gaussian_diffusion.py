@@ -8,6 +8,7 @@ float64 numpy and gathered per timestep as float32, as the paper's code does.
 Timesteps are 0-indexed: t = 0 is the paper's t = 1.
 """
 
+import collections
 import enum
 import math
 from typing import Callable, Dict, Iterator, Optional, Sequence
@@ -97,10 +98,7 @@ def _extract_into_tensor(
 
 def _last(iterator: Iterator):
     """The final item of an iterator (a sampling loop's x_0)."""
-    item = None
-    for item in iterator:
-        pass
-    return item
+    return collections.deque(iterator, maxlen=1)[0]
 
 
 class GaussianDiffusion:

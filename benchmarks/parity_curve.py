@@ -75,6 +75,11 @@ def run_theirs(code_dir: str, data: str, out: str, steps: int, seed: int) -> lis
         str(10 * steps),
     ]
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return read_theirs(out)
+
+
+def read_theirs(out: str) -> list:
+    """(step, mse, grad_norm) of each record of improved-diffusion's progress.csv in out."""
     with open(os.path.join(out, "progress.csv")) as f:
         return [
             (int(float(r["step"])), float(r["mse"]), float(r["grad_norm"]))
@@ -116,6 +121,11 @@ def run_ours(data: str, out: str, steps: int, seed: int) -> list:
         os.path.join(out, "run"),
     ]
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return read_ours(out)
+
+
+def read_ours(out: str) -> list:
+    """(step, mse, grad_norm) of each record of our progress.jsonl under out."""
     with open(os.path.join(out, "run", "progress.jsonl")) as f:
         return [(r["step"], r["mse"], r.get("grad_norm")) for r in map(json.loads, f)]
 
@@ -172,11 +182,29 @@ def main() -> None:
     parser.add_argument(
         "--out", default=HERE, help="where parity_curve.{json,md,png} go (default benchmarks/)"
     )
+    parser.add_argument(
+        "--reuse",
+        default="",
+        help="report the finished runs in an earlier invocation's work folder, train none",
+    )
     args = parser.parse_args()
+    curves, seconds = {"improved-diffusion": [], "iddpm_ds": []}, {"improved-diffusion": [], "iddpm_ds": []}
+    if args.reuse:  # a run cut short by a time limit still leaves its finished trainings
+        read = {"improved-diffusion": read_theirs, "iddpm_ds": read_ours}
+        for name in curves:
+            run = 0
+            while os.path.isfile(os.path.join(args.reuse, f"{name}_{run}", "DONE")):
+                curves[name].append(read[name](os.path.join(args.reuse, f"{name}_{run}")))
+                seconds[name].append(float(open(os.path.join(args.reuse, f"{name}_{run}", "DONE")).read()))
+                run += 1
+        write_report(
+            curves, seconds, args.steps, len(os.listdir(os.path.join(args.reuse, "digits"))), args.out
+        )
+        return
     work = tempfile.mkdtemp(prefix="parity_")
+    print(f"work folder {work} (--reuse it if this run is cut short)", flush=True)
     data = os.path.join(work, "digits")
     num_images = write_digits(data)
-    curves, seconds = {"improved-diffusion": [], "iddpm_ds": []}, {"improved-diffusion": [], "iddpm_ds": []}
     for run in range(args.runs):
         for name in curves:
             start = time.perf_counter()
@@ -186,11 +214,18 @@ def main() -> None:
             else:
                 curves[name].append(run_theirs(args.improved_diffusion, data, out, args.steps, seed=run))
             seconds[name].append(time.perf_counter() - start)
+            with open(os.path.join(out, "DONE"), "w") as f:
+                f.write(str(seconds[name][-1]))
             print(
                 f"{name} run {run}: late mse {late_mse(curves[name][-1], args.steps):.4f} "
                 f"({seconds[name][-1]:.0f} s)",
                 flush=True,
             )
+    write_report(curves, seconds, args.steps, num_images, args.out)
+
+
+def write_report(curves: dict, seconds: dict, steps: int, num_images: int, out_dir: str) -> None:
+    """parity_curve.{json,png,md} in out_dir from each trainer's runs."""
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(
@@ -198,34 +233,32 @@ def main() -> None:
         )
     except (OSError, StopIteration):
         pass
-    LATE = late_window(args.steps)
-    late = {name: [late_mse(c, args.steps) for c in runs] for name, runs in curves.items()}
+    LATE = late_window(steps)
+    late = {name: [late_mse(c, steps) for c in runs] for name, runs in curves.items()}
     report = {
         "cpu": cpu,
         "threads": os.cpu_count(),
         "images": num_images,
-        "steps": args.steps,
+        "steps": steps,
         "late_window": LATE,
         "late_mse": late,
         "seconds": seconds,
         "curves": curves,
     }
-    with open(os.path.join(args.out, "parity_curve.json"), "w") as f:
+    with open(os.path.join(out_dir, "parity_curve.json"), "w") as f:
         json.dump(report, f)
-    plot(curves, os.path.join(args.out, "parity_curve.png"))
+    plot(curves, os.path.join(out_dir, "parity_curve.png"))
     band = (min(late["improved-diffusion"]), max(late["improved-diffusion"]))
     inside = [band[0] <= v <= band[1] for v in late["iddpm_ds"]]
+    ours, theirs = len(curves["iddpm_ds"]), len(curves["improved-diffusion"])
     lines = [
         "# Learning curve beside improved-diffusion",
         "",
-        f"`python benchmarks/parity_curve.py --improved_diffusion DIR --runs {args.runs} --steps "
-        f"{args.steps}` on {cpu}"
-        f" ({os.cpu_count()} threads), {num_images} built-in MNIST digits as a PNG folder, "
-        "improved-diffusion's"
-        " 32 px config (64 channels, 2 res blocks, attention 16,8, learn_sigma, cosine, 1000 steps), batch "
-        "16,"
-        f" lr 1e-4 annealed to 0 over {args.steps} steps, fp32, one process. Ours: ZeRO-0 JSON silent on "
-        "clipping.",
+        f"`python benchmarks/parity_curve.py --improved_diffusion DIR --steps {steps}` ({ours} finished runs"
+        f" of ours, {theirs} of improved-diffusion's) on {cpu} ({os.cpu_count()} threads): {num_images}"
+        " built-in MNIST digits as a PNG folder, improved-diffusion's 32 px config (64 channels, 2 res"
+        " blocks, attention 16,8, learn_sigma, cosine, 1000 steps), batch 16, lr 1e-4 annealed to 0 over"
+        f" {steps} steps, fp32, one process. Ours: a ZeRO-0 JSON silent on clipping.",
         "",
         f"| trainer | mean mse, steps {LATE[0]}-{LATE[1]}, per run | seconds per run |",
         "|---|---|---|",
@@ -241,7 +274,7 @@ def main() -> None:
         f"{sum(inside)} of {len(inside)} runs (mean {np.mean(late['iddpm_ds']):.4f} against "
         f"{np.mean(late['improved-diffusion']):.4f}). Curves: parity_curve.png.",
     ]
-    with open(os.path.join(args.out, "parity_curve.md"), "w") as f:
+    with open(os.path.join(out_dir, "parity_curve.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -1,5 +1,6 @@
-"""The entry points' command lines: each flag's help, a parser that refuses abbreviations, flag
-validation before any work starts, and one-line errors instead of tracebacks.
+"""The entry points' command lines: each flag's help, a parser that refuses abbreviations, the flags
+of a run directory (its config.json merged with the command line), flag validation before any work
+starts, and one-line errors instead of tracebacks.
 
 Every check here raises ConfigError with a message meant for the user as is: it names the flag,
 the value and what to do instead. Entry points call `run_cli(main)`, which prints such an error as
@@ -14,6 +15,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Set
 
 import numpy as np
 
+from . import dist_util
 from .checkpointing import read_complete
 from .errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 
@@ -109,8 +111,6 @@ def make_parser(description: Optional[str]) -> argparse.ArgumentParser:
 def run_cli(main: Callable[[], None]) -> None:
     """Run an entry point's main: a user error becomes one `NAME: error: ...` line and exit status
     2 (3 for a diverged run), and the process group is left together after success."""
-    from . import dist_util
-
     name = os.path.basename(sys.argv[0])
     try:
         main()

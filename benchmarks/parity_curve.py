@@ -11,6 +11,7 @@ so DeepSpeed's defaults are what is tested. Writes benchmarks/parity_curve.{json
 """
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -227,12 +228,10 @@ def main() -> None:
 def write_report(curves: dict, seconds: dict, steps: int, num_images: int, out_dir: str) -> None:
     """parity_curve.{json,png,md} in out_dir from each trainer's runs."""
     cpu = platform.processor() or platform.machine()
-    try:
+    with contextlib.suppress(OSError, StopIteration):  # /proc/cpuinfo names the model on Linux
         cpu = next(
             line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
         )
-    except (OSError, StopIteration):
-        pass
     LATE = late_window(steps)
     late = {name: [late_mse(c, steps) for c in runs] for name, runs in curves.items()}
     report = {

@@ -82,7 +82,7 @@ def create_engine(
     if lr_anneal_steps:
 
         def scheduler(opt):
-            return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / lr_anneal_steps))  # noqa: E731
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / lr_anneal_steps))
 
     engine, _, _, _ = deepspeed.initialize(
         args=args,

@@ -2,6 +2,7 @@
 error and after an unexpected exception, leaving no process behind. Each command runs in a session of
 its own; afterwards no process of that session may be alive. Slow: each test starts processes."""
 
+import contextlib
 import json
 import os
 import signal
@@ -45,11 +46,9 @@ pytestmark = pytest.mark.slow
 def session_processes(sid: int) -> list:
     alive = []
     for proc in psutil.process_iter():
-        try:
+        with contextlib.suppress(ProcessLookupError, psutil.Error):  # it ended while we looked
             if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
                 alive.append(proc)
-        except (ProcessLookupError, psutil.Error):
-            pass
     return alive
 
 

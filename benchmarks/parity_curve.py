@@ -267,11 +267,14 @@ def write_report(curves: dict, seconds: dict, steps: int, num_images: int, out_d
             f"| {name} | {', '.join(f'{v:.4f}' for v in late[name])} | "
             f"{', '.join(f'{s:.0f}' for s in seconds[name])} |"
         )
+    mean = float(np.mean(late["iddpm_ds"]))
     lines += [
         "",
-        f"improved-diffusion's run-to-run band: {band[0]:.4f} to {band[1]:.4f}; ours inside it in "
-        f"{sum(inside)} of {len(inside)} runs (mean {np.mean(late['iddpm_ds']):.4f} against "
-        f"{np.mean(late['improved-diffusion']):.4f}). Curves: parity_curve.png.",
+        f"improved-diffusion's run-to-run band: {band[0]:.4f} to {band[1]:.4f}. Our mean, {mean:.4f} "
+        f"(against {np.mean(late['improved-diffusion']):.4f}), is "
+        f"{'inside' if band[0] <= mean <= band[1] else 'outside'} it; {sum(inside)} of {len(inside)} of our"
+        " runs are. Curves: parity_curve.png. Seconds are wall time on a machine that may have run other"
+        " jobs beside a run: compare speed only across runs made under the same load.",
     ]
     with open(os.path.join(out_dir, "parity_curve.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -72,7 +72,6 @@ def create_engine(
             weight_decay=params.get("weight_decay", weight_decay),
         )
 
-        # noqa: E731
         def optimizer(ps):
             return torch.optim.AdamW(ps, fused=accelerator_is_cpu() or None, **kwargs)
 

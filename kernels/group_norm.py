@@ -58,7 +58,7 @@ def group_norm_silu(
     def reference():
         return group_norm_silu_reference(
             x, weight, bias, num_groups, eps, scale=scale, shift=shift, silu=silu
-        )  # noqa: E731
+        )
 
     if use_triton(x):
         from .group_norm_triton import GroupNormSiLU

@@ -8,22 +8,29 @@ from iddpm_ds.script_util import create_model_and_diffusion, model_and_diffusion
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# The tiny UNet's shape: 8 px, two levels, attention at 4 px.
+TINY_SHAPE = dict(
+    image_size=8,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult="1,2",
+    attention_resolutions="4",
+    num_heads=2,
+    noise_schedule="cosine",
+)
+
+
 def tiny_flags(**overrides):
-    """A UNet small enough for CPU tests: 8 px, two levels, attention at 4 px."""
+    """Model flags of a UNet small enough for CPU tests (TINY_SHAPE, 20 diffusion steps)."""
     flags = model_and_diffusion_defaults()
-    flags.update(
-        image_size=8,
-        num_channels=32,
-        num_res_blocks=1,
-        channel_mult="1,2",
-        attention_resolutions="4",
-        num_heads=2,
-        diffusion_steps=20,
-        noise_schedule="cosine",
-        use_fused_kernels=False,
-    )
+    flags.update(TINY_SHAPE, diffusion_steps=20, use_fused_kernels=False)
     flags.update(overrides)
     return flags
+
+
+def tiny_cli(**flags) -> list:
+    """The entry points' command line for TINY_SHAPE plus flags: ["--image_size", "8", ...]."""
+    return [token for key, value in {**TINY_SHAPE, **flags}.items() for token in (f"--{key}", str(value))]
 
 
 @pytest.fixture

@@ -99,33 +99,14 @@ def test_invalid_super_resolution_sizes(monkeypatch, capsys):
 @pytest.fixture
 def bare_model(tmp_path):
     import torch
-    from conftest import tiny_flags
+    from conftest import tiny_cli, tiny_flags
 
     from iddpm_ds.script_util import create_model_and_diffusion
 
     model, _ = create_model_and_diffusion(**tiny_flags())
     path = tmp_path / "model.pt"
     torch.save(model.state_dict(), path)
-    return [
-        "--model_path",
-        str(path),
-        "--image_size",
-        "8",
-        "--num_channels",
-        "32",
-        "--num_res_blocks",
-        "1",
-        "--channel_mult",
-        "1,2",
-        "--attention_resolutions",
-        "4",
-        "--num_heads",
-        "2",
-        "--diffusion_steps",
-        "20",
-        "--noise_schedule",
-        "cosine",
-    ]
+    return ["--model_path", str(path), *tiny_cli(diffusion_steps=20)]
 
 
 SAMPLE_CASES = [

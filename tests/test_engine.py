@@ -8,41 +8,21 @@ import time
 
 import pytest
 import torch
+from conftest import tiny_cli
 
 from iddpm_ds.dist_util import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launch", "train.py")
-TINY = [
-    "--image_size",
-    "8",
-    "--num_channels",
-    "32",
-    "--num_res_blocks",
-    "1",
-    "--channel_mult",
-    "1,2",
-    "--attention_resolutions",
-    "4",
-    "--num_heads",
-    "2",
-    "--diffusion_steps",
-    "50",
-    "--noise_schedule",
-    "cosine",
-    "--learn_sigma",
-    "True",
-    "--class_cond",
-    "True",
-    "--schedule_sampler",
-    "loss-second-moment",
-    "--ema_rate",
-    "0.9,0.99",
-    "--log_interval",
-    "1",
-    "--num_workers",
-    "1",
-]
+TINY = tiny_cli(
+    diffusion_steps=50,
+    learn_sigma=True,
+    class_cond=True,
+    schedule_sampler="loss-second-moment",
+    ema_rate="0.9,0.99",
+    log_interval=1,
+    num_workers=1,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -13,32 +13,12 @@ import textwrap
 import numpy as np
 import psutil
 import pytest
+from conftest import tiny_cli
 
 from iddpm_ds.dist_util import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "--image_size",
-    "8",
-    "--num_channels",
-    "32",
-    "--num_res_blocks",
-    "1",
-    "--channel_mult",
-    "1,2",
-    "--attention_resolutions",
-    "4",
-    "--num_heads",
-    "2",
-    "--diffusion_steps",
-    "20",
-    "--noise_schedule",
-    "cosine",
-    "--batch_size",
-    "4",
-    "--num_workers",
-    "1",
-]
+TINY = tiny_cli(diffusion_steps=20, batch_size=4, num_workers=1)
 
 pytestmark = pytest.mark.slow
 

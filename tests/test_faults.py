@@ -11,34 +11,13 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import report_fault
+from conftest import report_fault, tiny_cli
 
 from iddpm_ds.dist_util import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launch", "train.py")
-TINY = [
-    "--image_size",
-    "8",
-    "--num_channels",
-    "32",
-    "--num_res_blocks",
-    "1",
-    "--channel_mult",
-    "1,2",
-    "--attention_resolutions",
-    "4",
-    "--num_heads",
-    "2",
-    "--diffusion_steps",
-    "50",
-    "--noise_schedule",
-    "cosine",
-    "--ema_rate",
-    "0.9",
-    "--log_interval",
-    "1",
-]
+TINY = tiny_cli(diffusion_steps=50, ema_rate="0.9", log_interval=1)
 
 pytestmark = pytest.mark.slow
 

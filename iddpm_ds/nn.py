@@ -2,8 +2,9 @@
 
 The UNet calls `GroupNorm32.norm_act` for every GroupNorm(+scale-shift)(+SiLU)
 chain and `qkv_attention` for attention. With `use_fused_kernels` these go to
-the `kernels` package (Triton where it runs, its PyTorch reference elsewhere);
-without, to the plain PyTorch ops below. Parameters and their names are the
+the `kernels` package's Triton kernels (where they run; their PyTorch references
+elsewhere); without, straight to those references, which compute the chain and
+attention as improved-diffusion does. Parameters and their names are the
 same either way, so checkpoints do not care which path ran.
 """
 
@@ -12,7 +13,8 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+import kernels
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -32,39 +34,10 @@ class GroupNorm32(nn.GroupNorm):
     ) -> torch.Tensor:
         """silu(groupnorm(x) * (1 + scale) + shift) for x [N, C, ...] and scale/shift [N, C] (each
         optional)."""
-        if self.use_fused_kernels:
-            import kernels
-
-            return kernels.group_norm_silu(
-                x, self.weight, self.bias, self.num_groups, self.eps, scale=scale, shift=shift, silu=silu
-            )
-        return unfused_norm_act(
+        norm_act = kernels.group_norm_silu if self.use_fused_kernels else kernels.group_norm_silu_reference
+        return norm_act(
             x, self.weight, self.bias, self.num_groups, self.eps, scale=scale, shift=shift, silu=silu
         )
-
-
-def unfused_norm_act(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    num_groups: int,
-    eps: float,
-    scale: Optional[torch.Tensor] = None,
-    shift: Optional[torch.Tensor] = None,
-    silu: bool = True,
-) -> torch.Tensor:
-    """The chain in plain PyTorch ops, as improved-diffusion computes it: GroupNorm in float32, cast back to
-    x's
-    dtype, then scale-shift and SiLU in x's dtype. x [N, C, ...], weight/bias [C], scale/shift [N, C]."""
-    # Parameters may be bf16/fp16 under DeepSpeed: upcast them with x.
-    h = F.group_norm(x.float(), num_groups, weight.float(), bias.float(), eps).type(x.dtype)
-    if scale is not None or shift is not None:
-        bshape = (h.shape[0], h.shape[1]) + (1,) * (h.dim() - 2)
-        if scale is not None:
-            h = h * (1 + scale.reshape(bshape))
-        if shift is not None:
-            h = h + shift.reshape(bshape)
-    return F.silu(h) if silu else h
 
 
 def normalization(channels: int) -> GroupNorm32:
@@ -79,17 +52,8 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, use_fused_kernels: bool = F
         of ch channels (improved-diffusion's "legacy" order: reshape to heads, then split).
     :return: [B, heads * ch, T] = softmax(q^T k / sqrt(ch)) applied to v, per head.
     """
-    if use_fused_kernels:
-        import kernels
-
-        return kernels.qkv_attention(qkv, num_heads, order="legacy")
-    bs, width, length = qkv.shape
-    ch = width // (3 * num_heads)
-    q, k, v = qkv.reshape(bs * num_heads, 3 * ch, length).split(ch, dim=1)
-    scale = 1 / math.sqrt(math.sqrt(ch))  # scaling q and k separately keeps fp16 logits in range
-    weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
-    weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
-    return torch.einsum("bts,bcs->bct", weight, v).reshape(bs, -1, length)
+    attention = kernels.qkv_attention if use_fused_kernels else kernels.qkv_attention_reference
+    return attention(qkv, num_heads, order="legacy")
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:

@@ -1,7 +1,8 @@
 """GroupNorm, optionally followed by a per-(batch, channel) scale-shift and SiLU, in one pass.
 
 y = silu(((x - mean_g) * rstd_g * weight + bias) * (1 + scale) + shift), with the
-group statistics in float32 whatever x's dtype.
+group statistics in float32 whatever x's dtype (the Triton kernel keeps the whole chain in float32 and
+rounds once).
 """
 
 from typing import Optional
@@ -24,18 +25,18 @@ def group_norm_silu_reference(
 ) -> torch.Tensor:
     """PyTorch reference: x [B, C, *spatial], weight/bias [C], scale/shift [B, C] -> x's shape and dtype.
 
-    Computed in float32, or in float64 for float64 inputs (the tests' exact reference).
+    The unfused chain as improved-diffusion computes it (the UNet runs it whenever the kernels are off):
+    GroupNorm in float32 (float64 for float64 inputs, the tests' exact reference), cast back to x's dtype,
+    then scale-shift and SiLU in x's dtype.
     """
     acc = torch.promote_types(x.dtype, torch.float32)
-    h = F.group_norm(x.to(acc), num_groups, weight.to(acc), bias.to(acc), eps)
+    h = F.group_norm(x.to(acc), num_groups, weight.to(acc), bias.to(acc), eps).to(x.dtype)
     bshape = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
     if scale is not None:
-        h = h * (1 + scale.to(acc).reshape(bshape))
+        h = h * (1 + scale.reshape(bshape))
     if shift is not None:
-        h = h + shift.to(acc).reshape(bshape)
-    if silu:
-        h = F.silu(h)
-    return h.to(x.dtype)
+        h = h + shift.reshape(bshape)
+    return F.silu(h) if silu else h
 
 
 def group_norm_silu(

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The one prepared GPU run for the kernels: at most 7 minutes (each step has its own timeout, 400 s in all), in order
+# The one prepared GPU run for the kernels: at most 7 minutes (each step has its own timeout, 420 s in all), in order
 # of value, each step printing every measurement as it lands so a cut-off run still reports:
 #   1. kernels/bench.py: the copy-bandwidth and bf16-matmul ceilings; each kernel's output and every gradient
-#      checked on the device against float64; the kernels timed against eager / torch.compile / SDPA; the 64 px
-#      training step with kernels on and off; then each kernel goal as met / missed / not measured
-#      (kernels.json, rewritten after each section, and kernels.txt);
-#   2. kernels/bench.py --sweep: every attention kernel's candidate tiles, checked and timed (sweep.json,
+#      checked on the device against float64; the kernels timed against eager / torch.compile / SDPA; then each
+#      kernel goal as met / missed / not measured (kernels.json, rewritten after each section, and kernels.txt);
+#   2. launch/bench_train.py --kernels True: the 64 px training step with the kernels off and on, and its goal
+#      (step.json, step.txt); it imports the package, so it needs deepspeed: carry the pure-Python wheel
+#      (`pip wheel --no-deps deepspeed==0.19.8 -w wheels`), installed below with --no-deps;
+#   3. kernels/bench.py --sweep: every attention kernel's candidate tiles, checked and timed (sweep.json,
 #      sweep.txt), to retune attention_triton.configs() from measurements.
-# Needs neither deepspeed nor webdataset (the GPU image has neither). Registers and spills are already known
+# Steps 1 and 3 need neither deepspeed nor webdataset (the GPU image has neither). Registers and spills are already known
 # for the image's Triton (benchmarks/compile_report.md, built on CPU), so they take no device time here.
 # Run through the device tool from the repo root, with timeout_s 600:
 #   bash benchmarks/gpu_check.sh            (writes under $OUT)
@@ -18,5 +20,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv | tee "$OUT/device.txt"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the GPU image has the repo, not the installed package
-timeout 300 python3 kernels/bench.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
+timeout 240 python3 kernels/bench.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
+ls wheels/deepspeed-*.whl >/dev/null 2>&1 && pip install -q --no-deps wheels/deepspeed-*.whl
+timeout 80 python3 launch/bench_train.py --kernels True --batch_size 32 --steps 10 --out "$OUT/step.json" 2>&1 \
+  | tee "$OUT/step.txt"
 timeout 100 python3 kernels/bench.py --sweep --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.txt"

@@ -1,4 +1,4 @@
-"""Benchmark the fused kernels against eager PyTorch, torch.compile and SDPA, and a UNet training step.
+"""Benchmark the fused kernels against eager PyTorch (their references), torch.compile and SDPA.
 
     python kernels/bench.py [--out results.json]          (GPU: the full shape list below)
     python kernels/bench.py --sweep [--out sweep.json]    (GPU: time each attention kernel's candidate tiles)
@@ -10,10 +10,10 @@ random inputs; its output and every input gradient are first checked against
 a float64 reference on the device, after the allocator is poisoned with NaNs
 (an element a kernel forgets to write shows up as NaN). Reports ms, GB/s and %
 of a device-to-device copy measured in the same run (GroupNorm), TFLOP/s beside
-a bf16 matmul's (attention), speed-ups, and the 64 px IDDPM training step with
-kernels on/off. A provider that fails is recorded and the run goes on. The
-table is printed last, then each kernel goal as met / missed / not
-measured; --out writes JSON.
+a bf16 matmul's (attention) and speed-ups. (The UNet's training step with the
+kernels on and off is timed by launch/bench_train.py --kernels True.) A
+provider that fails is recorded and the run goes on. The table is printed
+last, then each kernel goal as met / missed / not measured; --out writes JSON.
 """
 
 import argparse
@@ -29,7 +29,6 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from iddpm_ds.nn import unfused_norm_act  # the UNet's own unfused ops: the "eager" baseline
 from kernels import group_norm_silu, group_norm_silu_reference, qkv_attention, qkv_attention_reference
 
 # From the 64 px and 256 px IDDPM UNets (bf16). "ss" = scale-shift + SiLU, "silu" = norm + SiLU, "plain" =
@@ -193,8 +192,8 @@ def bench_group_norm(shapes, device, dtype, use_compile):
         ]
         dy = torch.randn(shape, device=device, dtype=dtype)
 
-        def eager(x, w, b, scale, shift):
-            return unfused_norm_act(x, w, b, 32, 1e-5, scale=scale, shift=shift, silu=silu)
+        def eager(x, w, b, scale, shift):  # the reference is the UNet's own unfused chain
+            return group_norm_silu_reference(x, w, b, 32, 1e-5, scale=scale, shift=shift, silu=silu)
 
         providers = {
             "triton": lambda x, w, b, scale, shift: group_norm_silu(
@@ -329,69 +328,6 @@ def matmul_tflops(device, smoke) -> float:
     return 2 * n**3 / (min(timed(lambda: a @ b)) * 1e-3) / 1e12
 
 
-def training_step(device, smoke):
-    """images/s of one UNet training step (bf16 weights, AdamW) with kernels on vs off, and the loss and
-    gradients
-    of one fixed batch each way (same weights, t and noise) to show the kernels train the same model."""
-    from iddpm_ds.script_util import create_model_and_diffusion, model_and_diffusion_defaults
-    from kernels import dispatch
-
-    flags = model_and_diffusion_defaults()  # 64 px, 128 channels, attention at 16 and 8
-    batch = 32
-    if smoke:
-        flags.update(
-            image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4"
-        )
-        batch = 2
-    size = flags["image_size"]
-    gen = torch.Generator(device="cpu").manual_seed(1)
-    x = (torch.rand(batch, 3, size, size, generator=gen) * 2 - 1).to(device)
-    noise = torch.randn(batch, 3, size, size, generator=gen).to(device)
-    result = {"config": {"image_size": size, "num_channels": flags["num_channels"], "batch": batch}}
-    grads = {}
-    for fused in (False, True):
-        torch.manual_seed(0)
-        model, diffusion = create_model_and_diffusion(**{**flags, "use_fused_kernels": fused})
-        weights = torch.Generator(device="cpu").manual_seed(2)
-        # Zero-initialised output convs make the output 0, and the loss mean(noise^2), whatever the blocks
-        # compute.
-        with torch.no_grad():
-            for p in model.parameters():
-                if not p.any():
-                    p.copy_(torch.randn(p.shape, generator=weights) * 0.02)
-        model.to(device=device, dtype=torch.bfloat16)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        t_fixed = torch.linspace(0, diffusion.num_timesteps - 1, batch, device=device).long()
-        loss = diffusion.training_losses(model, x, t_fixed, noise=noise)["loss"].mean()
-        loss.backward()
-        first_loss = float(loss)
-        grads[fused] = torch.cat([p.grad.float().flatten() for p in model.parameters()])
-
-        def step():
-            t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device)
-            opt.zero_grad(set_to_none=True)
-            diffusion.training_losses(model, x, t)["loss"].mean().backward()
-            opt.step()
-
-        ms = timed(step)
-        result["kernels_on" if fused else "kernels_off"] = {
-            "ms": ms,
-            "images_per_s": batch / (min(ms) * 1e-3),
-            "loss_fixed_batch": first_loss,
-        }
-        print(
-            f"training step, kernels {'on' if fused else 'off'}: ms {ms}, loss of the fixed batch "
-            f"{first_loss:.6f}",
-            flush=True,
-        )
-    result["fell_back_to_reference"] = sorted(dispatch._broken)
-    result["speedup"] = result["kernels_on"]["images_per_s"] / result["kernels_off"]["images_per_s"]
-    off, on = result["kernels_off"]["loss_fixed_batch"], result["kernels_on"]["loss_fixed_batch"]
-    result["loss_rel_diff"] = abs(on - off) / abs(off)
-    result["grad_rel_diff"] = float((grads[True] - grads[False]).abs().max() / grads[False].abs().max())
-    return result
-
-
 # The kernels' speed goals (bf16, measured against the baselines in the same run). GroupNorm shapes whose x
 # holds at least LARGE_BYTES are the "large" ones held to the copy-bandwidth goal; 8x8 maps the "small" ones.
 LARGE_BYTES = 32 * 2**20
@@ -461,13 +397,6 @@ def goals(report: dict) -> list:
                 )
             if T == 1024 and D == 64:
                 add(f"{name}: fwd TFLOP/s", r.get("fwd_TFLOPs"), 250.0)
-    step = report.get("training_step")
-    label = f"{step['config']['image_size']} px training step" if step else "training step"
-    add(
-        f"{label}: speed-up with kernels on",
-        step["speedup"] if step and not step["fell_back_to_reference"] else None,
-        1.3,
-    )
     return out
 
 
@@ -495,17 +424,6 @@ def print_report(report: dict) -> None:
             f"{r.get('pct_of_copy', math.nan):>6.1f} {r.get('triton_speedup_fwd_bwd', math.nan):>8.2f} "
             f"{r['max_rel_err']:>8.1e} {r['grad_rel_err']:>8.1e} "
             f"{ {True: 'yes', False: 'NO', None: ''}[r.get('deterministic')]:>9} {r['host_us_fwd_bwd']:>8.0f}"
-        )
-    step = report.get("training_step")
-    if step:
-        print(
-            f"training step {step['config']}: kernels off {step['kernels_off']['images_per_s']:.1f} img/s, "
-            f"on {step['kernels_on']['images_per_s']:.1f} img/s, "
-            f"speed-up {step['speedup']:.2f}x; fixed-batch loss off "
-            f"{step['kernels_off']['loss_fixed_batch']:.6f} on "
-            f"{step['kernels_on']['loss_fixed_batch']:.6f}, gradients differ by {step['grad_rel_diff']:.1e} "
-            "of their max; "
-            f"fell back: {step['fell_back_to_reference'] or 'none'}"
         )
     verdicts = report["goals"]
     print(
@@ -572,7 +490,6 @@ def main() -> None:
     for shape in SMOKE_ATTN if args.smoke else ATTN_SHAPES:
         report["rows"] += bench_attention([shape], device, dtype, args.smoke)
         save(report)
-    report["training_step"] = training_step(device, args.smoke)
     for r in report["rows"]:
         if "error" in r:
             continue

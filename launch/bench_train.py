@@ -3,6 +3,7 @@
     deepspeed --num_gpus 2 launch/bench_train.py --deepspeed_config ds_configs/cpu.json [model flags]
     [--steps 20]
     deepspeed --num_gpus 4 launch/bench_train.py --memory True --image_size 256 [--out mem.json]
+    python launch/bench_train.py --kernels True --batch_size 32     (GPU: the 64 px step, kernels off / on)
 
 --memory instead measures, at ZeRO 0, 1, 2 and 3 in turn, the bytes each rank
 holds in parameters, gradients (after backward, before the step), optimizer
@@ -20,6 +21,7 @@ measured from the tensors each rank holds. Prints a table, then one JSON line.
 import json
 import os
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -52,6 +54,7 @@ DEFAULTS = dict(
     fp16_scale_growth=1e-3,
     memory=False,
     memory_input_size=32,
+    kernels=False,
     out="",
 )
 
@@ -61,6 +64,8 @@ BENCH_HELP = {
     "ema_rate": "EMA rates kept by the engine",
     "memory": "measure per-rank bytes at ZeRO 0-3 instead of speed",
     "memory_input_size": "input side for --memory",
+    "kernels": "instead time the UNet's bf16 step with the fused kernels off and on (one process, no "
+    "DeepSpeed; --batch_size images)",
     "out": "also write the JSON here",
 }
 
@@ -89,14 +94,95 @@ def optimizer_state_bytes(opt) -> int:
 
 
 def time_steps(step_fn, steps, warmup) -> float:
+    """Wall seconds of `steps` calls after `warmup` untimed ones, every rank and the GPU caught up."""
+
+    def settle():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if dist.is_initialized():
+            dist.barrier()
+
     for _ in range(warmup):
         step_fn()
-    dist.barrier()
+    settle()
     t0 = time.perf_counter()
     for _ in range(steps):
         step_fn()
-    dist.barrier()
+    settle()
     return time.perf_counter() - t0
+
+
+KERNEL_STEP_GOAL = 1.3  # the UNet step's speed-up with the fused kernels on, bf16 on a GPU
+
+
+def kernels_step(flags: dict, batch: int, steps: int, warmup: int) -> dict:
+    """images/s of the UNet's training step (bf16 weights, AdamW, one process) with the fused kernels off
+    and on, and the loss and gradients of one fixed batch each way (same weights, t and noise), which
+    show that both paths train the same model."""
+    from kernels import dispatch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size = flags["image_size"]
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.rand(batch, 3, size, size, generator=gen) * 2 - 1).to(device)
+    noise = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "batch": batch}
+    grads = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model, diffusion = create_model_and_diffusion(**{**flags, "use_fused_kernels": fused})
+        weights = torch.Generator().manual_seed(2)
+        # Zero-initialised output convs make the output 0 and the loss mean(noise^2), whatever the blocks
+        # compute: random ones make the comparison see every block.
+        with torch.no_grad():
+            for p in model.parameters():
+                if not p.any():
+                    p.copy_(torch.randn(p.shape, generator=weights) * 0.02)
+        model.to(device=device, dtype=torch.bfloat16)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        t_fixed = torch.linspace(0, diffusion.num_timesteps - 1, batch, device=device).long()
+        loss = diffusion.training_losses(model, x, t_fixed, noise=noise)["loss"].mean()
+        loss.backward()
+        grads[fused] = torch.cat([p.grad.float().flatten() for p in model.parameters()])
+
+        def step():
+            t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device)
+            opt.zero_grad(set_to_none=True)
+            diffusion.training_losses(model, x, t)["loss"].mean().backward()
+            opt.step()
+
+        seconds = time_steps(step, steps, warmup)
+        result["kernels_on" if fused else "kernels_off"] = {
+            "images_per_s": steps * batch / seconds,
+            "loss_fixed_batch": float(loss),
+        }
+    result["fell_back_to_reference"] = sorted(dispatch._broken)
+    result["speedup"] = result["kernels_on"]["images_per_s"] / result["kernels_off"]["images_per_s"]
+    off, on = result["kernels_off"]["loss_fixed_batch"], result["kernels_on"]["loss_fixed_batch"]
+    result["loss_rel_diff"] = abs(on - off) / abs(off)
+    result["grad_rel_diff"] = float((grads[True] - grads[False]).abs().max() / grads[False].abs().max())
+    return result
+
+
+def kernels_step_verdict(r: dict) -> Optional[bool]:
+    """The speed-up goal met / missed, or None where the kernels did not run on a GPU throughout."""
+    if r["device"] == "cpu" or r["fell_back_to_reference"]:
+        return None
+    return r["speedup"] >= KERNEL_STEP_GOAL
+
+
+def print_kernels_step(r: dict, size: int) -> None:
+    on, off = r["kernels_on"], r["kernels_off"]
+    print(
+        f"{size} px training step on {r['device']}, batch {r['batch']}, bf16: kernels off "
+        f"{off['images_per_s']:.1f} img/s, on {on['images_per_s']:.1f} img/s, speed-up {r['speedup']:.2f}x; "
+        f"fixed-batch loss off {off['loss_fixed_batch']:.6f} on {on['loss_fixed_batch']:.6f}, gradients "
+        f"differ by {r['grad_rel_diff']:.1e} of their max; fell back: {r['fell_back_to_reference'] or 'none'}"
+    )
+    verdict = {True: "met", False: "MISSED", None: "not measured (no GPU kernels ran)"}[
+        kernels_step_verdict(r)
+    ]
+    print(f"goal: speed-up with kernels on >= {KERNEL_STEP_GOAL}x: {verdict}")
 
 
 def plain_pytorch(flags, cfg, args, device, world):
@@ -191,6 +277,15 @@ def main() -> None:
         raise ConfigError(
             f"--steps must be at least 1 and --warmup not negative, got {args.steps} and {args.warmup}"
         )
+    flags = args_to_dict(args, model_and_diffusion_defaults().keys())
+    if args.kernels:
+        result = kernels_step(flags, args.batch_size, args.steps, args.warmup)
+        print_kernels_step(result, flags["image_size"])
+        print(json.dumps(result))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     dist_util.setup_dist()
     dist_util.set_threads_per_rank()
     from deepspeed.accelerator import get_accelerator
@@ -204,7 +299,6 @@ def main() -> None:
         get_accelerator().is_fp16_supported(),
     )
     micro_batch, grad_accum_steps = cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]
-    flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     device = dist_util.dev()
     images_per_step = micro_batch * grad_accum_steps * world
 

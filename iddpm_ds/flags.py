@@ -68,6 +68,13 @@ HELP = {
     "max_steps": "stop after this many optimizer steps (0 = no limit)",
     "max_nonfinite_steps": "stop after this many consecutive steps with a non-finite loss (each is skipped)",
     "sample_interval": "steps between EMA sample grids in TensorBoard (0 = never)",
+    "eval_interval": "steps between sample-quality metrics of the EMA weights, logged to TensorBoard and "
+    "progress.jsonl (0 = never)",
+    "eval_metrics": "comma-separated metrics for --eval_interval (fid,isc,kid,prc,mnist_acc,mnist_fd; '' = "
+    "mnist_acc,mnist_fd on the built-in MNIST, else fid)",
+    "eval_samples": "EMA samples (DDIM, 50 steps, fixed seeds and labels) per --eval_interval",
+    "inception_weights": "a local InceptionV3 weights file for fid/isc/kid/prc ('' = "
+    "$IDDPM_DS_INCEPTION_WEIGHTS, else downloaded once into torch hub's cache)",
     "log_dir": "the run directory ('' = $OPENAI_LOGDIR, else runs/<timestamp>)",
     "seed": "random seed (weights, data order, noise)",
     "num_workers": "data loader worker processes per rank",
@@ -342,7 +349,13 @@ def validate_train_flags(args: argparse.Namespace, explicit: Iterable[str]) -> N
             raise ConfigError(f"--ema_rate {args.ema_rate!r} must be comma-separated numbers") from None
         _require(0.0 < value < 1.0, f"--ema_rate {rate} must lie strictly between 0 and 1")
     _require(args.log_interval >= 1, f"--log_interval must be at least 1, got {args.log_interval}")
-    for flag in ("save_interval", "sample_interval", "max_steps", "lr_anneal_steps", "num_workers", "seed"):
+    if args.eval_interval:
+        from .evaluation import training_metrics
+
+        training_metrics(args.eval_metrics, args.data_dir, args.class_cond)
+        _require(args.eval_samples >= 2, f"--eval_samples must be at least 2, got {args.eval_samples}")
+    flags = ("save_interval", "sample_interval", "eval_interval", "max_steps", "lr_anneal_steps")
+    for flag in (*flags, "num_workers", "seed"):
         _require(getattr(args, flag) >= 0, f"--{flag} must not be negative, got {getattr(args, flag)}")
     _require(
         args.max_nonfinite_steps >= 1,

@@ -143,6 +143,8 @@ class TrainLoop:
     :param lr_anneal_steps: the LR decays linearly to 0 and training stops there (0 = off).
     :param sample_interval, preview_fn: every sample_interval steps, rank 0 calls preview_fn
         with the first EMA rate's full state_dict and logs the returned uint8 HWC grid.
+    :param eval_interval, eval_fn: every eval_interval steps, rank 0 calls eval_fn with the first EMA
+        rate's full state_dict and logs the returned metrics (progress.jsonl, TensorBoard, the log).
     :param max_nonfinite_steps: a step whose loss is non-finite on any rank is skipped (no update,
         no EMA, no sampler); this many in a row save a checkpoint (of the weights from before
         the divergence, as every such step was skipped) and stop the run with TrainingDiverged.
@@ -168,6 +170,8 @@ class TrainLoop:
         progress: bool = True,
         sample_interval: int = 0,
         preview_fn: Optional[Callable[[Dict[str, torch.Tensor]], np.ndarray]] = None,
+        eval_interval: int = 0,
+        eval_fn: Optional[Callable[[Dict[str, torch.Tensor]], Dict[str, float]]] = None,
         max_nonfinite_steps: int = 10,
         preemption=None,
         class_dropout_prob: float = 0.0,
@@ -178,6 +182,7 @@ class TrainLoop:
         self.run_dir, self.log_interval, self.save_interval = run_dir, log_interval, save_interval
         self.max_steps, self.lr_anneal_steps = max_steps, lr_anneal_steps
         self.sample_interval, self.preview_fn = sample_interval, preview_fn
+        self.eval_interval, self.eval_fn = eval_interval, eval_fn
         self.max_nonfinite_steps, self.preemption = max_nonfinite_steps, preemption
         self.class_dropout_prob, self.null_label = class_dropout_prob, null_label
         self.nonfinite_steps, self.consecutive_nonfinite = 0, 0
@@ -421,6 +426,31 @@ class TrainLoop:
             )
             self.writer.flush()
 
+    def log_eval(self) -> Optional[Dict[str, float]]:
+        """Sample-quality metrics of the EMA weights (rank 0). Collective (the EMA is gathered)."""
+        state_dict = self.ema.full_state_dicts()[self.ema_rates[0]]
+        if self.rank != 0 or self.eval_fn is None:
+            return None
+        start = time.perf_counter()
+        metrics = self.eval_fn(state_dict)
+        seconds = time.perf_counter() - start
+        with open(os.path.join(self.run_dir, "progress.jsonl"), "a") as f:
+            f.write(json.dumps({"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()}}) + "\n")
+        log.info(
+            "eval step %d | ema %s | %s | %.1f s",
+            self.step,
+            self.ema_rates[0],
+            " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+            seconds,
+        )
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"eval/{k}", v, self.step)
+            self.writer.flush()
+        # Sampling is not training: keep it out of the next interval's images/s.
+        self._t_last += seconds
+        return metrics
+
     # ------------------------------------------------------------------ loop
     def run_loop(self) -> None:
         from tqdm.auto import tqdm
@@ -462,6 +492,8 @@ class TrainLoop:
                 )
             if self.sample_interval and self.step % self.sample_interval == 0:
                 self.log_preview()
+            if self.eval_interval and self.step % self.eval_interval == 0:
+                self.log_eval()
             if self.save_interval and self.step % self.save_interval == 0:
                 self.save()
             if self._preempted():

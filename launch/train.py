@@ -91,6 +91,10 @@ TRAIN_DEFAULTS = dict(
     max_steps=0,
     max_nonfinite_steps=10,
     sample_interval=0,
+    eval_interval=0,
+    eval_metrics="",
+    eval_samples=256,
+    inception_weights="",
     log_dir="",
     seed=0,
     num_workers=1,
@@ -98,6 +102,7 @@ TRAIN_DEFAULTS = dict(
     override=False,
 )
 PREVIEW_SAMPLES, PREVIEW_RESPACING = 16, "ddim25"
+EVAL_RESPACING = "ddim50"
 
 
 def create_argparser(model_defaults: dict) -> argparse.ArgumentParser:
@@ -119,34 +124,45 @@ def resolve_run_dir(log_dir: str) -> str:
     return holder[0]
 
 
-def make_preview_fn(factory, model_flags: dict, image_size: int, data_classes, device):
-    """state_dict -> uint8 HWC grid of PREVIEW_SAMPLES DDIM samples (fixed seeds and labels, so grids compare
-    across steps)."""
-    model, diffusion = factory(
-        **{**model_flags, "timestep_respacing": PREVIEW_RESPACING, "use_checkpoint": False}
-    )
+def make_ema_sampler(factory, model_flags: dict, data_classes, device, num: int, respacing: str):
+    """state_dict -> (uint8 [num, H, W, 3], labels or None): DDIM samples with fixed seeds and labels
+    (0, 1, 2, ... cycled), so previews and metrics compare across steps."""
+    model, diffusion = factory(**{**model_flags, "timestep_respacing": respacing, "use_checkpoint": False})
     model.to(device).eval()
-    labels = (
-        {"y": torch.arange(PREVIEW_SAMPLES, device=device) % (data_classes or NUM_CLASSES)}
-        if model_flags["class_cond"]
-        else {}
-    )
+    labels = torch.arange(num) % (data_classes or NUM_CLASSES) if model_flags["class_cond"] else None
+    kwargs = {"y": labels.to(device)} if labels is not None else {}
 
-    def preview(state_dict):
+    def sample(state_dict):
         model.load_state_dict(state_dict)
-        return make_grid(
-            sample_images(
-                model,
-                diffusion,
-                list(range(PREVIEW_SAMPLES)),
-                image_size,
-                seed=0,
-                model_kwargs=labels,
-                use_ddim=True,
-            )
+        size = model_flags["image_size"]
+        images = sample_images(
+            model, diffusion, list(range(num)), size, seed=0, model_kwargs=kwargs, use_ddim=True
         )
+        return images, None if labels is None else labels.numpy()
 
-    return preview
+    return sample
+
+
+def grid_of(sample):
+    """state_dict -> one uint8 HWC grid of the sampler's images."""
+    return lambda state_dict: make_grid(sample(state_dict)[0])
+
+
+def make_eval_fn(factory, model_flags: dict, data_classes, device, args):
+    """state_dict -> metrics of --eval_samples EMA samples against the training data."""
+    from iddpm_ds.builtin_datasets import DEFAULT_DATASET
+    from iddpm_ds.evaluation import Evaluator, training_metrics
+
+    sample = make_ema_sampler(factory, model_flags, data_classes, device, args.eval_samples, EVAL_RESPACING)
+    metrics = training_metrics(args.eval_metrics, args.data_dir, model_flags["class_cond"])
+    evaluator = Evaluator(
+        metrics,
+        args.data_dir or DEFAULT_DATASET,
+        model_flags["image_size"],
+        args.inception_weights,
+        device=str(device),
+    )
+    return lambda state_dict: evaluator(*sample(state_dict))
 
 
 def parse_flags(model_defaults: dict, super_res: bool):
@@ -273,8 +289,8 @@ def main(super_res: bool = False) -> None:
     engine, load_tag = build_engine(model, ds_cfg, args, resume_dir, world)
     data, data_classes = build_data(args, engine, model_flags, super_res)
 
-    # What rank 0 writes besides checkpoints: config.json, TensorBoard, sample previews.
-    writer, preview_fn = None, None
+    # What rank 0 writes besides checkpoints: config.json, TensorBoard, sample previews and metrics.
+    writer, preview_fn, eval_fn = None, None, None
     if rank == 0:
         log.info(
             "run dir %s | %d ranks x %d threads | rendezvous %s:%s | %s | ZeRO-%d | micro-batch %d x "
@@ -293,8 +309,12 @@ def main(super_res: bool = False) -> None:
         write_run_config(run_dir, args, model_flags, ds_cfg, world, super_res, data_classes)
         writer = SummaryWriter(os.path.join(run_dir, "tb"))
         if args.sample_interval and not super_res:
-            image_size = model_flags["image_size"]
-            preview_fn = make_preview_fn(factory, model_flags, image_size, data_classes, engine.device)
+            sample = make_ema_sampler(
+                factory, model_flags, data_classes, engine.device, PREVIEW_SAMPLES, PREVIEW_RESPACING
+            )
+            preview_fn = grid_of(sample)
+        if args.eval_interval and not super_res:
+            eval_fn = make_eval_fn(factory, model_flags, data_classes, engine.device, args)
 
     # Train.
     loop = TrainLoop(
@@ -311,6 +331,8 @@ def main(super_res: bool = False) -> None:
         writer=writer,
         sample_interval=args.sample_interval if not super_res else 0,
         preview_fn=preview_fn,
+        eval_interval=args.eval_interval if not super_res else 0,
+        eval_fn=eval_fn,
         max_nonfinite_steps=args.max_nonfinite_steps,
         preemption=preemption,
         class_dropout_prob=model_flags["class_dropout_prob"],

@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_POINTS = [
     "train.py",
     "sample.py",
+    "evaluate.py",
     "nll.py",
     "make_shards.py",
     "bench_data.py",
@@ -81,6 +82,10 @@ TRAIN_CASES = [
     (["--master_port", "70000"], "--master_port"),
     (["--max_nonfinite_steps", "0"], "--max_nonfinite_steps"),
     (["--use_fp16", "maybe"], "boolean value expected"),
+    (["--eval_interval", "-1"], "--eval_interval"),
+    (["--eval_interval", "10", "--eval_metrics", "fid,blur"], "unknown blur"),
+    (["--eval_interval", "10", "--eval_metrics", "mnist_acc"], "needs a class-conditional model"),
+    (["--eval_interval", "10", "--eval_samples", "1"], "--eval_samples"),
 ]
 
 

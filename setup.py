@@ -22,5 +22,10 @@ setup(
         "fonttools",
         "ninja",
     ],
-    extras_require={"test": ["pytest", "ruff==0.17.6"]},
+    extras_require={
+        "test": ["pytest", "ruff==0.17.6"],
+        # fid/isc/kid/prc in launch/evaluate.py. torchvision must match torch: PyPI's Linux wheel is a CUDA
+        # build that cannot load beside a CPU-only torch (the digit metrics need neither).
+        "eval": ["torch-fidelity==0.4.0", "torchvision"],
+    },
 )

@@ -6,8 +6,8 @@
 
 Writes benchmarks/quality.json and benchmarks/quality.md: class accuracy (the project's digit classifier
 on the label each sample was drawn for) and the Fréchet distance in its feature space against the
-training digits, for each step at the first --guidance value listed after 1 (or 1), and for each guidance
-scale at --table_step. Every cell samples the same seeds and labels.
+training digits, for each guidance scale at --table_step and for each step at --by_step_guidance.
+Every cell samples the same seeds and labels; cells already measured in RUN_DIR/quality are reused.
 """
 
 import argparse
@@ -23,6 +23,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def measure(run_dir: str, step: int, guidance: float, num_samples: int, respacing: str, work: str) -> dict:
     out = os.path.join(work, f"step{step}_w{guidance:g}.npz")
+    row_file = out[: -len(".npz")] + ".row.json"
+    if os.path.isfile(row_file):  # measured by an earlier, interrupted run of this benchmark
+        with open(row_file) as f:
+            return json.load(f)
     start = time.perf_counter()
     subprocess.run(
         [
@@ -74,6 +78,8 @@ def measure(run_dir: str, step: int, guidance: float, num_samples: int, respacin
         "mnist_fd": result["mnist_fd"],
         "sample_seconds": round(sampled, 1),
     }
+    with open(row_file, "w") as f:
+        json.dump(row, f)
     print(json.dumps(row), flush=True)
     return row
 
@@ -86,13 +92,14 @@ def main() -> None:
     parser.add_argument("--steps", default="250,500,1000")
     parser.add_argument("--guidance", default="1,2,3,5")
     parser.add_argument("--table_step", type=int, default=1000)
+    parser.add_argument("--by_step_guidance", type=float, default=5.0)
     parser.add_argument("--num_samples", type=int, default=200)
     parser.add_argument("--respacing", default="ddim50")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "quality"))
     args = parser.parse_args()
     steps = [int(s) for s in args.steps.split(",")]
     scales = [float(w) for w in args.guidance.split(",")]
-    by_step_scale = next((w for w in scales if w != 1), 1.0)
+    by_step_scale = args.by_step_guidance
     work = os.path.join(args.run_dir, "quality")
     os.makedirs(work, exist_ok=True)
 
@@ -117,16 +124,32 @@ def main() -> None:
         f"({args.respacing}, the same seeds and labels 0-9 cycled), scored by the project's digit classifier "
         "(`iddpm_ds/digit_classifier.py`).",
         "",
+        "The run: "
+        + ", ".join(
+            f"{k} {config['model_flags'][k]}"
+            for k in (
+                "image_size",
+                "num_channels",
+                "num_res_blocks",
+                "channel_mult",
+                "attention_resolutions",
+                "class_cond",
+                "class_dropout_prob",
+            )
+        )
+        + f"; lr {config['train_flags']['lr']}, EMA {config['train_flags']['ema_rate']}, "
+        f"{config['world_size']} ranks x {config['deepspeed']['train_micro_batch_size_per_gpu']} images, "
+        f"{config['precision']}. (With a constant lr, a checkpoint at step N is the same whatever "
+        "--max_steps "
+        "the run was given.)",
+        "",
         f"## Guidance scale at step {args.table_step}",
         "",
-        "| guidance w | class accuracy | feature FD | sampling s |",
-        "|---|---|---|---|",
+        "| guidance w | class accuracy | feature FD |",
+        "|---|---|---|",
     ]
     for r in rows[: len(scales)]:
-        lines.append(
-            f"| {r['guidance_scale']:g} | {100 * r['mnist_acc']:.1f}% | {r['mnist_fd']:.1f} | "
-            f"{r['sample_seconds']} |"
-        )
+        lines.append(f"| {r['guidance_scale']:g} | {100 * r['mnist_acc']:.1f}% | {r['mnist_fd']:.1f} |")
     lines += [
         "",
         f"## By training step (w = {by_step_scale:g})",

@@ -13,6 +13,7 @@ $IDDPM_DS_INCEPTION_WEIGHTS. Under a launcher every rank extracts a share of the
 """
 
 import json
+import logging
 
 from iddpm_ds import dist_util
 from iddpm_ds.errors import ConfigError
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     parser.add_argument("--master_port", type=int, default=0, help="rendezvous port for mpirun")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # e.g. the classifier's first training
     if not args.samples:
         raise ConfigError("--samples: give the .npz of samples to measure")
     if args.batch_size < 1 or args.max_reference < 0:

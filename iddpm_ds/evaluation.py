@@ -2,9 +2,9 @@
 InceptionV3 (the network papers report with), and two offline numbers from the project's own digit
 classifier (digit_classifier.py): class accuracy and a Fréchet distance in its feature space.
 
-A feature extractor maps uint8 images [N, 3, H, W] to named features [N, D]. Features are extracted on
-every rank of an initialised process group (rank r takes images r, r + world, ...) and gathered, so
-evaluation scales with the launcher; the metrics are computed from the gathered features. The
+A feature extractor maps uint8 images [N, 3, H, W] to named features [N, D]. A distributed evaluator
+(launch/evaluate.py under a launcher) extracts on every rank (rank r takes images r, r + world, ...)
+and gathers, so evaluation scales with the launcher; the metrics come from the gathered features. The
 reference's Inception features are cached next to the reference, keyed by what they were made from.
 """
 
@@ -91,9 +91,12 @@ def load_reference(reference: str, image_size: int, limit: int = 0) -> np.ndarra
 
 # --------------------------------------------------------------------------- features
 @torch.no_grad()
-def extract(extractor: Extractor, images: np.ndarray, batch_size: int = 100) -> Dict[str, np.ndarray]:
-    """Features of uint8 images [N, H, W, 3], in image order, shared across the process group if any."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+def extract(
+    extractor: Extractor, images: np.ndarray, batch_size: int = 100, distributed: bool = False
+) -> Dict[str, np.ndarray]:
+    """Features of uint8 images [N, H, W, 3], in image order; with `distributed`, every rank of the process
+    group calls this, extracts a share and receives all (training evaluates on rank 0 alone: not)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     mine = images[rank::world]
     parts: Dict[str, list] = {}
     for i in range(0, len(mine), batch_size):
@@ -115,7 +118,12 @@ def extract(extractor: Extractor, images: np.ndarray, batch_size: int = 100) -> 
 
 
 def cached_extract(
-    extractor: Extractor, images_fn: Callable[[], np.ndarray], cache_path: str, key: str, batch_size: int
+    extractor: Extractor,
+    images_fn: Callable[[], np.ndarray],
+    cache_path: str,
+    key: str,
+    batch_size: int,
+    distributed: bool = False,
 ) -> Dict[str, np.ndarray]:
     """extract() of a reference, read from cache_path when it was written for the same key; a missing,
     stale or unreadable cache is recomputed and rewritten (atomically, by rank 0)."""
@@ -125,8 +133,8 @@ def cached_extract(
                 return {k: f[k] for k in f.files if k != "key"}
     except Exception:  # missing, torn or stale: recompute
         pass
-    feats = extract(extractor, images_fn(), batch_size)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    feats = extract(extractor, images_fn(), batch_size, distributed)
+    if not distributed or dist.get_rank() == 0:
         tmp = f"{cache_path}.tmp.{os.getpid()}.npz"
         try:
             np.savez(tmp, key=np.array(key), **feats)
@@ -259,6 +267,7 @@ class Evaluator:
     :param inception_weights: '' = resolve_inception_weights's search.
     :param max_reference: use at most this many reference images (0 = all).
     :param extractors: name -> Extractor, replacing the built ones ('inception', 'digits'); for tests.
+    :param distributed: every rank of the process group calls the evaluator and extracts a share.
     """
 
     def __init__(
@@ -271,7 +280,9 @@ class Evaluator:
         batch_size: int = 100,
         device: str = "cpu",
         extractors: Optional[Dict[str, Extractor]] = None,
+        distributed: bool = False,
     ):
+        self.distributed = distributed
         self.metrics, self.reference, self.image_size = list(metrics), reference, image_size
         self.max_reference, self.batch_size = max_reference, batch_size
         self.extractors = dict(extractors or {})
@@ -297,10 +308,12 @@ class Evaluator:
                 key = f"{os.path.abspath(self.reference)}|{changed}|{self.image_size}|{self.max_reference}"
                 path = reference_cache_path(self.reference, name, self.image_size)
                 self._reference_feats[name] = cached_extract(
-                    self.extractors[name], images, path, key, self.batch_size
+                    self.extractors[name], images, path, key, self.batch_size, self.distributed
                 )
             else:  # the digit classifier is cheap to run and may be retrained: never cached
-                self._reference_feats[name] = extract(self.extractors[name], images(), self.batch_size)
+                self._reference_feats[name] = extract(
+                    self.extractors[name], images(), self.batch_size, self.distributed
+                )
         return self._reference_feats[name]
 
     def __call__(self, images: np.ndarray, labels: Optional[np.ndarray] = None) -> Dict[str, float]:
@@ -308,10 +321,10 @@ class Evaluator:
         group."""
         out: Dict[str, float] = {}
         if any(m in INCEPTION_METRICS for m in self.metrics):
-            feats = extract(self.extractors["inception"], images, self.batch_size)
+            feats = extract(self.extractors["inception"], images, self.batch_size, self.distributed)
             out.update(inception_metrics(self.metrics, feats, self._reference("inception")))
         if any(m in MNIST_METRICS for m in self.metrics):
-            feats = extract(self.extractors["digits"], images, self.batch_size)
+            feats = extract(self.extractors["digits"], images, self.batch_size, self.distributed)
             if "mnist_acc" in self.metrics:
                 if labels is None:
                     raise DataError(

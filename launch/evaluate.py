@@ -45,7 +45,7 @@ def main() -> None:
     metrics = parse_metrics(args.metrics)
     images, labels = load_npz(args.samples)
 
-    rank, _, _ = dist_util.setup_if_launched(args.master_port or None)
+    rank, _, distributed = dist_util.setup_if_launched(args.master_port or None)
     device = str(dist_util.dev())
     evaluator = Evaluator(
         metrics,
@@ -55,6 +55,7 @@ def main() -> None:
         args.max_reference,
         args.batch_size,
         device,
+        distributed=distributed,
     )
     result = evaluator(images, labels)
     dist_util.shutdown()

@@ -187,10 +187,6 @@ def test_run_dir_holds_config_logs_and_tensorboard(tmp_path):
         "3e-4",
         "--sample_interval",
         "2",
-        "--eval_interval",
-        "2",
-        "--eval_samples",
-        "4",
         config="ds_configs/zero2.json",
         fp16_supported=False,
     )
@@ -203,10 +199,6 @@ def test_run_dir_holds_config_logs_and_tensorboard(tmp_path):
     assert config["deepspeed"]["optimizer"]["params"]["lr"] == 3e-4
     records = [json.loads(line) for line in (run_dir / "progress.jsonl").read_text().splitlines()]
     record = [r for r in records if "loss" in r][-1]
-    # The metrics of EMA samples at step 2, beside the training records.
-    (evaluated,) = [r for r in records if "eval/mnist_acc" in r]
-    assert evaluated["step"] == 2 and 0 <= evaluated["eval/mnist_acc"] <= 1 and evaluated["eval/mnist_fd"] > 0
-    assert "eval step 2 | ema 0.9 | mnist_acc" in (run_dir / "log.txt").read_text()
     for key in (
         "loss",
         "mse",
@@ -223,7 +215,6 @@ def test_run_dir_holds_config_logs_and_tensorboard(tmp_path):
 
     events = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0}).Reload()
     assert "train/loss" in events.Tags()["scalars"] and "train/loss_q3" in events.Tags()["scalars"]
-    assert {"eval/mnist_acc", "eval/mnist_fd"} <= set(events.Tags()["scalars"])
     (grid,) = events.Images("samples/ema_0.9")  # the EMA preview at step 2
     assert grid.step == 2 and grid.width > 8 * 4
     assert (run_dir / "model000002.pt").exists() and (run_dir / "ema_0.9_000002.pt").exists()
@@ -531,3 +522,16 @@ def test_classifier_free_guidance_trains_a_null_class_and_samples_with_it(tmp_pa
         ]
     )
     assert out.exists()
+
+
+def test_eval_interval_logs_sample_metrics_of_the_ema(tmp_path):
+    run_dir = tmp_path / "run"
+    launch(1, run_dir, "--max_steps", "2", "--eval_interval", "2", "--eval_samples", "4")
+    records = [json.loads(line) for line in (run_dir / "progress.jsonl").read_text().splitlines()]
+    (evaluated,) = [r for r in records if "eval/mnist_acc" in r]
+    assert evaluated["step"] == 2 and 0 <= evaluated["eval/mnist_acc"] <= 1 and evaluated["eval/mnist_fd"] > 0
+    assert "eval step 2 | ema 0.9 | mnist_acc" in (run_dir / "log.txt").read_text()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb")).Reload()
+    assert {"eval/mnist_acc", "eval/mnist_fd"} <= set(events.Tags()["scalars"])

@@ -134,7 +134,7 @@ def _extract_on_two_ranks(rank: int, port: int, images: np.ndarray, out: str) ->
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    feats = extract(MeanColour(), images, batch_size=7)
+    feats = extract(MeanColour(), images, batch_size=7, distributed=True)
     if rank == 0:
         np.save(out, feats["features"])
     dist.destroy_process_group()

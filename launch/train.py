@@ -43,7 +43,7 @@ from iddpm_ds.checkpointing import (
 )
 from iddpm_ds.ds_config import load as load_ds_config
 from iddpm_ds.ds_config import precision, resolve
-from iddpm_ds.errors import CheckpointError, ConfigError
+from iddpm_ds.errors import CheckpointError
 from iddpm_ds.flags import (
     HELP,
     explicit_flags,
@@ -278,10 +278,6 @@ def main(super_res: bool = False) -> None:
     from deepspeed.accelerator import get_accelerator
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if args.eval_interval and world > 1:
-        # Rank 0 evaluating alone while the others wait in the next collective hangs 2-rank runs (seen in
-        # the tests, not yet understood): refuse rather than hang.
-        raise ConfigError("--eval_interval runs on one rank only for now: train on one rank, or leave it 0")
     ds_cfg, notes = resolve(ds_cfg, args, explicit, world, get_accelerator().is_fp16_supported())
     run_dir = resolve_run_dir(args.log_dir)
     os.makedirs(run_dir, exist_ok=True)

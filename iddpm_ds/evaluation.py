@@ -117,6 +117,15 @@ def extract(
     return out
 
 
+def _read_cache(path: str, key: str) -> Optional[Dict[str, np.ndarray]]:
+    """The features cached at path for this key; None when missing, torn or made from something else."""
+    try:
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files if k != "key"} if str(f["key"]) == key else None
+    except Exception:
+        return None
+
+
 def cached_extract(
     extractor: Extractor,
     images_fn: Callable[[], np.ndarray],
@@ -127,12 +136,9 @@ def cached_extract(
 ) -> Dict[str, np.ndarray]:
     """extract() of a reference, read from cache_path when it was written for the same key; a missing,
     stale or unreadable cache is recomputed and rewritten (atomically, by rank 0)."""
-    try:
-        with np.load(cache_path) as f:
-            if str(f["key"]) == key:
-                return {k: f[k] for k in f.files if k != "key"}
-    except Exception:  # missing, torn or stale: recompute
-        pass
+    cached = _read_cache(cache_path, key)
+    if cached is not None:
+        return cached
     feats = extract(extractor, images_fn(), batch_size, distributed)
     if not distributed or dist.get_rank() == 0:
         tmp = f"{cache_path}.tmp.{os.getpid()}.npz"

@@ -8,6 +8,24 @@ from iddpm_ds.script_util import create_model_and_diffusion, model_and_diffusion
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_configure(config):
+    """Import Triton with its interpreter on, before any test runs.
+
+    Triton builds its language library (tl.sum, tl.sigmoid, ...) for the interpreter only if TRITON_INTERPRET=1
+    when it is first imported. A test that imports it first otherwise (torch.optim's first step does, through
+    torch._dynamo) would break the interpreted kernel tests after it. test_kernels.py turns the interpreter on
+    for each of its tests; elsewhere it stays off.
+    """
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    import triton  # noqa: F401
+
+    if previous is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = previous
+
+
 # The tiny UNet's shape: 8 px, two levels, attention at 4 px.
 TINY_SHAPE = dict(
     image_size=8,

@@ -93,7 +93,8 @@ def test_q_sample_and_predictions_invert():
 
 def test_normal_kl():
     m, lv = torch.randn(10), torch.randn(10)
-    assert torch.allclose(normal_kl(m, lv, m, lv), torch.zeros(10), atol=1e-7)
+    # KL(p || p) = 0 up to float32 rounding of terms of order exp(|lv|) (a few units).
+    assert torch.allclose(normal_kl(m, lv, m, lv), torch.zeros(10), atol=1e-6)
     m2, lv2 = torch.randn(10), torch.randn(10)
     ref = torch.distributions.kl_divergence(
         torch.distributions.Normal(m, (0.5 * lv).exp()), torch.distributions.Normal(m2, (0.5 * lv2).exp())

@@ -1,6 +1,7 @@
 """Multi-head self-attention straight from a fused qkv projection's [B, 3*heads*ch, T] layout."""
 
 import math
+from typing import Tuple
 
 import torch
 
@@ -41,10 +42,81 @@ def qkv_attention_reference(qkv: torch.Tensor, num_heads: int, order: str = "leg
     return torch.einsum("bhts,bhcs->bhct", weight, v).reshape(B, H * ch, T)
 
 
+@torch.library.custom_op("iddpm_kernels::qkv_attention", mutates_args=())
+def _qkv_attention_op(qkv: torch.Tensor, num_heads: int, order: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): the Triton flash forward and its float32 row log-sum-exp [B*H, T]. Where Triton cannot
+    build the kernel, the reference computes out (lse is then unused: the backward falls back too)."""
+    qkv = qkv.contiguous()
+
+    def triton_forward():
+        from . import attention_triton
+
+        return attention_triton.forward(qkv, num_heads, order)
+
+    def reference_forward():
+        return qkv_attention_reference(qkv, num_heads, order).contiguous(), _empty_lse(qkv, num_heads)
+
+    return run_triton_or_reference("qkv_attention", triton_forward, reference_forward)
+
+
+def _empty_lse(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    return qkv.new_empty(qkv.shape[0] * num_heads, qkv.shape[2], dtype=torch.float32)
+
+
+@_qkv_attention_op.register_fake
+def _(qkv, num_heads, order):
+    B, width, T = qkv.shape
+    return qkv.new_empty(B, width // 3, T), _empty_lse(qkv, num_heads)
+
+
+@torch.library.custom_op("iddpm_kernels::qkv_attention_backward", mutates_args=())
+def _qkv_attention_backward_op(
+    dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, num_heads: int, order: str
+) -> torch.Tensor:
+    """dqkv [B, 3*H*D, T], contiguous. Where Triton cannot build the kernel, autograd through the
+    reference."""
+    qkv = qkv.contiguous()
+
+    def triton_backward():
+        from . import attention_triton
+
+        return attention_triton.backward(dout.contiguous(), qkv, out, lse, num_heads, order)
+
+    def reference_backward():
+        leaf = qkv.detach().requires_grad_()
+        with torch.enable_grad():
+            (dqkv,) = torch.autograd.grad(qkv_attention_reference(leaf, num_heads, order), leaf, dout)
+        return dqkv.contiguous()
+
+    return run_triton_or_reference("qkv_attention", triton_backward, reference_backward)
+
+
+@_qkv_attention_backward_op.register_fake
+def _(dout, qkv, out, lse, num_heads, order):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, num_heads, order = inputs
+    ctx.save_for_backward(qkv, *output)
+    ctx.args = (num_heads, order)
+
+
+def _backward(ctx, dout, _dlse):
+    qkv, out, lse = ctx.saved_tensors
+    return _qkv_attention_backward_op(dout, qkv, out, lse, *ctx.args), None, None
+
+
+_qkv_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def qkv_attention(qkv: torch.Tensor, num_heads: int, order: str = "legacy") -> torch.Tensor:
-    """Attention of qkv [B, 3*heads*ch, T] -> [B, heads*ch, T]; differentiable in qkv."""
+    """Attention of qkv [B, 3*heads*ch, T] -> [B, heads*ch, T]; differentiable in qkv.
+
+    The Triton kernel runs as the custom op `iddpm_kernels::qkv_attention`, which torch.compile keeps in
+    its graph; elsewhere the reference runs.
+    """
     split_qkv(qkv, num_heads, order)  # validates before any kernel launch
-    reference = lambda: qkv_attention_reference(qkv, num_heads, order)  # noqa: E731
     # fp32 at full precision stays with PyTorch on a GPU: exact fp32 (FMA) dots do not fit a flash kernel's
     # registers; with torch.backends.cuda.matmul.allow_tf32 the kernel runs them in TF32, as cuBLAS would.
     exact_fp32 = qkv.is_cuda and qkv.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
@@ -53,9 +125,5 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, order: str = "legacy") -> t
     # the kernel.
     interpreted_bf16 = not qkv.is_cuda and qkv.dtype == torch.bfloat16
     if use_triton(qkv) and not exact_fp32 and not interpreted_bf16:
-        from .attention_triton import FlashQKVAttention
-
-        return run_triton_or_reference(
-            "qkv_attention", lambda: FlashQKVAttention.apply(qkv, num_heads, order), reference
-        )
-    return reference()
+        return _qkv_attention_op(qkv, num_heads, order)[0]
+    return qkv_attention_reference(qkv, num_heads, order)

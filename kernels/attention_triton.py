@@ -312,72 +312,88 @@ def _strides(order: str, H: int, D: int):
     return (3 * D, D) if order == "legacy" else (D, H * D)
 
 
-class FlashQKVAttention(torch.autograd.Function):
-    """softmax(q^T k / sqrt(D)) v per head from qkv [B, 3*H*D, T] -> [B, H*D, T]."""
+@dataclass(frozen=True)
+class Geometry:
+    """What the forward and backward launches of one qkv shape share."""
 
-    @staticmethod
-    def forward(ctx, qkv, num_heads, order):
-        qkv = qkv.contiguous()
-        B, width, T = qkv.shape
-        H = num_heads
-        D = width // (3 * H)
-        cfg = configs(T, D, device_capability(qkv.device), fp32=qkv.dtype == torch.float32)
-        BLOCK_D = max(16, triton.next_power_of_2(D))
-        head_stride, part_stride = _strides(order, H, D)
-        # fp32 reaches a GPU only when PyTorch allows TF32 matmuls (kernels.attention); the interpreter is
-        # exact.
-        precision = "ieee" if qkv.device.type == "cpu" else "tf32"
-        out = torch.empty(B, H * D, T, device=qkv.device, dtype=qkv.dtype)
-        lse = torch.empty(B * H, T, device=qkv.device, dtype=torch.float32)
-        sm_scale = 1.0 / math.sqrt(D)
-        f = cfg["fwd"]
-        _fwd_kernel[(triton.cdiv(T, f.block_m), B * H)](
-            qkv,
-            out,
-            lse,
-            H,
-            T,
-            head_stride,
-            part_stride,
-            sm_scale,
+    B: int
+    T: int
+    H: int
+    D: int
+    BLOCK_D: int
+    cfg: dict
+    precision: str  # of the dots: fp32 reaches a GPU only when PyTorch allows TF32 (kernels.attention)
+    sm_scale: float
+
+
+def geometry(qkv: torch.Tensor, num_heads: int) -> Geometry:
+    B, width, T = qkv.shape
+    D = width // (3 * num_heads)
+    return Geometry(
+        B,
+        T,
+        num_heads,
+        D,
+        max(16, triton.next_power_of_2(D)),
+        configs(T, D, device_capability(qkv.device), fp32=qkv.dtype == torch.float32),
+        "ieee" if qkv.device.type == "cpu" else "tf32",  # the interpreter is exact
+        1.0 / math.sqrt(D),
+    )
+
+
+def forward(qkv, num_heads: int, order: str):
+    """(out, lse): softmax(q^T k / sqrt(D)) v per head from contiguous qkv [B, 3*H*D, T] -> out [B, H*D, T],
+    and each query row's float32 log-sum-exp [B*H, T] for the backward."""
+    g = geometry(qkv, num_heads)
+    B, T, H, D = g.B, g.T, g.H, g.D
+    head_stride, part_stride = _strides(order, H, D)
+    out = torch.empty(B, H * D, T, device=qkv.device, dtype=qkv.dtype)
+    lse = torch.empty(B * H, T, device=qkv.device, dtype=torch.float32)
+    f = g.cfg["fwd"]
+    _fwd_kernel[(triton.cdiv(T, f.block_m), B * H)](
+        qkv,
+        out,
+        lse,
+        H,
+        T,
+        head_stride,
+        part_stride,
+        g.sm_scale,
+        D=D,
+        BLOCK_D=g.BLOCK_D,
+        BLOCK_M=f.block_m,
+        BLOCK_N=f.block_n,
+        PRECISION=g.precision,
+        num_warps=f.num_warps,
+        num_stages=f.num_stages,
+    )
+    return out, lse
+
+
+def backward(dout, qkv, out, lse, num_heads: int, order: str):
+    """dqkv [B, 3*H*D, T] of forward(), for contiguous dout, qkv and out."""
+    g = geometry(qkv, num_heads)
+    B, T, H, D = g.B, g.T, g.H, g.D
+    delta = torch.empty_like(lse)
+    pre = g.cfg["pre"]
+    _bwd_preprocess[(triton.cdiv(T, pre.block_m), B * H)](
+        out, dout, delta, H, T, D=D, BLOCK_D=g.BLOCK_D, BLOCK_M=pre.block_m, num_warps=pre.num_warps
+    )
+    dqkv = torch.empty_like(qkv)
+    head_stride, part_stride = _strides(order, H, D)
+    args = (qkv, dout, lse, delta, dqkv, H, T, head_stride, part_stride, g.sm_scale)
+    for kernel, c, blocks in (
+        (_bwd_dkdv_kernel, g.cfg["dkdv"], g.cfg["dkdv"].block_n),
+        (_bwd_dq_kernel, g.cfg["dq"], g.cfg["dq"].block_m),
+    ):
+        kernel[(triton.cdiv(T, blocks), B * H)](
+            *args,
             D=D,
-            BLOCK_D=BLOCK_D,
-            BLOCK_M=f.block_m,
-            BLOCK_N=f.block_n,
-            PRECISION=precision,
-            num_warps=f.num_warps,
-            num_stages=f.num_stages,
+            BLOCK_D=g.BLOCK_D,
+            BLOCK_M=c.block_m,
+            BLOCK_N=c.block_n,
+            PRECISION=g.precision,
+            num_warps=c.num_warps,
+            num_stages=c.num_stages,
         )
-        ctx.save_for_backward(qkv, out, lse)
-        ctx.meta = (H, D, order, sm_scale, BLOCK_D, cfg, precision)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        qkv, out, lse = ctx.saved_tensors
-        H, D, order, sm_scale, BLOCK_D, cfg, precision = ctx.meta
-        B, _, T = qkv.shape
-        dout = dout.contiguous()
-        delta = torch.empty_like(lse)
-        pre = cfg["pre"]
-        _bwd_preprocess[(triton.cdiv(T, pre.block_m), B * H)](
-            out, dout, delta, H, T, D=D, BLOCK_D=BLOCK_D, BLOCK_M=pre.block_m, num_warps=pre.num_warps
-        )
-        dqkv = torch.empty_like(qkv)
-        head_stride, part_stride = _strides(order, H, D)
-        args = (qkv, dout, lse, delta, dqkv, H, T, head_stride, part_stride, sm_scale)
-        for kernel, c, blocks in (
-            (_bwd_dkdv_kernel, cfg["dkdv"], cfg["dkdv"].block_n),
-            (_bwd_dq_kernel, cfg["dq"], cfg["dq"].block_m),
-        ):
-            kernel[(triton.cdiv(T, blocks), B * H)](
-                *args,
-                D=D,
-                BLOCK_D=BLOCK_D,
-                BLOCK_M=c.block_m,
-                BLOCK_N=c.block_n,
-                PRECISION=precision,
-                num_warps=c.num_warps,
-                num_stages=c.num_stages,
-            )
-        return dqkv, None, None
+    return dqkv

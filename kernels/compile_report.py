@@ -2,7 +2,7 @@
 
     python kernels/compile_report.py [--arch 90] [--out report.json]
 
-No GPU is needed: the autograd Functions run forward and backward on "meta"
+No GPU is needed: the kernels' forward and backward run on "meta"
 tensors with the Triton launches recorded instead of run, and each distinct
 launch is compiled by Triton for the target and assembled by ptxas -v. The
 table gives registers per thread, spilled bytes, shared memory per program,
@@ -31,6 +31,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from kernels import attention_triton, group_norm_triton
 from kernels.bench import ATTN_SHAPES, GN_SHAPES
+from kernels.group_norm import rows_view
 
 # Per-SM limits of the targets we build for: registers, shared memory per program (bytes), resident warps.
 SM_LIMITS = {80: (65536, 166912, 64), 89: (65536, 101376, 48), 90: (65536, 232448, 64)}
@@ -81,22 +82,27 @@ def recorded_launches():
 def group_norm_launches(shape, pattern, dtype):
     B, C = shape[:2]
     meta = dict(device="meta", dtype=dtype)
-    x = torch.empty(shape, **meta, requires_grad=True)
-    w, b = torch.empty(C, **meta, requires_grad=True), torch.empty(C, **meta, requires_grad=True)
-    scale = torch.empty(B, C, **meta, requires_grad=True) if pattern == "ss" else None
-    shift = torch.empty(B, C, **meta, requires_grad=True) if pattern == "ss" else None
+    x = torch.empty(shape, **meta)
+    w, b = torch.empty(C, **meta), torch.empty(C, **meta)
+    scale = torch.empty(B, C, **meta) if pattern == "ss" else None
+    shift = torch.empty(B, C, **meta) if pattern == "ss" else None
+    x3, strides = rows_view(x)
     with recorded_launches() as launches:
-        y = group_norm_triton.GroupNormSiLU.apply(x, w, b, scale, shift, 32, 1e-5, pattern != "plain")
-        y.backward(torch.empty_like(y))
+        y3, mean, rstd = group_norm_triton.forward(
+            x3, strides, w, b, scale, shift, 32, 1e-5, pattern != "plain"
+        )
+        group_norm_triton.backward(
+            torch.empty_like(y3), x3, strides, w, b, scale, shift, mean, rstd, 32, pattern != "plain"
+        )
     return launches
 
 
 def attention_launches(B, H, T, D, dtype, arch):
     attention_triton.device_capability = lambda device: arch  # meta tensors have no device to ask
-    qkv = torch.empty(B, 3 * H * D, T, device="meta", dtype=dtype, requires_grad=True)
+    qkv = torch.empty(B, 3 * H * D, T, device="meta", dtype=dtype)
     with recorded_launches() as launches:
-        out = attention_triton.FlashQKVAttention.apply(qkv, H, "legacy")
-        out.backward(torch.empty_like(out))
+        out, lse = attention_triton.forward(qkv, H, "legacy")
+        attention_triton.backward(torch.empty_like(out), qkv, out, lse, H, "legacy")
     return launches
 
 

@@ -3,9 +3,13 @@
 y = silu(((x - mean_g) * rstd_g * weight + bias) * (1 + scale) + shift), with the
 group statistics in float32 whatever x's dtype (the Triton kernel keeps the whole chain in float32 and
 rounds once).
+
+The Triton kernels are wrapped as the custom op `iddpm_kernels::group_norm_silu` (with its backward op,
+autograd and fake implementation), so torch.compile traces a UNet that calls them without a graph break
+and places the kernels inside its graph.
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +43,151 @@ def group_norm_silu_reference(
     return F.silu(h) if silu else h
 
 
+def rows_view(x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """x [B, C, *spatial] as the kernels read it: a [B, C, L] view and its (channel, position) strides.
+
+    Contiguous and channels-last tensors are read in place (a channels_last UNet pays no conversion);
+    any other layout is copied to contiguous once.
+    """
+    B, C = x.shape[:2]
+    L = x.numel() // max(B * C, 1)
+    if x.dim() > 2 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return x.permute(0, *range(2, x.dim()), 1).reshape(B, L, C).transpose(1, 2), (1, C)
+    if (
+        x.dim() == 3 and x.stride() == (C * L, 1, C) and not x.is_contiguous()
+    ):  # a channels-last map, flattened
+        return x, (1, C)
+    return x.contiguous().view(B, C, L), (L, 1)
+
+
+def _empty_stats(x: torch.Tensor, num_groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    n = x.shape[0] * num_groups
+    return x.new_empty(n, dtype=torch.float32), x.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("iddpm_kernels::group_norm_silu", mutates_args=())
+def _group_norm_silu_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    num_groups: int,
+    eps: float,
+    silu: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, rstd): the Triton forward, y laid out as rows_view(x) reads x; the float32 group
+    statistics [B * num_groups] feed the backward. Where Triton cannot build the kernel, the reference
+    computes y (the statistics are then unused: the backward falls back too)."""
+    x3, strides = rows_view(x)
+
+    def triton_forward():
+        from . import group_norm_triton
+
+        y3, mean, rstd = group_norm_triton.forward(
+            x3, strides, weight, bias, scale, shift, num_groups, eps, silu
+        )
+        return y3.view(x.shape), mean, rstd
+
+    def reference_forward():
+        y = group_norm_silu_reference(x, weight, bias, num_groups, eps, scale=scale, shift=shift, silu=silu)
+        y3 = torch.empty_like(x3)
+        y3.view(x.shape).copy_(y)
+        return (y3.view(x.shape), *_empty_stats(x, num_groups))
+
+    return run_triton_or_reference("group_norm_silu", triton_forward, reference_forward)
+
+
+@_group_norm_silu_op.register_fake
+def _(x, weight, bias, scale, shift, num_groups, eps, silu):
+    x3, _ = rows_view(x)
+    return (torch.empty_like(x3).view(x.shape), *_empty_stats(x, num_groups))
+
+
+@torch.library.custom_op("iddpm_kernels::group_norm_silu_backward", mutates_args=())
+def _group_norm_silu_backward_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    num_groups: int,
+    eps: float,
+    silu: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias, dscale, dshift) of the forward op; dscale / dshift are empty where scale /
+    shift are None. Where Triton cannot build the kernel, autograd through the reference."""
+    x3, strides = rows_view(x)
+
+    def triton_backward():
+        from . import group_norm_triton
+
+        dy3, dy_strides = rows_view(dy)
+        if dy_strides != strides:  # the kernels read dy in x's layout
+            dy3 = torch.empty_like(x3)
+            dy3.view(x.shape).copy_(dy)
+        dx3, *grads = group_norm_triton.backward(
+            dy3, x3, strides, weight, bias, scale, shift, mean, rstd, num_groups, silu
+        )
+        return (dx3.view(x.shape), *grads)
+
+    def reference_backward():
+        inputs = [t.detach().requires_grad_() for t in (x, weight, bias, scale, shift) if t is not None]
+        with torch.enable_grad():
+            y = group_norm_silu_reference(
+                *inputs[:3],
+                num_groups,
+                eps,
+                scale=inputs[3] if scale is not None else None,
+                shift=inputs[-1] if shift is not None else None,
+                silu=silu,
+            )
+            grads = list(torch.autograd.grad(y, inputs, dy))
+        dx, dweight, dbias = grads[:3]
+        dscale = grads[3] if scale is not None else x.new_empty(0)
+        dshift = grads[-1] if shift is not None else x.new_empty(0)
+        dx3 = torch.empty_like(x3)
+        dx3.view(x.shape).copy_(dx)
+        return dx3.view(x.shape), dweight, dbias, dscale, dshift
+
+    return run_triton_or_reference("group_norm_silu", triton_backward, reference_backward)
+
+
+@_group_norm_silu_backward_op.register_fake
+def _(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, silu):
+    x3, _ = rows_view(x)
+    return (
+        torch.empty_like(x3).view(x.shape),
+        torch.empty_like(weight),
+        torch.empty_like(bias),
+        torch.empty_like(scale) if scale is not None else x.new_empty(0),
+        torch.empty_like(shift) if shift is not None else x.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, scale, shift, num_groups, eps, silu = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+    ctx.args = (num_groups, eps, silu)
+    ctx.has = (scale is not None, shift is not None)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias, dscale, dshift = _group_norm_silu_backward_op(
+        dy, x, weight, bias, scale, shift, mean, rstd, *ctx.args
+    )
+    has_scale, has_shift = ctx.has
+    return dx, dweight, dbias, dscale if has_scale else None, dshift if has_shift else None, None, None, None
+
+
+_group_norm_silu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def group_norm_silu(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -51,22 +200,11 @@ def group_norm_silu(
 ) -> torch.Tensor:
     """silu(group_norm(x) * (1 + scale) + shift); see group_norm_silu_reference for shapes.
 
-    Differentiable in x, weight, bias, scale and shift.
+    Differentiable in x, weight, bias, scale and shift. The output keeps x's layout where the kernel
+    reads it in place (contiguous or channels-last).
     """
     if x.shape[1] % num_groups:
         raise ValueError(f"num_groups={num_groups} does not divide the {x.shape[1]} channels")
-
-    def reference():
-        return group_norm_silu_reference(
-            x, weight, bias, num_groups, eps, scale=scale, shift=shift, silu=silu
-        )
-
     if use_triton(x):
-        from .group_norm_triton import GroupNormSiLU
-
-        return run_triton_or_reference(
-            "group_norm_silu",
-            lambda: GroupNormSiLU.apply(x, weight, bias, scale, shift, num_groups, eps, silu),
-            reference,
-        )
-    return reference()
+        return _group_norm_silu_op(x, weight, bias, scale, shift, num_groups, eps, silu)[0]
+    return group_norm_silu_reference(x, weight, bias, num_groups, eps, scale=scale, shift=shift, silu=silu)

@@ -1,7 +1,8 @@
 """Triton GroupNorm(+scale-shift)(+SiLU): forward and backward, next to its autograd.Function.
 
-Layout: x is contiguous [B, C, L] (L = H*W, any size); a row is one (b, c)
-pair's L elements and a group's cpg = C / G rows are contiguous.
+Layout: x is [B, C, L] (L = H*W, any size), element (b, c, l) at b*C*L + c*SC + l*SL:
+contiguous (SC, SL) = (L, 1), or channels-last (1, C), so a channels_last UNet is
+read in place. A row is one (b, c) pair's L elements; a group is cpg = C / G rows.
 
     xhat = (x - mean_g) * rstd_g          z = xhat * w + b
     u = z * (1 + scale) + shift           y = silu(u)  (or u)
@@ -103,7 +104,7 @@ def _sum_over_batch_kernel(R, DW, DB, B, C, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _group_tile(pid, C, L, cpg, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+def _group_tile(pid, C, L, SC, SL, cpg, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """Channels [BLOCK_C, 1], rows [BLOCK_C, 1], element offsets and mask [BLOCK_C, BLOCK_L] of group pid =
     b*G + g."""
     G = C // cpg
@@ -113,7 +114,8 @@ def _group_tile(pid, C, L, cpg, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     row = b * C + c
     offs_l = tl.arange(0, BLOCK_L)[None, :]
     row_valid = k < cpg
-    return c, row, row.to(tl.int64) * L + offs_l, row_valid, row_valid & (offs_l < L)
+    # One sample's offsets fit int32; the batch offset may not.
+    return c, row, b.to(tl.int64) * C * L + (c * SC + offs_l * SL), row_valid, row_valid & (offs_l < L)
 
 
 @triton.jit
@@ -128,6 +130,8 @@ def _fwd_resident_kernel(
     Rstd,
     C,
     L,
+    SC,
+    SL,
     cpg,
     eps,
     HAS_SCALE: tl.constexpr,
@@ -137,7 +141,7 @@ def _fwd_resident_kernel(
     BLOCK_L: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    c, row, ptrs, row_valid, mask = _group_tile(pid, C, L, cpg, BLOCK_C, BLOCK_L)
+    c, row, ptrs, row_valid, mask = _group_tile(pid, C, L, SC, SL, cpg, BLOCK_C, BLOCK_L)
     x = tl.load(X + ptrs, mask=mask, other=0.0).to(tl.float32)
     n = cpg * L
     mean = tl.sum(x) / n
@@ -168,6 +172,8 @@ def _bwd_resident_kernel(
     DShift,
     C,
     L,
+    SC,
+    SL,
     cpg,
     n_rows,
     HAS_SCALE: tl.constexpr,
@@ -178,7 +184,7 @@ def _bwd_resident_kernel(
 ):
     """dx = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)), dxhat = du * (1 + scale) * w."""
     pid = tl.program_id(0)
-    c, row, ptrs, row_valid, mask = _group_tile(pid, C, L, cpg, BLOCK_C, BLOCK_L)
+    c, row, ptrs, row_valid, mask = _group_tile(pid, C, L, SC, SL, cpg, BLOCK_C, BLOCK_L)
     mean = tl.load(Mean + pid)
     rstd = tl.load(Rstd + pid)
     xhat = tl.where(mask, (tl.load(X + ptrs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
@@ -210,18 +216,19 @@ def _bwd_resident_kernel(
 
 
 @triton.jit
-def _row_block(row, j, L, BLOCK: tl.constexpr):
+def _row_block(row, j, C, L, SC, SL, BLOCK: tl.constexpr):
+    """Element offsets and mask of block j of row = b*C + c."""
     offs = j * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < L
-    return row.to(tl.int64) * L + offs, mask
+    b = row // C
+    return b.to(tl.int64) * C * L + ((row - b * C) * SC + offs * SL), offs < L
 
 
 @triton.jit
-def _fwd_partial_stats_kernel(X, PMean, PM2, L, NB, BLOCK: tl.constexpr):
+def _fwd_partial_stats_kernel(X, PMean, PM2, C, L, SC, SL, NB, BLOCK: tl.constexpr):
     """Exact mean and M2 = sum((x - mean)^2) of each block."""
     row = tl.program_id(0)
     j = tl.program_id(1)
-    ptrs, mask = _row_block(row, j, L, BLOCK)
+    ptrs, mask = _row_block(row, j, C, L, SC, SL, BLOCK)
     x = tl.load(X + ptrs, mask=mask, other=0.0).to(tl.float32)
     m = tl.sum(x) / tl.minimum(BLOCK, L - j * BLOCK)
     xc = tl.where(mask, x - m, 0.0)
@@ -253,6 +260,8 @@ def _fwd_apply_kernel(
     Rstd,
     C,
     L,
+    SC,
+    SL,
     cpg,
     NB,
     eps,
@@ -275,7 +284,7 @@ def _fwd_apply_kernel(
     if (j == 0) & (row % cpg == 0):
         tl.store(Mean + gid, mean)
         tl.store(Rstd + gid, rstd)
-    ptrs, mask = _row_block(row, j, L, BLOCK)
+    ptrs, mask = _row_block(row, j, C, L, SC, SL, BLOCK)
     w, bias, mult, add = _modulation(W, Bias, Scale, Shift, row % C, row, True, HAS_SCALE, HAS_SHIFT)
     u = ((tl.load(X + ptrs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd * w + bias) * mult + add
     if SILU:
@@ -297,6 +306,8 @@ def _bwd_partial_sums_kernel(
     PA2,
     C,
     L,
+    SC,
+    SL,
     cpg,
     NB,
     HAS_SCALE: tl.constexpr,
@@ -308,7 +319,7 @@ def _bwd_partial_sums_kernel(
     row = tl.program_id(0)
     j = tl.program_id(1)
     gid = row // cpg
-    ptrs, mask = _row_block(row, j, L, BLOCK)
+    ptrs, mask = _row_block(row, j, C, L, SC, SL, BLOCK)
     xhat = tl.where(
         mask,
         (tl.load(X + ptrs, mask=mask, other=0.0).to(tl.float32) - tl.load(Mean + gid)) * tl.load(Rstd + gid),
@@ -342,6 +353,8 @@ def _bwd_dx_kernel(
     DShift,
     C,
     L,
+    SC,
+    SL,
     cpg,
     NB,
     n_rows,
@@ -363,7 +376,7 @@ def _bwd_dx_kernel(
     k2 = tl.sum(pa2 * pw * pmult) / n
     mean = tl.load(Mean + gid)
     rstd = tl.load(Rstd + gid)
-    ptrs, mask = _row_block(row, j, L, BLOCK)
+    ptrs, mask = _row_block(row, j, C, L, SC, SL, BLOCK)
     w, bias, mult, add = _modulation(W, Bias, Scale, Shift, row % C, row, True, HAS_SCALE, HAS_SHIFT)
     xhat = (tl.load(X + ptrs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
     du = _grad_u(xhat, tl.load(DY + ptrs, mask=mask, other=0.0).to(tl.float32), w, bias, mult, add, SILU)
@@ -416,169 +429,169 @@ def _flags(scale, shift, silu):
     return dict(HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=silu)
 
 
-class GroupNormSiLU(torch.autograd.Function):
-    """silu(group_norm(x) * (1 + scale) + shift) with Triton kernels; see
-    kernels.group_norm.group_norm_silu."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, num_groups, eps, silu):
-        B, C = x.shape[:2]
-        x3 = x.contiguous().view(B, C, -1)
-        L = x3.shape[2]
-        cpg = C // num_groups
-        p = plan(cpg, L, x.element_size())
-        mean = torch.empty(B * num_groups, device=x.device, dtype=torch.float32)
-        rstd = torch.empty_like(mean)
-        # Absent scale/shift: any tensor as the pointer argument; the kernels never read it.
-        scale_c = scale.contiguous() if scale is not None else mean
-        shift_c = shift.contiguous() if shift is not None else mean
-        y = torch.empty_like(x3)
-        flags = _flags(scale, shift, silu)
-        if p.resident:
-            _fwd_resident_kernel[(B * num_groups,)](
-                x3,
-                y,
-                weight,
-                bias,
-                scale_c,
-                shift_c,
-                mean,
-                rstd,
-                C,
-                L,
-                cpg,
-                eps,
-                **flags,
-                **p.constexprs,
-                num_warps=p.num_warps,
-            )
-        else:
-            nb = triton.cdiv(L, p.constexprs["BLOCK"])
-            pmean = torch.empty(B * C * nb, device=x.device, dtype=torch.float32)
-            pm2 = torch.empty_like(pmean)
-            _fwd_partial_stats_kernel[(B * C, nb)](
-                x3, pmean, pm2, L, nb, BLOCK=p.constexprs["BLOCK"], num_warps=p.num_warps
-            )
-            _fwd_apply_kernel[(B * C, nb)](
-                x3,
-                y,
-                weight,
-                bias,
-                scale_c,
-                shift_c,
-                pmean,
-                pm2,
-                mean,
-                rstd,
-                C,
-                L,
-                cpg,
-                nb,
-                eps,
-                **flags,
-                **p.constexprs,
-                num_warps=p.num_warps,
-            )
-        ctx.save_for_backward(x3, weight, bias, scale, shift, mean, rstd)
-        ctx.meta = (num_groups, silu, x.shape)
-        return y.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x3, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-        num_groups, silu, shape = ctx.meta
-        B, C, L = x3.shape
-        cpg = C // num_groups
-        p = plan(cpg, L, x3.element_size())
-        dy3 = dy.contiguous().view(B, C, L)
-        scale_c = scale.contiguous() if scale is not None else mean
-        shift_c = shift.contiguous() if shift is not None else mean
-        dx = torch.empty_like(x3)
-        red = torch.empty(2, B * C, device=x3.device, dtype=torch.float32)
-        dscale = torch.empty_like(scale_c) if scale is not None else red
-        dshift = torch.empty_like(shift_c) if shift is not None else red
-        flags = _flags(scale, shift, silu)
-        if p.resident:
-            _bwd_resident_kernel[(B * num_groups,)](
-                x3,
-                dy3,
-                dx,
-                weight,
-                bias,
-                scale_c,
-                shift_c,
-                mean,
-                rstd,
-                red,
-                dscale,
-                dshift,
-                C,
-                L,
-                cpg,
-                B * C,
-                **flags,
-                **p.constexprs,
-                num_warps=p.num_warps,
-            )
-        else:
-            nb = triton.cdiv(L, p.constexprs["BLOCK"])
-            pa1 = torch.empty(B * C * nb, device=x3.device, dtype=torch.float32)
-            pa2 = torch.empty_like(pa1)
-            _bwd_partial_sums_kernel[(B * C, nb)](
-                x3,
-                dy3,
-                weight,
-                bias,
-                scale_c,
-                shift_c,
-                mean,
-                rstd,
-                pa1,
-                pa2,
-                C,
-                L,
-                cpg,
-                nb,
-                **flags,
-                BLOCK=p.constexprs["BLOCK"],
-                num_warps=p.num_warps,
-            )
-            _bwd_dx_kernel[(B * C, nb)](
-                x3,
-                dy3,
-                dx,
-                weight,
-                bias,
-                scale_c,
-                shift_c,
-                mean,
-                rstd,
-                pa1,
-                pa2,
-                red,
-                dscale,
-                dshift,
-                C,
-                L,
-                cpg,
-                nb,
-                B * C,
-                **flags,
-                **p.constexprs,
-                num_warps=p.num_warps,
-            )
-        needs = ctx.needs_input_grad
-        dweight, dbias = torch.empty_like(weight), torch.empty_like(bias)
-        if needs[1] or needs[2]:
-            block = min(1024, triton.next_power_of_2(C))
-            _sum_over_batch_kernel[(triton.cdiv(C, block),)](red, dweight, dbias, B, C, BLOCK=block)
-        return (
-            dx.view(shape),
-            dweight if needs[1] else None,
-            dbias if needs[2] else None,
-            dscale if scale is not None and needs[3] else None,
-            dshift if shift is not None and needs[4] else None,
-            None,
-            None,
-            None,
+def forward(x3, strides, weight, bias, scale, shift, num_groups: int, eps: float, silu: bool):
+    """(y3, mean, rstd): y3 = silu(group_norm(x3) * (1 + scale) + shift) laid out like x3 [B, C, L], whose
+    (channel, position) strides are `strides`; per-group float32 mean and rstd [B * num_groups] for the
+    backward. See kernels.group_norm.group_norm_silu."""
+    B, C, L = x3.shape
+    SC, SL = strides
+    cpg = C // num_groups
+    p = plan(cpg, L, x3.element_size())
+    mean = torch.empty(B * num_groups, device=x3.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    # Absent scale/shift: any tensor as the pointer argument; the kernels never read it.
+    scale_c = scale.contiguous() if scale is not None else mean
+    shift_c = shift.contiguous() if shift is not None else mean
+    y = torch.empty_like(x3)
+    flags = _flags(scale, shift, silu)
+    if p.resident:
+        _fwd_resident_kernel[(B * num_groups,)](
+            x3,
+            y,
+            weight,
+            bias,
+            scale_c,
+            shift_c,
+            mean,
+            rstd,
+            C,
+            L,
+            SC,
+            SL,
+            cpg,
+            eps,
+            **flags,
+            **p.constexprs,
+            num_warps=p.num_warps,
         )
+    else:
+        nb = triton.cdiv(L, p.constexprs["BLOCK"])
+        pmean = torch.empty(B * C * nb, device=x3.device, dtype=torch.float32)
+        pm2 = torch.empty_like(pmean)
+        _fwd_partial_stats_kernel[(B * C, nb)](
+            x3, pmean, pm2, C, L, SC, SL, nb, BLOCK=p.constexprs["BLOCK"], num_warps=p.num_warps
+        )
+        _fwd_apply_kernel[(B * C, nb)](
+            x3,
+            y,
+            weight,
+            bias,
+            scale_c,
+            shift_c,
+            pmean,
+            pm2,
+            mean,
+            rstd,
+            C,
+            L,
+            SC,
+            SL,
+            cpg,
+            nb,
+            eps,
+            **flags,
+            **p.constexprs,
+            num_warps=p.num_warps,
+        )
+    return y, mean, rstd
+
+
+def backward(dy3, x3, strides, weight, bias, scale, shift, mean, rstd, num_groups: int, silu: bool):
+    """(dx3, dweight, dbias, dscale, dshift) of forward(); dy3 and dx3 are laid out like x3, and dscale /
+    dshift are empty tensors where scale / shift are None."""
+    B, C, L = x3.shape
+    SC, SL = strides
+    cpg = C // num_groups
+    p = plan(cpg, L, x3.element_size())
+    scale_c = scale.contiguous() if scale is not None else mean
+    shift_c = shift.contiguous() if shift is not None else mean
+    dx = torch.empty_like(x3)
+    red = torch.empty(2, B * C, device=x3.device, dtype=torch.float32)
+    dscale = torch.empty_like(scale_c) if scale is not None else red
+    dshift = torch.empty_like(shift_c) if shift is not None else red
+    flags = _flags(scale, shift, silu)
+    if p.resident:
+        _bwd_resident_kernel[(B * num_groups,)](
+            x3,
+            dy3,
+            dx,
+            weight,
+            bias,
+            scale_c,
+            shift_c,
+            mean,
+            rstd,
+            red,
+            dscale,
+            dshift,
+            C,
+            L,
+            SC,
+            SL,
+            cpg,
+            B * C,
+            **flags,
+            **p.constexprs,
+            num_warps=p.num_warps,
+        )
+    else:
+        nb = triton.cdiv(L, p.constexprs["BLOCK"])
+        pa1 = torch.empty(B * C * nb, device=x3.device, dtype=torch.float32)
+        pa2 = torch.empty_like(pa1)
+        _bwd_partial_sums_kernel[(B * C, nb)](
+            x3,
+            dy3,
+            weight,
+            bias,
+            scale_c,
+            shift_c,
+            mean,
+            rstd,
+            pa1,
+            pa2,
+            C,
+            L,
+            SC,
+            SL,
+            cpg,
+            nb,
+            **flags,
+            BLOCK=p.constexprs["BLOCK"],
+            num_warps=p.num_warps,
+        )
+        _bwd_dx_kernel[(B * C, nb)](
+            x3,
+            dy3,
+            dx,
+            weight,
+            bias,
+            scale_c,
+            shift_c,
+            mean,
+            rstd,
+            pa1,
+            pa2,
+            red,
+            dscale,
+            dshift,
+            C,
+            L,
+            SC,
+            SL,
+            cpg,
+            nb,
+            B * C,
+            **flags,
+            **p.constexprs,
+            num_warps=p.num_warps,
+        )
+    dweight, dbias = torch.empty_like(weight), torch.empty_like(bias)
+    block = min(1024, triton.next_power_of_2(C))
+    _sum_over_batch_kernel[(triton.cdiv(C, block),)](red, dweight, dbias, B, C, BLOCK=block)
+    return (
+        dx,
+        dweight,
+        dbias,
+        dscale if scale is not None else x3.new_empty(0),
+        dshift if shift is not None else x3.new_empty(0),
+    )

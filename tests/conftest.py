@@ -11,10 +11,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def pytest_configure(config):
     """Import Triton with its interpreter on, before any test runs.
 
-    Triton builds its language library (tl.sum, tl.sigmoid, ...) for the interpreter only if TRITON_INTERPRET=1
-    when it is first imported. A test that imports it first otherwise (torch.optim's first step does, through
-    torch._dynamo) would break the interpreted kernel tests after it. test_kernels.py turns the interpreter on
-    for each of its tests; elsewhere it stays off.
+    Triton builds its language library (tl.sum, tl.sigmoid, ...) for the interpreter only if
+    TRITON_INTERPRET=1 when it is first imported. A test that imports it first otherwise (torch.optim's
+    first step does, through torch._dynamo) would break the interpreted kernel tests after it.
+    test_kernels.py turns the interpreter on for each of its tests; elsewhere it stays off.
     """
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"

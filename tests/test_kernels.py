@@ -64,6 +64,61 @@ def test_group_norm_silu_matches_float64_reference(B, C, H, W, G, has_scale, has
         assert rel_err(g, g_ref) < 1e-4
 
 
+@pytest.mark.parametrize("flatten", [False, True])
+def test_group_norm_reads_channels_last_in_place(gn_path, flatten):
+    """A channels_last map (and the [B, C, H*W] view attention takes of it) goes through the kernels with its
+    own strides: same values and gradients as the float64 reference, the output and dx channels-last too."""
+    from kernels.group_norm import rows_view
+
+    torch.manual_seed(5)
+    B, C, H, W, G = 2, 32, 5, 3, 8
+    x4 = (torch.randn(B, C, H, W) * 2 + 1).to(memory_format=torch.channels_last).requires_grad_()
+    x = x4.reshape(B, C, H * W) if flatten else x4
+    assert rows_view(x)[1] == (1, C)  # read in place, no copy to NCHW
+    w, b, scale, shift = (torch.randn(*shape).requires_grad_() for shape in ((C,), (C,), (B, C), (B, C)))
+    y = group_norm_silu(x, w, b, G, scale=scale, shift=shift)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x4, w, b, scale, shift], dy)
+    args64 = [t.detach().double().requires_grad_() for t in (x4, w, b, scale, shift)]
+    x64 = args64[0].reshape(B, C, H * W) if flatten else args64[0]
+    y_ref = group_norm_silu_reference(x64, *args64[1:3], G, scale=args64[3], shift=args64[4])
+    grads_ref = torch.autograd.grad(y_ref, args64, dy.double())
+    assert y.stride() == x.stride() and grads[0].is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(y, y_ref) < 1e-5
+    for g, g_ref in zip(grads, grads_ref):
+        assert rel_err(g, g_ref) < 1e-4
+
+
+def test_compiled_unet_with_kernels_traces_them_as_custom_ops():
+    """torch.compile sees the fused kernels as custom ops (iddpm_kernels::*), not Python it must trace: no
+    graph break in the UNet, and the compiled forward and backward give eager's loss and gradients.
+    aot_eager runs the same AOTAutograd graphs as inductor without code generation (minutes saved here)."""
+    from conftest import tiny_flags
+
+    from iddpm_ds.script_util import create_model_and_diffusion
+
+    torch.manual_seed(0)
+    model, diffusion = create_model_and_diffusion(**tiny_flags(learn_sigma=True, use_fused_kernels=True))
+    for p in model.parameters():  # zero-initialised output convs would hide the blocks they gate
+        torch.nn.init.normal_(p, std=0.1)
+    x, t, noise = torch.randn(1, 3, 8, 8), torch.tensor([7]), torch.randn(1, 3, 8, 8)
+    explained = torch._dynamo.explain(model)(x, t)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    ops = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert {"iddpm_kernels.group_norm_silu.default", "iddpm_kernels.qkv_attention.default"} <= ops
+
+    def loss_and_grads(net):
+        loss = diffusion.training_losses(net, x, t, noise=noise)["loss"].sum()
+        return loss.detach(), torch.autograd.grad(loss, list(model.parameters()))
+
+    torch._dynamo.reset()
+    loss_eager, grads_eager = loss_and_grads(model)
+    loss_compiled, grads_compiled = loss_and_grads(torch.compile(model, backend="aot_eager", fullgraph=True))
+    assert torch.allclose(loss_compiled, loss_eager, rtol=1e-6)
+    for g, g_ref in zip(grads_compiled, grads_eager):
+        assert torch.allclose(g, g_ref, rtol=1e-5, atol=1e-7)
+
+
 def test_group_norm_bf16_input_keeps_fp32_statistics():
     torch.manual_seed(0)
     x = torch.randn(2, 32, 6, 6) * 4 + 10
@@ -378,7 +433,7 @@ def test_a_kernel_that_cannot_build_falls_back_to_the_reference_once(monkeypatch
         calls.append(1)
         raise OutOfResources(300000, 232448, "shared memory")
 
-    monkeypatch.setattr(group_norm_triton.GroupNormSiLU, "apply", no_room)
+    monkeypatch.setattr(group_norm_triton, "forward", no_room)
     monkeypatch.setattr(kernels.dispatch, "_broken", set())
     x, w, b = torch.randn(1, 8, 3, 3), torch.randn(8), torch.randn(8)
     with pytest.warns(UserWarning, match="group_norm_silu is unavailable"):

@@ -1,9 +1,10 @@
 """The DeepSpeed JSON: loading, validation, and the few seed flags that may override it.
 
 The JSON is the single source of truth for micro-batch, accumulation,
-precision, ZeRO, optimizer and clipping. improved-diffusion's flags that map
-onto it (lr, weight_decay, batch_size/microbatch, use_fp16, fp16_scale_growth)
-override it only when given explicitly on the command line.
+precision, ZeRO, optimizer, clipping and compilation. improved-diffusion's flags
+that map onto it (lr, weight_decay, batch_size/microbatch, use_fp16,
+fp16_scale_growth) and --compile override it only when given explicitly on the
+command line.
 """
 
 import copy
@@ -68,6 +69,12 @@ PRECISION_KEYS = {
 }
 
 
+# The "compile" section's keys that iddpm_ds reads itself (DeepSpeed 0.12-0.14 named them the same): the
+# UNet goes through engine.compile(backend, kwargs) when enabled. Its other keys are DeepSpeed's DeepCompile
+# settings and are passed on.
+COMPILE_KEYS = {"enabled": bool, "backend": str, "kwargs": dict}
+
+
 # improved-diffusion's loss scaling: 2^20 at the start, halved at each overflow, doubled after
 # 1000 good steps (its fp16_scale_growth of 1e-3 per step).
 FP16_IDDPM_DEFAULTS = {
@@ -102,12 +109,44 @@ def validate(cfg: Dict, path: str = "config") -> None:
                 raise ConfigError(f"{path}: unknown key {section}.{key!r}")
         if "enabled" in cfg.get(section, {}) and not isinstance(cfg[section]["enabled"], bool):
             raise ConfigError(f"{path}: {section}.enabled must be true or false")
+    _validate_compile(cfg.get("compile", {}), path)
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if key in cfg and cfg[key] <= 0:
             raise ConfigError(f"{path}: {key!r} must be positive, got {cfg[key]}")
+
+
+def _validate_compile(section: Dict, path: str) -> None:
+    for key, value in section.items():
+        if key in COMPILE_KEYS:
+            if not isinstance(value, COMPILE_KEYS[key]):
+                raise ConfigError(
+                    f"{path}: compile.{key} must be {_type_name(COMPILE_KEYS[key])}, got {value!r}"
+                )
+            continue
+        from deepspeed.compile.config import CompileConfig  # DeepCompile's keys, which DeepSpeed reads
+
+        if key not in CompileConfig.model_fields:
+            known = sorted(set(COMPILE_KEYS) | set(CompileConfig.model_fields))
+            raise ConfigError(f"{path}: unknown key compile.{key!r} (known: {', '.join(known)})")
+    if "backend" in section.get("kwargs", {}):
+        raise ConfigError(f"{path}: set the backend as compile.backend, not inside compile.kwargs")
+
+
+def split_compile(cfg: Dict) -> Tuple[Dict, Dict]:
+    """(the config DeepSpeed gets, iddpm_ds's compile settings {enabled, backend, kwargs}).
+
+    DeepSpeed 0.19 refuses the enabled/backend/kwargs keys in its "compile" section, so they are taken out;
+    DeepCompile's own keys stay.
+    """
+    cfg = copy.deepcopy(cfg)
+    section = cfg.pop("compile", {})
+    ours = {k: section.pop(k) for k in list(section) if k in COMPILE_KEYS}
+    if section:
+        cfg["compile"] = section
+    return cfg, {"enabled": False, "backend": "inductor", "kwargs": {}, **ours}
 
 
 def load(path: str) -> Dict:
@@ -130,7 +169,8 @@ def resolve(
 ) -> Tuple[Dict, List[str]]:
     """Apply explicit seed flags to a validated config and fill in batch sizes.
 
-    :param args: namespace with lr, weight_decay, batch_size, microbatch, use_fp16, fp16_scale_growth.
+    :param args: namespace with lr, weight_decay, batch_size, microbatch, use_fp16, fp16_scale_growth,
+        compile.
     :param explicit: flags given on the command line (explicit_flags).
     :return: (resolved config, log lines saying what was overridden or changed).
     """
@@ -188,6 +228,17 @@ def resolve(
         if args.use_fp16:
             cfg.setdefault("bf16", {})["enabled"] = False
         notes.append(f"--use_fp16 {args.use_fp16} overrides the JSON precision")
+    if "compile" in explicit:
+        cfg.setdefault("compile", {})["enabled"] = bool(args.compile)
+        notes.append(f"--compile {args.compile} overrides the JSON's compile.enabled")
+    compile_section = cfg.get("compile", {})
+    if compile_section.get("enabled") and cfg.get("zero_optimization", {}).get("stage", 0) == 3:
+        if not compile_section.get("deepcompile"):
+            raise ConfigError(
+                "compile with ZeRO-3 needs DeepSpeed's DeepCompile (compile.deepcompile: true; CUDA only): "
+                "torch.compile alone cannot trace ZeRO-3's partitioned parameters. Use ZeRO 0-2 to compile, "
+                "or compile.enabled false"
+            )
     if "fp16_scale_growth" in explicit:
         # improved-diffusion grows log2(scale) by this much per good step: doubling every 1/growth steps.
         cfg.setdefault("fp16", {})["loss_scale_window"] = max(1, round(1 / args.fp16_scale_growth))

@@ -44,6 +44,8 @@ HELP = {
     "num_head_channels": "channels per attention head (-1 = use num_heads)",
     "use_fused_kernels": "Triton GroupNorm+SiLU and attention kernels where they run (GPU); PyTorch "
     "elsewhere",
+    "channels_last": "run the UNet's activations in channels-last (NHWC) memory order: faster convolutions "
+    "where oneDNN/cuDNN prefer it (benchmarks/cpu_speed.md)",
     "class_dropout_prob": "classifier-free guidance: replace a label by the learned null class with this "
     "probability in training (0 = off: improved-diffusion's model and checkpoints)",
     "guidance_scale": "classifier-free guidance weight w: eps_uncond + w (eps_cond - eps_uncond); 1 = plain "
@@ -65,6 +67,8 @@ HELP = {
     "to start from",
     "use_fp16": "fp16 with dynamic loss scaling (overrides the DeepSpeed JSON's precision when given)",
     "fp16_scale_growth": "log2 loss-scale growth per good step (overrides fp16.loss_scale_window when given)",
+    "compile": "torch.compile the UNet through engine.compile (overrides the DeepSpeed JSON's "
+    "compile.enabled when given)",
     "max_steps": "stop after this many optimizer steps (0 = no limit)",
     "max_nonfinite_steps": "stop after this many consecutive steps with a non-finite loss (each is skipped)",
     "sample_interval": "steps between EMA sample grids in TensorBoard (0 = never)",
@@ -131,9 +135,8 @@ def run_cli(main: Callable[[], None]) -> None:
 
 
 # --------------------------------------------------------------------------- run directories
-# --------------------------------------------------------------------------- run directories
 # Flags that change how a model is run, never what its weights mean.
-RUNTIME_ONLY_FLAGS = {"timestep_respacing", "use_fused_kernels", "use_checkpoint", "dropout"}
+RUNTIME_ONLY_FLAGS = {"timestep_respacing", "use_fused_kernels", "channels_last", "use_checkpoint", "dropout"}
 
 
 def read_run_config(run_dir: str) -> Dict:

@@ -3,8 +3,9 @@ drop-in.
 
 Additions (all optional, with defaults that reproduce improved-diffusion):
 `channel_mult` ("" = the per-size default), `num_head_channels` (-1 = use
-num_heads), `use_fused_kernels` (route norms/attention through `kernels`) and
-`class_dropout_prob` (> 0: classifier-free guidance's learned null class, label NULL_CLASS).
+num_heads), `use_fused_kernels` (route norms/attention through `kernels`),
+`class_dropout_prob` (> 0: classifier-free guidance's learned null class, label NULL_CLASS) and
+`channels_last` (the UNet's activations in NHWC memory order).
 """
 
 import argparse
@@ -28,7 +29,7 @@ DEFAULT_CHANNEL_MULT = {
 
 
 def model_and_diffusion_defaults() -> Dict:
-    """Defaults for image training (improved-diffusion's, plus our three optional keys)."""
+    """Defaults for image training (improved-diffusion's, plus our optional keys)."""
     return dict(
         image_size=64,
         num_channels=128,
@@ -53,6 +54,7 @@ def model_and_diffusion_defaults() -> Dict:
         num_head_channels=-1,
         use_fused_kernels=True,
         class_dropout_prob=0.0,
+        channels_last=False,
     )
 
 
@@ -80,6 +82,7 @@ def create_model_and_diffusion(
     num_head_channels=-1,
     use_fused_kernels=True,
     class_dropout_prob=0.0,
+    channels_last=False,
 ):
     """Build (UNetModel, SpacedDiffusion) from model_and_diffusion_defaults()-style keywords."""
     flags = locals()
@@ -139,6 +142,7 @@ def _unet_keywords(values: Dict) -> Dict:
         "num_head_channels",
         "use_fused_kernels",
         "class_dropout_prob",
+        "channels_last",
     )
     return {k: values[k] for k in keep}
 
@@ -188,6 +192,7 @@ def create_model(
     num_head_channels=-1,
     use_fused_kernels=True,
     class_dropout_prob=0.0,
+    channels_last=False,
 ) -> UNetModel:
     """Build the UNet for RGB images of image_size px (6 output channels with learn_sigma)."""
     return _build_unet(UNetModel, image_size, "image_size", **_unet_keywords(locals()))
@@ -226,6 +231,7 @@ def sr_create_model_and_diffusion(
     num_head_channels=-1,
     use_fused_kernels=True,
     class_dropout_prob=0.0,
+    channels_last=False,
 ):
     """Build (SuperResModel, SpacedDiffusion) for small_size -> large_size upsampling."""
     flags = locals()
@@ -251,6 +257,7 @@ def sr_create_model(
     num_head_channels=-1,
     use_fused_kernels=True,
     class_dropout_prob=0.0,
+    channels_last=False,
 ) -> SuperResModel:
     """Build the super-resolution UNet for large_size px outputs (small_size only documents the input)."""
     if small_size > large_size:

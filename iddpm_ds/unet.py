@@ -194,6 +194,8 @@ class UNetModel(nn.Module):
     :param num_heads, num_heads_upsample, num_head_channels: attention heads (upsample defaults to num_heads).
     :param use_scale_shift_norm: adaptive group norm in ResBlocks.
     :param use_fused_kernels: route norms and attention through the `kernels` package.
+    :param channels_last: convert the activations to channels-last (NHWC) memory order once, at the input;
+        convolutions, norms and the kernels then read them in place. 2-D only.
     """
 
     def __init__(
@@ -214,8 +216,11 @@ class UNetModel(nn.Module):
         use_scale_shift_norm: bool = False,
         num_head_channels: int = -1,
         use_fused_kernels: bool = False,
+        channels_last: bool = False,
     ):
         super().__init__()
+        if channels_last and dims != 2:
+            raise ValueError(f"channels_last needs 2-D images, not dims={dims}")
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
         self.in_channels = in_channels
@@ -225,6 +230,7 @@ class UNetModel(nn.Module):
         self.attention_resolutions = tuple(attention_resolutions)
         self.channel_mult = tuple(channel_mult)
         self.num_classes = num_classes
+        self.channels_last = channels_last
 
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
@@ -310,6 +316,8 @@ class UNetModel(nn.Module):
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)
         h = x.type(inner_dtype)
+        if self.channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
         hs = []
         for module in self.input_blocks:
             h = module(h, emb)
@@ -318,7 +326,7 @@ class UNetModel(nn.Module):
         for module in self.output_blocks:
             h = module(torch.cat([h, hs.pop()], dim=1), emb)
         out_norm, out_conv = self.out[0], self.out[2]
-        return out_conv(out_norm.norm_act(h)).type(x.dtype)
+        return out_conv(out_norm.norm_act(h)).type(x.dtype).contiguous()
 
 
 class SuperResModel(UNetModel):

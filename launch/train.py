@@ -5,9 +5,9 @@
     python launch/train.py [flags]                      (one process; ds_configs/cpu.json by default)
 
 Takes every flag of improved-diffusion's image_train.py. Batch size,
-accumulation, precision, ZeRO and the optimizer come from the DeepSpeed JSON;
---lr, --weight_decay, --batch_size/--microbatch and --use_fp16 override it
-only when given. Everything lands in --log_dir (else $OPENAI_LOGDIR, else
+accumulation, precision, ZeRO, the optimizer and compilation come from the
+DeepSpeed JSON; --lr, --weight_decay, --batch_size/--microbatch, --use_fp16 and
+--compile override it only when given. Everything lands in --log_dir (else $OPENAI_LOGDIR, else
 runs/<timestamp>), and a run resumes from its newest complete checkpoint.
 """
 
@@ -88,6 +88,7 @@ TRAIN_DEFAULTS = dict(
     use_fp16=False,
     fp16_scale_growth=1e-3,
     # iddpm_ds additions
+    compile=False,
     max_steps=0,
     max_nonfinite_steps=10,
     sample_interval=0,

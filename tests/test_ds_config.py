@@ -2,13 +2,19 @@ import argparse
 
 import pytest
 
-from iddpm_ds.ds_config import resolve, validate
+from iddpm_ds.ds_config import resolve, split_compile, validate
 from iddpm_ds.flags import ConfigError, explicit_flags
 
 
 def args(**kw):
     base = dict(
-        lr=1e-4, weight_decay=0.0, batch_size=1, microbatch=-1, use_fp16=False, fp16_scale_growth=1e-3
+        lr=1e-4,
+        weight_decay=0.0,
+        batch_size=1,
+        microbatch=-1,
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+        compile=False,
     )
     base.update(kw)
     return argparse.Namespace(**base)
@@ -75,6 +81,9 @@ def test_fp16_falls_back_to_bf16_with_one_warning_where_unsupported():
         ({"fp16": {"enabeld": True}}, "enabeld"),
         ({"zero_optimization": {"stage": 4}}, "stage"),
         ({"gradient_accumulation_steps": True}, "gradient_accumulation_steps"),
+        ({"compile": {"enabled": "yes"}}, "compile.enabled"),
+        ({"compile": {"enable": True}}, "enable"),
+        ({"compile": {"kwargs": {"backend": "eager"}}}, "compile.backend"),
     ],
 )
 def test_validation_names_the_key(cfg, key):
@@ -176,3 +185,24 @@ def test_the_engine_runs_with_what_the_json_says(tmp_path):
             "weight_decay": params.get("weight_decay", 0.0),
         }
         assert got["optimizer"] == want, name
+
+
+def test_compile_section_is_ours_and_deepspeeds_and_the_flag_overrides_it():
+    """compile.enabled/backend/kwargs drive engine.compile (DeepSpeed 0.19 refuses them), DeepCompile's keys
+    go on to DeepSpeed, and --compile wins over the JSON only when given."""
+    json_cfg = {**BASE, "compile": {"enabled": True, "kwargs": {"mode": "max-autotune"}, "debug_log": False}}
+    validate(json_cfg)
+    cfg, _ = resolve(json_cfg, args(compile=False), set(), 1, True)
+    deepspeed_cfg, ours = split_compile(cfg)
+    assert ours == {"enabled": True, "backend": "inductor", "kwargs": {"mode": "max-autotune"}}
+    assert deepspeed_cfg["compile"] == {"debug_log": False}
+    cfg, notes = resolve(json_cfg, args(compile=False), {"compile"}, 1, True)
+    assert split_compile(cfg)[1]["enabled"] is False and any(n.startswith("--compile") for n in notes)
+    assert "compile" not in split_compile(BASE)[0] and split_compile(BASE)[1]["enabled"] is False
+
+
+def test_compile_with_zero3_needs_deepcompile():
+    zero3 = {**BASE, "zero_optimization": {"stage": 3}}
+    with pytest.raises(ConfigError, match="DeepCompile"):
+        resolve(zero3, args(compile=True), {"compile"}, 1, True)
+    resolve(zero3, args(), set(), 1, True)  # uncompiled ZeRO-3 is fine

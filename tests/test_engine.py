@@ -84,6 +84,32 @@ def scenarios(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.fixture(scope="module")
+def compiled_scenarios(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compiled_scenarios") / "out.json"
+    script = os.path.join(ROOT, "tests", "ds_scenarios.py")
+    run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), script, "--compiled", str(out)])
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_compiled_unet_steps_like_the_eager_one(compiled_scenarios, stage):
+    """Inductor's UNet under ZeRO 0-2 with accumulation: the weights after 4 steps are eager's to rounding."""
+    assert compiled_scenarios[f"compiled_vs_eager_z{stage}"] < 1e-6
+
+
+def test_compiled_unet_keeps_ema_and_the_nonfinite_skip(compiled_scenarios):
+    assert compiled_scenarios["compiled_ema_formula_z2"] < 1e-5
+    r = compiled_scenarios["compiled_nonfinite_z0_fp32"]
+    assert not r["applied"] and r["counted"] == 1 and r["master_diff"] == 0.0 and r["ema_diff"] == 0.0
+
+
+def test_compiled_bf16_unet_trains_and_compiles_once(compiled_scenarios):
+    r = compiled_scenarios["compiled_train_z2_bf16"]
+    assert r["after"] < 0.8 * r["before"]
+    assert r["graphs_after_first_step"] >= 1 and r["graphs_after_15_steps"] == r["graphs_after_first_step"]
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("prec", ["fp32", "bf16", "fp16"])
 def test_every_stage_and_precision_trains(scenarios, stage, prec):
@@ -145,13 +171,21 @@ def final_state(run_dir, step):
     return model, emas, client
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_exact_resume(tmp_path, ranks):
+@pytest.mark.parametrize("ranks,compiled", [(1, False), (2, False), (1, True)])
+def test_exact_resume(tmp_path, ranks, compiled):
     K = 3
     common = ["--batch_size", "8", "--microbatch", "4"]
-    launch(ranks, tmp_path / "straight", "--max_steps", str(2 * K), "--save_interval", "100", *common)
-    launch(ranks, tmp_path / "resumed", "--max_steps", str(K), *common)
-    launch(ranks, tmp_path / "resumed", "--max_steps", str(2 * K), *common)  # picks up step K by itself
+    config = "ds_configs/cpu.json"
+    if compiled:  # the UNet through engine.compile (aot_eager: the traced graphs without a C++ build)
+        settings = json.loads(open(os.path.join(ROOT, config)).read())
+        settings["compile"] = {"enabled": True, "backend": "aot_eager"}
+        config = str(tmp_path / "compiled.json")
+        open(config, "w").write(json.dumps(settings))
+    run_dir = tmp_path / "straight"
+    launch(ranks, run_dir, "--max_steps", str(2 * K), "--save_interval", "100", *common, config=config)
+    launch(ranks, tmp_path / "resumed", "--max_steps", str(K), *common, config=config)
+    # picks up step K by itself
+    launch(ranks, tmp_path / "resumed", "--max_steps", str(2 * K), *common, config=config)
     a_model, a_ema, a_client = final_state(tmp_path / "straight", 2 * K)
     b_model, b_ema, b_client = final_state(tmp_path / "resumed", 2 * K)
     assert all(torch.equal(a_model[k], b_model[k]) for k in a_model)
@@ -162,6 +196,9 @@ def test_exact_resume(tmp_path, ranks):
         assert torch.equal(a_client["sampler"][k], b_client["sampler"][k])
     log = [json.loads(line) for line in open(tmp_path / "resumed" / "progress.jsonl")]
     assert [r["step"] for r in log] == list(range(1, 2 * K + 1))
+    if compiled:
+        assert (tmp_path / "resumed" / "log.txt").read_text().count("compiled the UNet") == 2
+        assert all(r["recompiles"] == 0 for r in log)
 
 
 def test_killed_save_is_never_resumed_from(tmp_path):

@@ -130,6 +130,37 @@ def test_activation_checkpointing_gives_identical_gradients():
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
+def test_channels_last_unet_computes_the_same_in_nhwc():
+    """channels_last converts the activations once, at the input: every convolution then sees NHWC, and
+    the output, loss and gradients are the NCHW model's (up to the convolutions' summation order)."""
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model, diffusion = create_model_and_diffusion(
+            **tiny_flags(channels_last=channels_last, learn_sigma=True)
+        )
+        for p in model.parameters():  # zero-initialised output convs would hide the blocks they gate
+            torch.nn.init.normal_(p, std=0.1)
+        layouts = []
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.register_forward_pre_hook(
+                    lambda _, inputs: layouts.append(
+                        inputs[0].is_contiguous(memory_format=torch.channels_last)
+                    )
+                )
+        torch.manual_seed(1)
+        x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 15])
+        out = model(x, t)
+        diffusion.training_losses(model, x, t, noise=torch.ones_like(x))["loss"].mean().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        results.append((out.detach(), grads, layouts))
+    (out_a, grads_a, layouts_a), (out_b, grads_b, layouts_b) = results
+    assert not any(layouts_a) and all(layouts_b)
+    assert out_b.is_contiguous() and torch.allclose(out_a, out_b, atol=1e-5)
+    assert torch.allclose(grads_a, grads_b, atol=1e-4)
+
+
 def test_bf16_model_takes_and_returns_float32():
     model, _ = create_model_and_diffusion(**tiny_flags())
     model = model.to(torch.bfloat16)

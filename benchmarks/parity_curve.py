@@ -89,8 +89,8 @@ def read_theirs(out: str) -> list:
         ]
 
 
-def run_ours(data: str, out: str, steps: int, seed: int) -> list:
-    config = os.path.join(out, "zero0_fp32.json")
+def run_ours(data: str, out: str, steps: int, seed: int, precision: str = "fp32") -> list:
+    config = os.path.join(out, f"zero0_{precision}.json")
     os.makedirs(out, exist_ok=True)
     with open(config, "w") as f:
         json.dump(
@@ -98,6 +98,7 @@ def run_ours(data: str, out: str, steps: int, seed: int) -> list:
                 "train_micro_batch_size_per_gpu": 16,
                 "zero_optimization": {"stage": 0},
                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+                "bf16": {"enabled": precision == "bf16"},
             },
             f,
         )
@@ -162,11 +163,11 @@ def plot(curves: dict, path: str) -> None:
         draw.text((5, xy(0, tick)[1] - 6), f"{tick:.2f}", fill="black")
     for step in range(0, max_step + 1, 100):
         draw.text((xy(step, lo)[0] - 10, height - pad + 5), str(step), fill="black")
-    colours = {"improved-diffusion": (200, 60, 40), "iddpm_ds": (40, 90, 200)}
+    palette = [(200, 60, 40), (40, 90, 200), (30, 150, 60)]
     for i, (name, runs) in enumerate(curves.items()):
         for curve in runs:
-            draw.line([xy(s, m) for s, m, _ in curve], fill=colours[name], width=2)
-        draw.text((pad + 10, pad + 10 + 15 * i), f"{name} ({len(runs)} runs)", fill=colours[name])
+            draw.line([xy(s, m) for s, m, _ in curve], fill=palette[i], width=2)
+        draw.text((pad + 10, pad + 10 + 15 * i), f"{name} ({len(runs)} runs)", fill=palette[i])
     draw.text((width // 2 - 60, 15), "training mse against step", fill="black")
     img.save(path)
 
@@ -225,13 +226,18 @@ def main() -> None:
     write_report(curves, seconds, args.steps, num_images, args.out)
 
 
-def write_report(curves: dict, seconds: dict, steps: int, num_images: int, out_dir: str) -> None:
-    """parity_curve.{json,png,md} in out_dir from each trainer's runs."""
+def cpu_name() -> str:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError, StopIteration):  # /proc/cpuinfo names the model on Linux
         cpu = next(
             line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
         )
+    return cpu
+
+
+def write_report(curves: dict, seconds: dict, steps: int, num_images: int, out_dir: str) -> None:
+    """parity_curve.{json,png,md} in out_dir from each trainer's runs."""
+    cpu = cpu_name()
     LATE = late_window(steps)
     late = {name: [late_mse(c, steps) for c in runs] for name, runs in curves.items()}
     report = {

@@ -39,6 +39,19 @@ def accelerator_is_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
+def native_bf16() -> bool:
+    """Whether the device computes bf16 in hardware: a CUDA GPU that supports it, or a CPU with AMX-BF16 or
+    AVX512-BF16 (read from /proc/cpuinfo; elsewhere oneDNN emulates bf16, slower than fp32)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def setup_dist(master_port: Optional[int] = None) -> None:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU).
 

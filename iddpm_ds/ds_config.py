@@ -107,8 +107,12 @@ def validate(cfg: Dict, path: str = "config") -> None:
         for key in cfg.get(section, {}):
             if key not in PRECISION_KEYS:
                 raise ConfigError(f"{path}: unknown key {section}.{key!r}")
-        if "enabled" in cfg.get(section, {}) and not isinstance(cfg[section]["enabled"], bool):
-            raise ConfigError(f"{path}: {section}.enabled must be true or false")
+        enabled = cfg.get(section, {}).get("enabled", False)
+        if not isinstance(enabled, bool) and not (section == "bf16" and enabled == "auto"):
+            raise ConfigError(
+                f"{path}: {section}.enabled must be true or false"
+                + (' or "auto"' if section == "bf16" else "")
+            )
     _validate_compile(cfg.get("compile", {}), path)
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
@@ -165,13 +169,15 @@ def load(path: str) -> Dict:
 
 
 def resolve(
-    cfg: Dict, args, explicit: Set[str], world_size: int, fp16_supported: bool
+    cfg: Dict, args, explicit: Set[str], world_size: int, fp16_supported: bool, native_bf16: bool = False
 ) -> Tuple[Dict, List[str]]:
     """Apply explicit seed flags to a validated config and fill in batch sizes.
 
     :param args: namespace with lr, weight_decay, batch_size, microbatch, use_fp16, fp16_scale_growth,
         compile.
     :param explicit: flags given on the command line (explicit_flags).
+    :param native_bf16: the device computes bf16 in hardware (dist_util.native_bf16): bf16.enabled "auto"
+        becomes true there and false elsewhere, where bf16 would be emulated and slower than fp32.
     :return: (resolved config, log lines saying what was overridden or changed).
     """
     cfg = copy.deepcopy(cfg)
@@ -260,6 +266,12 @@ def resolve(
         for key, value in FP16_IDDPM_DEFAULTS.items():
             cfg["fp16"].setdefault(key, value)
 
+    if cfg.get("bf16", {}).get("enabled") == "auto":
+        cfg["bf16"]["enabled"] = native_bf16
+        notes.append(
+            "bf16.enabled auto: "
+            + ("bf16 (the device computes bf16 natively)" if native_bf16 else "fp32 (no native bf16 here)")
+        )
     if cfg.get("fp16", {}).get("enabled") and not fp16_supported:
         cfg["fp16"]["enabled"] = False
         cfg.setdefault("bf16", {})["enabled"] = True

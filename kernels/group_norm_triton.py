@@ -1,4 +1,5 @@
-"""Triton GroupNorm(+scale-shift)(+SiLU): forward and backward, next to its autograd.Function.
+"""Triton GroupNorm(+scale-shift)(+SiLU): the forward and backward launches (group_norm.py wraps them in a
+custom op with autograd, beside the reference).
 
 Layout: x is [B, C, L] (L = H*W, any size), element (b, c, l) at b*C*L + c*SC + l*SL:
 contiguous (SC, SL) = (L, 1), or channels-last (1, C), so a channels_last UNet is

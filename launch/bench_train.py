@@ -4,6 +4,18 @@
     [--steps 20]
     deepspeed --num_gpus 4 launch/bench_train.py --memory True --image_size 256 [--out mem.json]
     python launch/bench_train.py --kernels True --batch_size 32     (GPU: the 64 px step, kernels off / on)
+    python launch/bench_train.py --speed True [--improved_diffusion DIR] [--gpu True] [--out speed.json]
+
+--speed times, in one process and in alternating rounds (so drift of a shared
+machine hits every row alike), improved-diffusion's way of training (its own
+TrainLoop from DIR when given; our UNet with no fusion, no compile and its
+plain AdamW), then our engine eager, compiled, compiled + channels_last, and
+in bf16 where the device has it (AMX-BF16 / AVX512-BF16 on CPU): images/s,
+seconds per step, the first step's (compile) seconds and the peak memory a
+step adds. On improved-diffusion's small 32 px config and the README demo's
+(--gpu: its 64 px ImageNet config), or on the one config that model flags on
+the command line give (micro-batch --batch_size), ending with the speed goals
+met or missed.
 
 --memory instead measures, at ZeRO 0, 1, 2 and 3 in turn, the bytes each rank
 holds in parameters, gradients (after backward, before the step), optimizer
@@ -18,20 +30,25 @@ per-rank bytes of parameters, fp32 master + optimizer state, and EMA, as
 measured from the tensors each rank holds. Prints a table, then one JSON line.
 """
 
+import contextlib
 import json
 import os
+import platform
+import sys
 import time
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from iddpm_ds import dist_util
 from iddpm_ds.ds_config import load as load_ds_config
 from iddpm_ds.ds_config import precision, resolve
-from iddpm_ds.flags import HELP, ConfigError, make_parser, run_cli, validate_model_flags
+from iddpm_ds.flags import HELP, ConfigError, explicit_flags, make_parser, run_cli, validate_model_flags
 from iddpm_ds.resample import UniformSampler
 from iddpm_ds.script_util import (
+    NUM_CLASSES,
     add_dict_to_argparser,
     args_to_dict,
     create_model_and_diffusion,
@@ -55,6 +72,10 @@ DEFAULTS = dict(
     memory=False,
     memory_input_size=32,
     kernels=False,
+    speed=False,
+    improved_diffusion="",
+    rounds=5,
+    gpu=False,
     out="",
 )
 
@@ -66,21 +87,28 @@ BENCH_HELP = {
     "memory_input_size": "input side for --memory",
     "kernels": "instead time the UNet's bf16 step with the fused kernels off and on (one process, no "
     "DeepSpeed; --batch_size images)",
+    "speed": "instead time the rows of the speed goals (see above): --steps per round, --rounds rounds",
+    "improved_diffusion": "--speed: a checkout of openai/improved-diffusion (its TrainLoop is the anchor "
+    "row)",
+    "rounds": "--speed: timed rounds per row, alternating between rows (the median counts)",
+    "gpu": "--speed: the 64 px ImageNet config instead of the CPU configs",
     "out": "also write the JSON here",
 }
 
 
 class SyntheticData:
-    """Endless fixed random batches: the benchmark measures the step, not the loader."""
+    """Endless fixed random batches (with labels for a class-conditional model): the benchmark measures
+    the step, not the loader."""
 
     skipped, epoch = 0, 0.0
 
-    def __init__(self, micro_batch, size):
+    def __init__(self, micro_batch, size, num_classes=None):
         g = torch.Generator().manual_seed(0)
         self.x = torch.rand(micro_batch, 3, size, size, generator=g) * 2 - 1
+        self.cond = {"y": torch.randint(0, num_classes, (micro_batch,), generator=g)} if num_classes else {}
 
     def __next__(self):
-        return self.x, {}
+        return self.x, self.cond
 
 
 def optimizer_state_bytes(opt) -> int:
@@ -264,6 +292,307 @@ def memory_table(flags, base_cfg, args, world) -> list:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------- --speed
+# improved-diffusion's small 32 px config (64 channels), the README demo's, and (--gpu) its 64 px ImageNet
+# config; micro-batches per process.
+SPEED_CONFIGS = {
+    "small32": (
+        dict(
+            image_size=32,
+            num_channels=64,
+            num_res_blocks=2,
+            attention_resolutions="16,8",
+            learn_sigma=True,
+            noise_schedule="cosine",
+        ),
+        16,
+    ),
+    "demo": (
+        dict(
+            image_size=32,
+            num_channels=32,
+            num_res_blocks=1,
+            channel_mult="1,2,2",
+            attention_resolutions="8",
+            class_cond=True,
+            class_dropout_prob=0.1,
+        ),
+        16,
+    ),
+}
+GPU_SPEED_CONFIGS = {
+    "imagenet64": (
+        dict(
+            image_size=64,
+            num_channels=128,
+            num_res_blocks=3,
+            learn_sigma=True,
+            noise_schedule="cosine",
+            diffusion_steps=4000,
+        ),
+        32,
+    ),
+}
+# (row, precision, compiled, channels_last) of our engine, after improved-diffusion's way.
+ENGINE_ROWS = (
+    ("engine fp32", "fp32", False, False),
+    ("engine fp32 compiled", "fp32", True, False),
+    ("engine fp32 compiled channels_last", "fp32", True, True),
+    ("engine bf16", "bf16", False, False),
+    ("engine bf16 compiled channels_last", "bf16", True, True),
+)
+FP32_SPEED_GOAL, BF16_SPEED_GOAL = 1.5, 2.5  # x the plain eager fp32 loop's images/s, small32 config
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    return platform.processor() or "cpu"
+
+
+class StepMemory:
+    """The peak memory a step adds to what is resident: CUDA's allocator peak, or the process's peak RSS
+    (VmHWM, reset through /proc/self/clear_refs) on a CPU."""
+
+    def start(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.base = self._status("VmRSS")
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+
+    def added_mb(self) -> float:
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else self._status("VmHWM")
+        return (peak - self.base) / 2**20
+
+    @staticmethod
+    def _status(key: str) -> int:
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def improved_diffusion_row(code_dir: str, flags: dict, micro_batch: int, device):
+    """A step of improved-diffusion's own TrainLoop (fp32, AdamW, EMA 0.9999) from a checkout at code_dir,
+    on our synthetic batch; None where the checkout cannot express the config."""
+    import tempfile
+
+    sys.path.insert(0, code_dir)
+    try:
+        from improved_diffusion import logger
+        from improved_diffusion import script_util as theirs
+        from improved_diffusion.train_util import TrainLoop as TheirLoop
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"--improved_diffusion {code_dir}: cannot import {e.name} (pip install {e.name})")
+    their_flags = theirs.model_and_diffusion_defaults()
+    ours = model_and_diffusion_defaults()
+    if any(flags[k] != ours[k] for k in set(flags) - set(their_flags)):  # one of our additions in use
+        return None
+    flags = {k: v for k, v in flags.items() if k in their_flags}
+    logger.configure(dir=tempfile.mkdtemp(), format_strs=[])
+    seed_everything(0)
+    model, diffusion = theirs.create_model_and_diffusion(**{**their_flags, **flags})
+    model.to(device)
+    loop = TheirLoop(
+        model=model,
+        diffusion=diffusion,
+        data=None,
+        batch_size=micro_batch,
+        microbatch=-1,
+        lr=1e-4,
+        ema_rate="0.9999",
+        log_interval=10**9,
+        save_interval=10**9,
+        resume_checkpoint="",
+    )
+    x, _ = next(SyntheticData(micro_batch, flags["image_size"]))
+    return lambda: loop.run_step(x, {})
+
+
+def plain_row(flags: dict, micro_batch: int, device):
+    """improved-diffusion's way with our UNet: no fused kernels, no compile, torch's default AdamW, an EMA
+    of the weights after each step."""
+    seed_everything(0)
+    model, diffusion = create_model_and_diffusion(**{**flags, "use_fused_kernels": False})
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ema = [p.detach().clone() for p in model.parameters()]
+    sampler = UniformSampler(diffusion)
+    data = SyntheticData(micro_batch, flags["image_size"], NUM_CLASSES if flags.get("class_cond") else None)
+
+    def step():
+        x, cond = next(data)
+        t, w = sampler.sample(micro_batch, device)
+        cond = {k: v.to(device) for k, v in cond.items()}
+        opt.zero_grad(set_to_none=True)
+        (diffusion.training_losses(model, x.to(device), t, model_kwargs=cond)["loss"] * w).mean().backward()
+        opt.step()
+        with torch.no_grad():
+            for e, p in zip(ema, model.parameters()):
+                e.mul_(0.9999).add_(p, alpha=1 - 0.9999)
+
+    return step
+
+
+def engine_row(flags: dict, micro_batch: int, base_cfg: dict, prec: str, compiled: bool, channels_last: bool):
+    """One optimizer step of our engine (TrainLoop.run_step) in precision prec."""
+    seed_everything(0)
+    model, diffusion = create_model_and_diffusion(**{**flags, "channels_last": channels_last})
+    cfg = {
+        **base_cfg,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch * dist.get_world_size(),
+        "fp16": {"enabled": False},
+        "bf16": {"enabled": prec == "bf16"},
+        "compile": {**base_cfg.get("compile", {}), "enabled": compiled},  # the JSON may name the backend
+    }
+    loop = TrainLoop(
+        engine=create_engine(model, cfg, lr=1e-4),
+        diffusion=diffusion,
+        data=SyntheticData(
+            micro_batch, flags["image_size"], NUM_CLASSES if flags.get("class_cond") else None
+        ),
+        schedule_sampler=UniformSampler(diffusion),
+        ema_rate="0.9999",
+        run_dir=".",
+        log_interval=10**9,
+        save_interval=0,
+        progress=False,
+    )
+    return loop.run_step
+
+
+def graph_breaks(flags: dict) -> int:
+    """Graph breaks torch.compile meets in the UNet's forward with the fused kernels on."""
+    model, _ = create_model_and_diffusion(**flags)
+    x = torch.rand(2, 3, flags["image_size"], flags["image_size"])
+    kwargs = {"y": torch.zeros(2, dtype=torch.long)} if flags.get("class_cond") else {}
+    torch._dynamo.reset()
+    return torch._dynamo.explain(model)(x, torch.tensor([1, 2]), **kwargs).graph_break_count
+
+
+def speed_table(flags: dict, micro_batch: int, base_cfg: dict, args, device) -> dict:
+    """Every row of one config: built, warmed up (timing the first step, which compiles), then timed in
+    args.rounds alternating rounds of args.steps steps."""
+    builders = [("improved-diffusion (its TrainLoop)", None)] if args.improved_diffusion else []
+    builders.append(("plain fp32 (improved-diffusion's way)", lambda: plain_row(flags, micro_batch, device)))
+    for name, prec, compiled, channels_last in ENGINE_ROWS:
+        if prec == "fp32" or dist_util.native_bf16():
+            builders.append(
+                (
+                    name,
+                    lambda p=prec, c=compiled, cl=channels_last: engine_row(
+                        flags, micro_batch, base_cfg, p, c, cl
+                    ),
+                )
+            )
+    rows, memory = {}, StepMemory()
+    for name, build in builders:
+        step = (
+            improved_diffusion_row(args.improved_diffusion, flags, micro_batch, device)
+            if build is None
+            else build()
+        )
+        if step is None:
+            continue
+        first = time_steps(step, 1, 0)  # compiles, in a compiled row
+        time_steps(step, max(0, args.warmup - 1), 0)
+        memory.start()
+        step()
+        rows[name] = {"step": step, "first_step_s": first, "step_memory_mb": memory.added_mb(), "times": []}
+        if dist.get_rank() == 0:  # as each row is ready: a run cut short still tells what it built
+            print(
+                f"built {name}: first step {first:.1f} s, step memory {rows[name]['step_memory_mb']:.0f} MB"
+            )
+    for _ in range(args.rounds):
+        for row in rows.values():
+            row["times"].append(time_steps(row["step"], args.steps, 0) / args.steps)
+    world = dist.get_world_size()
+    table = {}
+    for name, row in rows.items():
+        per_step = float(np.median(row["times"]))
+        table[name] = {
+            "images_per_s": micro_batch * world / per_step,
+            "step_s": per_step,
+            "step_s_rounds": row["times"],
+            "first_step_s": row["first_step_s"],
+            "step_memory_mb": row["step_memory_mb"],
+        }
+    base = table["plain fp32 (improved-diffusion's way)"]["images_per_s"]
+    for row in table.values():
+        row["vs_plain"] = row["images_per_s"] / base
+    return table
+
+
+def speed_verdicts(result: dict) -> dict:
+    """The speed goals on the small 32 px config: met (True), missed (False) or not measured (None)."""
+    table = result["configs"].get("small32", {}).get("rows", {})
+
+    def best(prec):
+        ratios = [r["vs_plain"] for name, r in table.items() if name.startswith(f"engine {prec}")]
+        return max(ratios) if ratios else None
+
+    fp32, bf16 = best("fp32"), best("bf16")
+    return {
+        f"fp32 best >= {FP32_SPEED_GOAL}x plain": None if fp32 is None else fp32 >= FP32_SPEED_GOAL,
+        f"bf16 best >= {BF16_SPEED_GOAL}x plain fp32": None if bf16 is None else bf16 >= BF16_SPEED_GOAL,
+        "no graph breaks with fused kernels": all(c["graph_breaks"] == 0 for c in result["configs"].values()),
+    }
+
+
+def run_speed(args, base_cfg: dict, device, custom_flags: dict) -> dict:
+    """All rows of the speed configs, or of the one config the command line's model flags give."""
+    configs = GPU_SPEED_CONFIGS if args.gpu else SPEED_CONFIGS
+    if custom_flags:
+        configs = {"custom": (custom_flags, args.batch_size)}
+    result = {
+        "device": device_name(),
+        "native_bf16": dist_util.native_bf16(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "ranks": dist.get_world_size(),
+        "steps_per_round": args.steps,
+        "rounds": args.rounds,
+        "configs": {},
+    }
+    for config, (overrides, micro_batch) in configs.items():
+        flags = {**model_and_diffusion_defaults(), **overrides}
+        result["configs"][config] = {
+            "flags": overrides,
+            "micro_batch": micro_batch,
+            "graph_breaks": graph_breaks(flags),
+            "rows": speed_table(flags, micro_batch, base_cfg, args, device),
+        }
+        torch._dynamo.reset()  # each config's compiled graphs stay out of the next one's cache
+        if dist.get_rank() == 0:
+            print_speed_table(config, result["configs"][config], result)
+    result["goals"] = speed_verdicts(result)
+    return result
+
+
+def print_speed_table(config: str, entry: dict, result: dict) -> None:
+    print(
+        f"\n{config}: {entry['flags']} micro-batch {entry['micro_batch']} x {result['ranks']} ranks, "
+        f"{result['threads']} threads, {result['device']}; graph breaks with fused kernels: "
+        f"{entry['graph_breaks']}"
+    )
+    print(f"{'row':<40} {'images/s':>9} {'s/step':>8} {'x plain':>8} {'first step s':>13} {'step MB':>8}")
+    for name, r in entry["rows"].items():
+        print(
+            f"{name:<40} {r['images_per_s']:>9.1f} {r['step_s']:>8.3f} {r['vs_plain']:>8.2f} "
+            f"{r['first_step_s']:>13.1f} {r['step_memory_mb']:>8.0f}"
+        )
+
+
 def main() -> None:
     import deepspeed
 
@@ -297,7 +626,21 @@ def main() -> None:
         set(),
         world,
         get_accelerator().is_fp16_supported(),
+        dist_util.native_bf16(),
     )
+    if args.speed:
+        explicit = explicit_flags(sys.argv[1:])
+        custom = {k: v for k, v in flags.items() if k in explicit}
+        result = run_speed(args, cfg, dist_util.dev(), custom)
+        if dist.get_rank() == 0:
+            verdict = {True: "met", False: "MISSED", None: "not measured"}
+            for goal, met in result["goals"].items():
+                print(f"goal: {goal}: {verdict[met]}")
+            print(json.dumps(result))
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(result, f, indent=1)
+        return
     micro_batch, grad_accum_steps = cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]
     device = dist_util.dev()
     images_per_step = micro_batch * grad_accum_steps * world

@@ -279,7 +279,8 @@ def main(super_res: bool = False) -> None:
     from deepspeed.accelerator import get_accelerator
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    ds_cfg, notes = resolve(ds_cfg, args, explicit, world, get_accelerator().is_fp16_supported())
+    fp16_supported = get_accelerator().is_fp16_supported()
+    ds_cfg, notes = resolve(ds_cfg, args, explicit, world, fp16_supported, dist_util.native_bf16())
     run_dir = resolve_run_dir(args.log_dir)
     os.makedirs(run_dir, exist_ok=True)
     log = start_logging(run_dir, rank, notes)

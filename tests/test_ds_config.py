@@ -206,3 +206,16 @@ def test_compile_with_zero3_needs_deepcompile():
     with pytest.raises(ConfigError, match="DeepCompile"):
         resolve(zero3, args(compile=True), {"compile"}, 1, True)
     resolve(zero3, args(), set(), 1, True)  # uncompiled ZeRO-3 is fine
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_auto_follows_the_device(native):
+    """bf16.enabled "auto": bf16 where the device computes it natively, fp32 (not emulated bf16) elsewhere;
+    the log says which."""
+    cfg = {**BASE, "fp16": {"enabled": False}, "bf16": {"enabled": "auto"}}
+    validate(cfg)
+    resolved, notes = resolve(cfg, args(), set(), 1, True, native_bf16=native)
+    assert resolved["bf16"]["enabled"] is native
+    assert any(n.startswith("bf16.enabled auto: " + ("bf16" if native else "fp32")) for n in notes)
+    with pytest.raises(ConfigError, match="fp16.enabled"):
+        validate({**BASE, "fp16": {"enabled": "auto"}})

@@ -111,6 +111,21 @@ class SyntheticData:
         return self.x, self.cond
 
 
+def bench_loop(engine, diffusion, data, ema_rate: str) -> TrainLoop:
+    """The training loop the benchmarks step by hand: uniform timesteps, no logging, saving or progress."""
+    return TrainLoop(
+        engine=engine,
+        diffusion=diffusion,
+        data=data,
+        schedule_sampler=UniformSampler(diffusion),
+        ema_rate=ema_rate,
+        run_dir=".",
+        log_interval=10**9,
+        save_interval=0,
+        progress=False,
+    )
+
+
 def optimizer_state_bytes(opt) -> int:
     """fp32 master copies and Adam moments held by this rank (DeepSpeed wraps a torch optimizer)."""
     inner = getattr(opt, "optimizer", opt)
@@ -271,17 +286,8 @@ def memory_table(flags, base_cfg, args, world) -> list:
         seed_everything(0)
         model, diffusion = create_model_and_diffusion(**flags)
         engine = create_engine(model, cfg, lr=args.lr)
-        loop = TrainLoop(
-            engine=engine,
-            diffusion=diffusion,
-            data=SyntheticData(cfg["train_micro_batch_size_per_gpu"], args.memory_input_size),
-            schedule_sampler=UniformSampler(diffusion),
-            ema_rate=args.ema_rate,
-            run_dir=".",
-            log_interval=10**9,
-            save_interval=0,
-            progress=False,
-        )
+        data = SyntheticData(cfg["train_micro_batch_size_per_gpu"], args.memory_input_size)
+        loop = bench_loop(engine, diffusion, data, args.ema_rate)
         x, _ = next(loop.data)
         t, _ = loop.sampler.sample(x.shape[0], engine.device)
         engine.backward(diffusion.training_losses(engine, x.to(engine.device), t)["loss"].mean())
@@ -339,6 +345,7 @@ ENGINE_ROWS = (
     ("engine fp32 compiled", "fp32", True, False),
     ("engine fp32 compiled channels_last", "fp32", True, True),
     ("engine bf16", "bf16", False, False),
+    ("engine bf16 compiled", "bf16", True, False),
     ("engine bf16 compiled channels_last", "bf16", True, True),
 )
 FP32_SPEED_GOAL, BF16_SPEED_GOAL = 1.5, 2.5  # x the plain eager fp32 loop's images/s, small32 config
@@ -455,20 +462,8 @@ def engine_row(flags: dict, micro_batch: int, base_cfg: dict, prec: str, compile
         "bf16": {"enabled": prec == "bf16"},
         "compile": {**base_cfg.get("compile", {}), "enabled": compiled},  # the JSON may name the backend
     }
-    loop = TrainLoop(
-        engine=create_engine(model, cfg, lr=1e-4),
-        diffusion=diffusion,
-        data=SyntheticData(
-            micro_batch, flags["image_size"], NUM_CLASSES if flags.get("class_cond") else None
-        ),
-        schedule_sampler=UniformSampler(diffusion),
-        ema_rate="0.9999",
-        run_dir=".",
-        log_interval=10**9,
-        save_interval=0,
-        progress=False,
-    )
-    return loop.run_step
+    data = SyntheticData(micro_batch, flags["image_size"], NUM_CLASSES if flags.get("class_cond") else None)
+    return bench_loop(create_engine(model, cfg, lr=1e-4), diffusion, data, "0.9999").run_step
 
 
 def graph_breaks(flags: dict) -> int:
@@ -673,17 +668,7 @@ def main() -> None:
     seed_everything(0)
     model, diffusion = create_model_and_diffusion(**flags)
     engine = create_engine(model, cfg, lr=args.lr)
-    loop = TrainLoop(
-        engine=engine,
-        diffusion=diffusion,
-        data=SyntheticData(micro_batch, flags["image_size"]),
-        schedule_sampler=UniformSampler(diffusion),
-        ema_rate=args.ema_rate,
-        run_dir=".",
-        log_interval=10**9,
-        save_interval=0,
-        progress=False,
-    )
+    loop = bench_loop(engine, diffusion, SyntheticData(micro_batch, flags["image_size"]), args.ema_rate)
     ds_s = time_steps(loop.run_step, args.steps, args.warmup)
     ds_mem = loop.state_bytes()
     gathered = [None] * world

@@ -17,7 +17,8 @@ from iddpm_ds.script_util import create_model_and_diffusion
 from iddpm_ds.train_util import create_engine, loss_scale_of
 
 dist_util.setup_dist()
-# Resolve and build as an fp16-capable device would, on any CPU: fp16 configs stay fp16.
+# Resolve and build as an fp16-capable device with native bf16 would, on any CPU: fp16 configs stay fp16 and
+# bf16 "auto" becomes bf16.
 get_accelerator().is_fp16_supported = lambda: True
 
 FLAGS = argparse.Namespace(
@@ -26,7 +27,7 @@ FLAGS = argparse.Namespace(
 out = {}
 for path in sys.argv[2:]:
     asked = load(path)
-    cfg, _ = resolve(asked, FLAGS, set(), 1, fp16_supported=True)
+    cfg, _ = resolve(asked, FLAGS, set(), 1, fp16_supported=True, native_bf16=True)
     model, _ = create_model_and_diffusion(**tiny_flags())
     engine = create_engine(model, cfg)
     group = engine.optimizer.param_groups[0]

@@ -105,6 +105,7 @@ def test_shipped_configs_are_valid():
         "zero3.json",
         "bf16.json",
         "cpu.json",
+        "cpu_bf16_auto.json",
     }
     for f in files:
         validate(json.load(open(f)), f)
@@ -171,7 +172,7 @@ def test_the_engine_runs_with_what_the_json_says(tmp_path):
         assert got["grad_accum_steps"] == asked.get("gradient_accumulation_steps", 1), name
         assert got["zero_stage"] == asked.get("zero_optimization", {}).get("stage", 0), name
         assert got["fp16"] == asked.get("fp16", {}).get("enabled", False), name
-        assert got["bf16"] == asked.get("bf16", {}).get("enabled", False), name
+        assert got["bf16"] == (asked.get("bf16", {}).get("enabled", False) in (True, "auto")), name
         if got["fp16"]:
             fp16 = asked["fp16"]
             assert got["loss_scale"] == 2.0 ** fp16.get("initial_scale_power", 20), name

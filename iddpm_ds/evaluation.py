@@ -8,6 +8,7 @@ and gathers, so evaluation scales with the launcher; the metrics come from the g
 reference's Inception features are cached next to the reference, keyed by what they were made from.
 """
 
+import hashlib
 import logging
 import os
 import urllib.request
@@ -167,6 +168,16 @@ def reference_cache_path(reference: str, extractor_name: str, image_size: int) -
     return f"{stem}.{extractor_name}-{image_size}px.npz"
 
 
+def file_fingerprint(path: str) -> str:
+    """The first 16 hex digits of a file's sha256: part of the reference cache's key, so features extracted
+    with other Inception weights are never reused."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def resolve_inception_weights(path: str = "") -> str:
     """The InceptionV3 weights file: `path`, else $IDDPM_DS_INCEPTION_WEIGHTS, else torch hub's cache,
     downloaded there on first use. One-line ConfigError when none is there and the download fails."""
@@ -293,10 +304,11 @@ class Evaluator:
         self.max_reference, self.batch_size = max_reference, batch_size
         self.extractors = dict(extractors or {})
         self._reference_feats: Dict[str, Dict[str, np.ndarray]] = {}
+        self._weights_id = ""  # which Inception weights made the reference features ('' = injected)
         if any(m in INCEPTION_METRICS for m in self.metrics) and "inception" not in self.extractors:
-            self.extractors["inception"] = inception_extractor(
-                resolve_inception_weights(inception_weights), device
-            )
+            weights = resolve_inception_weights(inception_weights)
+            self.extractors["inception"] = inception_extractor(weights, device)
+            self._weights_id = file_fingerprint(weights)
         self.classifier_accuracy = None
         if any(m in MNIST_METRICS for m in self.metrics) and "digits" not in self.extractors:
             self.extractors["digits"], self.classifier_accuracy = digit_extractor()
@@ -308,10 +320,11 @@ class Evaluator:
                 return load_reference(self.reference, self.image_size, self.max_reference)
 
             if name == "inception":
-                # A rewritten reference file (or a folder whose files changed) is a new key.
+                # A rewritten reference (a folder whose files changed), or other weights, is a new key.
                 stat = os.stat(self.reference) if os.path.exists(self.reference) else None
                 changed = f"{stat.st_mtime_ns}|{stat.st_size}" if stat else ""
                 key = f"{os.path.abspath(self.reference)}|{changed}|{self.image_size}|{self.max_reference}"
+                key += f"|{self._weights_id}"
                 path = reference_cache_path(self.reference, name, self.image_size)
                 self._reference_feats[name] = cached_extract(
                     self.extractors[name], images, path, key, self.batch_size, self.distributed

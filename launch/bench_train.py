@@ -466,13 +466,14 @@ def engine_row(flags: dict, micro_batch: int, base_cfg: dict, prec: str, compile
     return bench_loop(create_engine(model, cfg, lr=1e-4), diffusion, data, "0.9999").run_step
 
 
-def graph_breaks(flags: dict) -> int:
-    """Graph breaks torch.compile meets in the UNet's forward with the fused kernels on."""
+def graph_breaks(flags: dict, device) -> int:
+    """Graph breaks torch.compile meets in the UNet's forward on device with the fused kernels on."""
     model, _ = create_model_and_diffusion(**flags)
-    x = torch.rand(2, 3, flags["image_size"], flags["image_size"])
-    kwargs = {"y": torch.zeros(2, dtype=torch.long)} if flags.get("class_cond") else {}
+    model.to(device)
+    x = torch.rand(2, 3, flags["image_size"], flags["image_size"], device=device)
+    kwargs = {"y": torch.zeros(2, dtype=torch.long, device=device)} if flags.get("class_cond") else {}
     torch._dynamo.reset()
-    return torch._dynamo.explain(model)(x, torch.tensor([1, 2]), **kwargs).graph_break_count
+    return torch._dynamo.explain(model)(x, torch.tensor([1, 2], device=device), **kwargs).graph_break_count
 
 
 def speed_table(flags: dict, micro_batch: int, base_cfg: dict, args, device) -> dict:
@@ -564,7 +565,7 @@ def run_speed(args, base_cfg: dict, device, custom_flags: dict) -> dict:
         result["configs"][config] = {
             "flags": overrides,
             "micro_batch": micro_batch,
-            "graph_breaks": graph_breaks(flags),
+            "graph_breaks": graph_breaks(flags, device),
             "rows": speed_table(flags, micro_batch, base_cfg, args, device),
         }
         torch._dynamo.reset()  # each config's compiled graphs stay out of the next one's cache

@@ -130,6 +130,28 @@ def test_reference_features_are_cached_next_to_the_reference(tmp_path):
     assert fourth.images_seen == 120 + 40
 
 
+def test_reference_features_made_with_other_inception_weights_are_not_reused(tmp_path, monkeypatch):
+    """The cache's key names the weights file by its contents: features extracted with one set of weights
+    are never served to an evaluation with another (its FID would compare different feature spaces)."""
+    from iddpm_ds import evaluation
+
+    ref = random_images(50, 4)
+    path = tmp_path / "ref.npz"
+    np.savez(path, ref)
+    extractors = []
+
+    def build(weights_path, device):
+        extractors.append(MeanColour())
+        return extractors[-1]
+
+    monkeypatch.setattr(evaluation, "inception_extractor", build)
+    for name, content in (("a.pth", b"weights a"), ("a_copy.pth", b"weights a"), ("b.pth", b"weights b")):
+        (tmp_path / name).write_bytes(content)
+        Evaluator(["fid"], str(path), 8, inception_weights=str(tmp_path / name))(ref[:10])
+    # The same bytes under another name reuse the cache; other weights extract the reference again.
+    assert [e.images_seen for e in extractors] == [50 + 10, 10, 50 + 10]
+
+
 def _extract_on_two_ranks(rank: int, port: int, images: np.ndarray, out: str) -> None:
     import torch.distributed as dist
 

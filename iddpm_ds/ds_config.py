@@ -240,10 +240,10 @@ def resolve(
     compile_section = cfg.get("compile", {})
     if compile_section.get("enabled") and cfg.get("zero_optimization", {}).get("stage", 0) == 3:
         if not compile_section.get("deepcompile"):
-            raise ConfigError(
-                "compile with ZeRO-3 needs DeepSpeed's DeepCompile (compile.deepcompile: true; CUDA only): "
-                "torch.compile alone cannot trace ZeRO-3's partitioned parameters. Use ZeRO 0-2 to compile, "
-                "or compile.enabled false"
+            notes.append(
+                "compile with ZeRO-3: DeepSpeed gathers each module's parameters in hooks between compiled "
+                "pieces (a graph break per module), so expect little speed-up; DeepCompile "
+                "(compile.deepcompile, CUDA) compiles ZeRO-3 whole"
             )
     if "fp16_scale_growth" in explicit:
         # improved-diffusion grows log2(scale) by this much per good step: doubling every 1/growth steps.

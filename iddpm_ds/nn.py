@@ -1,6 +1,6 @@
 """Small building blocks of the UNet, and the seam through which fused kernels plug in.
 
-The UNet calls `GroupNorm32.norm_act` for every GroupNorm(+scale-shift)(+SiLU)
+The UNet calls a `GroupNorm32` for every GroupNorm(+scale-shift)(+SiLU)
 chain and `qkv_attention` for attention. With `use_fused_kernels` these go to
 the `kernels` package's Triton kernels (where they run; their PyTorch references
 elsewhere); without, straight to those references, which compute the chain and
@@ -18,22 +18,21 @@ import kernels
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype (fp16/bf16 statistics drift)."""
+    """GroupNorm computed in float32 whatever the input dtype (fp16/bf16 statistics drift), optionally
+    followed by a scale-shift and SiLU in the same call."""
 
     use_fused_kernels = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm_act(x, silu=False)
-
-    def norm_act(
+    def forward(
         self,
         x: torch.Tensor,
         scale: Optional[torch.Tensor] = None,
         shift: Optional[torch.Tensor] = None,
-        silu: bool = True,
+        silu: bool = False,
     ) -> torch.Tensor:
-        """silu(groupnorm(x) * (1 + scale) + shift) for x [N, C, ...] and scale/shift [N, C] (each
-        optional)."""
+        """groupnorm(x) * (1 + scale) + shift, then SiLU if silu, for x [N, C, ...] and scale/shift [N, C]
+        (each optional). Called as the module (not a method) so that hooks on it run: ZeRO-3 gathers the
+        weight and bias in its pre-forward hook, which a compiled UNet relies on."""
         norm_act = kernels.group_norm_silu if self.use_fused_kernels else kernels.group_norm_silu_reference
         return norm_act(
             x, self.weight, self.bias, self.num_groups, self.eps, scale=scale, shift=shift, silu=silu

@@ -127,14 +127,14 @@ class ResBlock(TimestepBlock):
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         in_norm, in_conv = self.in_layers[0], self.in_layers[2]
-        h = in_conv(in_norm.norm_act(x))
+        h = in_conv(in_norm(x, silu=True))
         emb_out = self.emb_layers(emb).type(h.dtype)
         out_norm, dropout, out_conv = self.out_layers[0], self.out_layers[2], self.out_layers[3]
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = out_norm.norm_act(h, scale=scale, shift=shift)
+            h = out_norm(h, scale=scale, shift=shift, silu=True)
         else:
-            h = out_norm.norm_act(h + emb_out.reshape(*emb_out.shape, *([1] * (h.dim() - 2))))
+            h = out_norm(h + emb_out.reshape(*emb_out.shape, *([1] * (h.dim() - 2))), silu=True)
         return self.skip_connection(x) + out_conv(dropout(h))
 
 
@@ -174,7 +174,7 @@ class AttentionBlock(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
-        qkv = self.qkv(self.norm.norm_act(x, silu=False))
+        qkv = self.qkv(self.norm(x))
         h = self.proj_out(qkv_attention(qkv, self.num_heads, self.use_fused_kernels))
         return (x + h).reshape(b, c, *spatial)
 
@@ -326,7 +326,7 @@ class UNetModel(nn.Module):
         for module in self.output_blocks:
             h = module(torch.cat([h, hs.pop()], dim=1), emb)
         out_norm, out_conv = self.out[0], self.out[2]
-        return out_conv(out_norm.norm_act(h)).type(x.dtype).contiguous()
+        return out_conv(out_norm(h, silu=True)).type(x.dtype).contiguous()
 
 
 class SuperResModel(UNetModel):

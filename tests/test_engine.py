@@ -172,7 +172,9 @@ def final_state(run_dir, step):
     return model, emas, client
 
 
-@pytest.mark.parametrize("ranks,compiled", [(1, False), (2, False), (1, True)])
+# One rank runs compiled: the engine, checkpoints and data are the eager run's, the UNet goes through
+# engine.compile (a second eager one-rank run would add nothing but time).
+@pytest.mark.parametrize("ranks,compiled", [(2, False), (1, True)])
 def test_exact_resume(tmp_path, ranks, compiled):
     K = 3
     common = ["--batch_size", "8", "--microbatch", "4"]

@@ -14,6 +14,17 @@ from typing import Dict, List, Set, Tuple
 
 from .errors import ConfigError
 
+# The command-line flags that override the JSON when given (resolve), with improved-diffusion's defaults.
+OVERRIDE_FLAGS = dict(
+    lr=1e-4,
+    weight_decay=0.0,
+    batch_size=1,
+    microbatch=-1,
+    use_fp16=False,
+    fp16_scale_growth=1e-3,
+    compile=False,
+)
+
 # Top-level keys DeepSpeed 0.19 understands; anything else is most likely a typo.
 KNOWN_KEYS = {
     "train_batch_size": int,
@@ -173,8 +184,7 @@ def resolve(
 ) -> Tuple[Dict, List[str]]:
     """Apply explicit seed flags to a validated config and fill in batch sizes.
 
-    :param args: namespace with lr, weight_decay, batch_size, microbatch, use_fp16, fp16_scale_growth,
-        compile.
+    :param args: namespace with the OVERRIDE_FLAGS.
     :param explicit: flags given on the command line (explicit_flags).
     :param native_bf16: the device computes bf16 in hardware (dist_util.native_bf16): bf16.enabled "auto"
         becomes true there and false elsewhere, where bf16 would be emulated and slower than fp32.
@@ -206,16 +216,13 @@ def resolve(
         if total % (grad_accum_steps * world_size):
             raise ConfigError(
                 f"train_batch_size {total} is not divisible by gradient_accumulation_steps "
-                f"{grad_accum_steps} x "
-                f"{world_size} ranks"
+                f"{grad_accum_steps} x {world_size} ranks"
             )
         micro_batch = total // (grad_accum_steps * world_size)
     if "train_batch_size" in cfg and cfg["train_batch_size"] != micro_batch * grad_accum_steps * world_size:
         raise ConfigError(
             f"train_batch_size {cfg['train_batch_size']} != micro-batch {micro_batch} x accumulation "
-            f"{grad_accum_steps} x "
-            f"{world_size} ranks; "
-            "remove train_batch_size or make them agree"
+            f"{grad_accum_steps} x {world_size} ranks; remove train_batch_size or make them agree"
         )
     cfg.update(
         train_micro_batch_size_per_gpu=micro_batch,

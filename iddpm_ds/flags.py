@@ -11,12 +11,14 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable, Dict, Iterable, List, Optional, Set
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import numpy as np
+import torch
 
 from . import dist_util
-from .checkpointing import read_complete
+from . import script_util as su
+from .checkpointing import load_official_state_dict, load_state_dict_file, read_complete
 from .errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 
 HELP = {
@@ -119,6 +121,39 @@ def make_parser(description: Optional[str]) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
 
 
+def model_family(super_res: bool = False) -> Tuple[Dict, Callable]:
+    """(defaults, factory) of the model flags: improved-diffusion's image models, or its
+    super-resolution ones."""
+    if super_res:
+        return su.sr_model_and_diffusion_defaults(), su.sr_create_model_and_diffusion
+    return su.model_and_diffusion_defaults(), su.create_model_and_diffusion
+
+
+def parse_command_line(
+    description: Optional[str],
+    defaults: Dict,
+    super_res: bool = False,
+    help: Dict = HELP,
+    deepspeed_config: bool = False,
+) -> Tuple[argparse.Namespace, Dict, Set[str]]:
+    """An entry point's command line: its own flags (defaults), the model's, --local_rank (which the
+    deepspeed launcher passes) and, with deepspeed_config, DeepSpeed's --deepspeed_config.
+
+    Returns (args, the model flags as a dict, the names of the flags given on the command line).
+    """
+    model_defaults, _ = model_family(super_res)
+    parser = make_parser(description)
+    su.add_dict_to_argparser(parser, {**defaults, **model_defaults}, help)
+    parser.add_argument("--local_rank", type=int, default=-1, help=HELP["local_rank"])
+    if deepspeed_config:
+        import deepspeed  # here: sampling and evaluation run without it
+
+        deepspeed.add_config_arguments(parser)
+    argv = sys.argv[1:]
+    args = parser.parse_args(argv)
+    return args, su.args_to_dict(args, model_defaults.keys()), explicit_flags(argv)
+
+
 def run_cli(main: Callable[[], None]) -> None:
     """Run an entry point's main: a user error becomes one `NAME: error: ...` line and exit status
     2 (3 for a diverged run), and the process group is left together after success."""
@@ -173,9 +208,15 @@ def _newest(run_dir: str, prefix: str) -> str:
 
 
 def resolve_trained_model(
-    run_dir: str, model_path: str, use_ema: bool, flags: Dict, explicit, override: bool = False
+    run_dir: str,
+    model_path: str,
+    use_ema: bool,
+    flags: Dict,
+    explicit,
+    override: bool = False,
+    super_res: bool = False,
 ):
-    """(weights file, model flags, number of data classes or None) for sampling or evaluation.
+    """(weights file, validated model flags, number of data classes or None) for sampling or evaluation.
 
     :param run_dir: a training run directory (flags from its config.json, newest EMA or model file).
     :param model_path: a .pt file, a checkpoints/stepNNNNNN directory (its consolidated files), or a
@@ -206,7 +247,16 @@ def resolve_trained_model(
             path = _newest(run_dir, "ema_") if use_ema else _newest(run_dir, "model")
     if not path:
         raise CheckpointError("give --run_dir or --model_path")
+    validate_model_flags(flags, super_res)
     return path, flags, data_classes
+
+
+def load_trained_model(path: str, flags: Dict, super_res: bool, device: torch.device):
+    """(model, diffusion) built from the model flags, the model with path's weights on device, in eval
+    mode; path as resolve_trained_model returns it."""
+    model, diffusion = model_family(super_res)[1](**flags)
+    load_official_state_dict(model, load_state_dict_file(path))
+    return model.to(device).eval(), diffusion
 
 
 # --------------------------------------------------------------------------- validation

@@ -40,22 +40,14 @@ def _head_offsets(bh, H, T, head_stride, part_stride, D: tl.constexpr):
     return q_off, k_off, v_off, o_off
 
 
+# Kernel signatures are written by hand, an argument group to a line (ruff would put one name per line).
 @triton.jit
 def _fwd_kernel(
-    QKV,
-    Out,
-    LSE,
-    H,
-    T,
-    head_stride,
-    part_stride,
-    sm_scale,
-    D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+    QKV, Out, LSE,  # in [B, 3*H*D, T]; out [B, H*D, T] and the rows' log-sum-exp [B*H, T]
+    H, T, head_stride, part_stride, sm_scale,  # heads, positions, the qkv layout (module docstring)
+    D: tl.constexpr, BLOCK_D: tl.constexpr,  # head dim and its power-of-two tile width
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,  # query/key tile rows, dot mode
+):  # fmt: skip
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     q_off, k_off, v_off, o_off = _head_offsets(bh, H, T, head_stride, part_stride, D)
@@ -125,22 +117,12 @@ def _query_block(QKV, DO, LSE, Delta, q_off, o_off, bh, offs_m, offs_d, d_mask, 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    QKV,
-    DO,
-    LSE,
-    Delta,
-    DQKV,
-    H,
-    T,
-    head_stride,
-    part_stride,
-    sm_scale,
-    D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+    QKV, DO, LSE, Delta,  # the forward's input, dOut, the rows' log-sum-exp and rowsum(dO * Out)
+    DQKV,  # out: [B, 3*H*D, T], qkv's layout; this kernel writes the k and v parts
+    H, T, head_stride, part_stride, sm_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
     """One program per (key block, b*h): loops over query blocks."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -174,22 +156,12 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    QKV,
-    DO,
-    LSE,
-    Delta,
-    DQKV,
-    H,
-    T,
-    head_stride,
-    part_stride,
-    sm_scale,
-    D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+    QKV, DO, LSE, Delta,  # as _bwd_dkdv_kernel's
+    DQKV,  # out: this kernel writes the q part
+    H, T, head_stride, part_stride, sm_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
     """One program per (query block, b*h): loops over key blocks."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -221,6 +193,12 @@ class LaunchConfig:
     block_n: int  # key rows per tile
     num_warps: int
     num_stages: int
+
+    def launch_kwargs(self) -> dict:
+        """The tile sizes and schedule as a kernel launch takes them."""
+        return dict(
+            BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps, num_stages=self.num_stages
+        )
 
 
 def configs(T: int, D: int, capability: Optional[int], fp32: bool = False) -> dict:
@@ -325,6 +303,10 @@ class Geometry:
     precision: str  # of the dots: fp32 reaches a GPU only when PyTorch allows TF32 (kernels.attention)
     sm_scale: float
 
+    def constexprs(self) -> dict:
+        """What every kernel compiles in: the head dim, its tile width and the dots' precision."""
+        return dict(D=self.D, BLOCK_D=self.BLOCK_D, PRECISION=self.precision)
+
 
 def geometry(qkv: torch.Tensor, num_heads: int) -> Geometry:
     B, width, T = qkv.shape
@@ -350,23 +332,8 @@ def forward(qkv, num_heads: int, order: str):
     out = torch.empty(B, H * D, T, device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty(B * H, T, device=qkv.device, dtype=torch.float32)
     f = g.cfg["fwd"]
-    _fwd_kernel[(triton.cdiv(T, f.block_m), B * H)](
-        qkv,
-        out,
-        lse,
-        H,
-        T,
-        head_stride,
-        part_stride,
-        g.sm_scale,
-        D=D,
-        BLOCK_D=g.BLOCK_D,
-        BLOCK_M=f.block_m,
-        BLOCK_N=f.block_n,
-        PRECISION=g.precision,
-        num_warps=f.num_warps,
-        num_stages=f.num_stages,
-    )
+    args = (qkv, out, lse, H, T, head_stride, part_stride, g.sm_scale)
+    _fwd_kernel[(triton.cdiv(T, f.block_m), B * H)](*args, **g.constexprs(), **f.launch_kwargs())
     return out, lse
 
 
@@ -386,14 +353,5 @@ def backward(dout, qkv, out, lse, num_heads: int, order: str):
         (_bwd_dkdv_kernel, g.cfg["dkdv"], g.cfg["dkdv"].block_n),
         (_bwd_dq_kernel, g.cfg["dq"], g.cfg["dq"].block_m),
     ):
-        kernel[(triton.cdiv(T, blocks), B * H)](
-            *args,
-            D=D,
-            BLOCK_D=g.BLOCK_D,
-            BLOCK_M=c.block_m,
-            BLOCK_N=c.block_n,
-            PRECISION=g.precision,
-            num_warps=c.num_warps,
-            num_stages=c.num_stages,
-        )
+        kernel[(triton.cdiv(T, blocks), B * H)](*args, **g.constexprs(), **c.launch_kwargs())
     return dqkv

@@ -30,9 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-RESIDENT_MAX = (
-    16384  # padded elements of a 16-bit group one program keeps in registers (half that for fp32 x)
-)
+# Padded elements of a 16-bit group one program keeps in registers (half that for fp32 x).
+RESIDENT_MAX = 16384
 SPLIT_BLOCK = 4096  # elements per program on the split path
 
 
@@ -62,20 +61,10 @@ def _grad_u(xhat, dy, w, bias, mult, add, SILU: tl.constexpr):
 
 @triton.jit
 def _store_row_grads(
-    R,
-    DScale,
-    DShift,
-    n_rows,
-    row,
-    a1,
-    a2,
-    w,
-    bias,
-    mult,
-    mask,
-    HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr,
-):
+    R, DScale, DShift, n_rows,  # out: see _bwd_resident_kernel
+    row, a1, a2, w, bias, mult, mask,  # the row's index, sums and parameters (any shape)
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+):  # fmt: skip
     """From a1 = sum_L du and a2 = sum_L du*xhat of a row: R[0] dweight and R[1] dbias partials (fp32),
     dscale, dshift."""
     tl.store(R + row, mult * a2, mask=mask)
@@ -121,26 +110,13 @@ def _group_tile(pid, C, L, SC, SL, cpg, BLOCK_C: tl.constexpr, BLOCK_L: tl.const
 
 @triton.jit
 def _fwd_resident_kernel(
-    X,
-    Y,
-    W,
-    Bias,
-    Scale,
-    Shift,
-    Mean,
-    Rstd,
-    C,
-    L,
-    SC,
-    SL,
-    cpg,
-    eps,
-    HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr,
-    SILU: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_L: tl.constexpr,
-):
+    X, Y,  # in and out, [B, C, L] at strides (SC, SL)
+    W, Bias, Scale, Shift,  # affine [C]; modulation [B*C] (read only with HAS_SCALE / HAS_SHIFT)
+    Mean, Rstd,  # out: per-group statistics [B*G], float32
+    C, L, SC, SL, cpg, eps,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,  # the group tile: rows (channels) x positions
+):  # fmt: skip
     pid = tl.program_id(0)
     c, row, ptrs, row_valid, mask = _group_tile(pid, C, L, SC, SL, cpg, BLOCK_C, BLOCK_L)
     x = tl.load(X + ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -159,30 +135,13 @@ def _fwd_resident_kernel(
 
 @triton.jit
 def _bwd_resident_kernel(
-    X,
-    DY,
-    DX,
-    W,
-    Bias,
-    Scale,
-    Shift,
-    Mean,
-    Rstd,
-    R,
-    DScale,
-    DShift,
-    C,
-    L,
-    SC,
-    SL,
-    cpg,
-    n_rows,
-    HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr,
-    SILU: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_L: tl.constexpr,
-):
+    X, DY, DX,  # x and dy in, dx out, [B, C, L] at strides (SC, SL)
+    W, Bias, Scale, Shift, Mean, Rstd,  # as the forward's, its statistics now read
+    R, DScale, DShift,  # out: per-row dweight / dbias partials [2, B*C] (float32), dscale, dshift [B*C]
+    C, L, SC, SL, cpg, n_rows,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+):  # fmt: skip
     """dx = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)), dxhat = du * (1 + scale) * w."""
     pid = tl.program_id(0)
     c, row, ptrs, row_valid, mask = _group_tile(pid, C, L, SC, SL, cpg, BLOCK_C, BLOCK_L)
@@ -249,29 +208,14 @@ def _group_of(row, C, cpg, NB, BLOCK_P: tl.constexpr):
 
 @triton.jit
 def _fwd_apply_kernel(
-    X,
-    Y,
-    W,
-    Bias,
-    Scale,
-    Shift,
-    PMean,
-    PM2,
-    Mean,
-    Rstd,
-    C,
-    L,
-    SC,
-    SL,
-    cpg,
-    NB,
-    eps,
-    HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr,
-    SILU: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
+    X, Y,
+    W, Bias, Scale, Shift,  # affine [C]; modulation [B*C] (read only with HAS_SCALE / HAS_SHIFT)
+    PMean, PM2,  # the blocks' statistics [B*C, NB] from _fwd_partial_stats_kernel
+    Mean, Rstd,  # out: per-group statistics [B*G]
+    C, L, SC, SL, cpg, NB, eps,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,  # elements per block; a group's partials, padded
+):  # fmt: skip
     """Merges the group's block statistics (Chan et al.), then normalises block j of the row."""
     row = tl.program_id(0)
     j = tl.program_id(1)
@@ -295,27 +239,13 @@ def _fwd_apply_kernel(
 
 @triton.jit
 def _bwd_partial_sums_kernel(
-    X,
-    DY,
-    W,
-    Bias,
-    Scale,
-    Shift,
-    Mean,
-    Rstd,
-    PA1,
-    PA2,
-    C,
-    L,
-    SC,
-    SL,
-    cpg,
-    NB,
-    HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr,
-    SILU: tl.constexpr,
+    X, DY,
+    W, Bias, Scale, Shift, Mean, Rstd,
+    PA1, PA2,  # out: sum(du) and sum(du * xhat) of each block [B*C, NB]
+    C, L, SC, SL, cpg, NB,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
     BLOCK: tl.constexpr,
-):
+):  # fmt: skip
     """sum(du) and sum(du * xhat) of each block."""
     row = tl.program_id(0)
     j = tl.program_id(1)
@@ -338,33 +268,14 @@ def _bwd_partial_sums_kernel(
 
 @triton.jit
 def _bwd_dx_kernel(
-    X,
-    DY,
-    DX,
-    W,
-    Bias,
-    Scale,
-    Shift,
-    Mean,
-    Rstd,
-    PA1,
-    PA2,
-    R,
-    DScale,
-    DShift,
-    C,
-    L,
-    SC,
-    SL,
-    cpg,
-    NB,
-    n_rows,
-    HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr,
-    SILU: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
+    X, DY, DX,
+    W, Bias, Scale, Shift, Mean, Rstd,
+    PA1, PA2,  # the blocks' sums from _bwd_partial_sums_kernel
+    R, DScale, DShift,  # out: as _bwd_resident_kernel's
+    C, L, SC, SL, cpg, NB, n_rows,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
     """dx of block j of the row from the group's partial sums; block 0 also writes the row's reductions."""
     row = tl.program_id(0)
     j = tl.program_id(1)
@@ -444,27 +355,10 @@ def forward(x3, strides, weight, bias, scale, shift, num_groups: int, eps: float
     scale_c = scale.contiguous() if scale is not None else mean
     shift_c = shift.contiguous() if shift is not None else mean
     y = torch.empty_like(x3)
-    flags = _flags(scale, shift, silu)
+    params, layout = (weight, bias, scale_c, shift_c), (C, L, SC, SL, cpg)
+    meta = dict(**_flags(scale, shift, silu), **p.constexprs, num_warps=p.num_warps)
     if p.resident:
-        _fwd_resident_kernel[(B * num_groups,)](
-            x3,
-            y,
-            weight,
-            bias,
-            scale_c,
-            shift_c,
-            mean,
-            rstd,
-            C,
-            L,
-            SC,
-            SL,
-            cpg,
-            eps,
-            **flags,
-            **p.constexprs,
-            num_warps=p.num_warps,
-        )
+        _fwd_resident_kernel[(B * num_groups,)](x3, y, *params, mean, rstd, *layout, eps, **meta)
     else:
         nb = triton.cdiv(L, p.constexprs["BLOCK"])
         pmean = torch.empty(B * C * nb, device=x3.device, dtype=torch.float32)
@@ -472,28 +366,7 @@ def forward(x3, strides, weight, bias, scale, shift, num_groups: int, eps: float
         _fwd_partial_stats_kernel[(B * C, nb)](
             x3, pmean, pm2, C, L, SC, SL, nb, BLOCK=p.constexprs["BLOCK"], num_warps=p.num_warps
         )
-        _fwd_apply_kernel[(B * C, nb)](
-            x3,
-            y,
-            weight,
-            bias,
-            scale_c,
-            shift_c,
-            pmean,
-            pm2,
-            mean,
-            rstd,
-            C,
-            L,
-            SC,
-            SL,
-            cpg,
-            nb,
-            eps,
-            **flags,
-            **p.constexprs,
-            num_warps=p.num_warps,
-        )
+        _fwd_apply_kernel[(B * C, nb)](x3, y, *params, pmean, pm2, mean, rstd, *layout, nb, eps, **meta)
     return y, mean, rstd
 
 
@@ -510,81 +383,21 @@ def backward(dy3, x3, strides, weight, bias, scale, shift, mean, rstd, num_group
     red = torch.empty(2, B * C, device=x3.device, dtype=torch.float32)
     dscale = torch.empty_like(scale_c) if scale is not None else red
     dshift = torch.empty_like(shift_c) if shift is not None else red
+    params, layout = (weight, bias, scale_c, shift_c, mean, rstd), (C, L, SC, SL, cpg)
     flags = _flags(scale, shift, silu)
+    meta = dict(**flags, **p.constexprs, num_warps=p.num_warps)
     if p.resident:
         _bwd_resident_kernel[(B * num_groups,)](
-            x3,
-            dy3,
-            dx,
-            weight,
-            bias,
-            scale_c,
-            shift_c,
-            mean,
-            rstd,
-            red,
-            dscale,
-            dshift,
-            C,
-            L,
-            SC,
-            SL,
-            cpg,
-            B * C,
-            **flags,
-            **p.constexprs,
-            num_warps=p.num_warps,
+            x3, dy3, dx, *params, red, dscale, dshift, *layout, B * C, **meta
         )
     else:
         nb = triton.cdiv(L, p.constexprs["BLOCK"])
         pa1 = torch.empty(B * C * nb, device=x3.device, dtype=torch.float32)
         pa2 = torch.empty_like(pa1)
-        _bwd_partial_sums_kernel[(B * C, nb)](
-            x3,
-            dy3,
-            weight,
-            bias,
-            scale_c,
-            shift_c,
-            mean,
-            rstd,
-            pa1,
-            pa2,
-            C,
-            L,
-            SC,
-            SL,
-            cpg,
-            nb,
-            **flags,
-            BLOCK=p.constexprs["BLOCK"],
-            num_warps=p.num_warps,
-        )
+        block = dict(BLOCK=p.constexprs["BLOCK"], num_warps=p.num_warps)
+        _bwd_partial_sums_kernel[(B * C, nb)](x3, dy3, *params, pa1, pa2, *layout, nb, **flags, **block)
         _bwd_dx_kernel[(B * C, nb)](
-            x3,
-            dy3,
-            dx,
-            weight,
-            bias,
-            scale_c,
-            shift_c,
-            mean,
-            rstd,
-            pa1,
-            pa2,
-            red,
-            dscale,
-            dshift,
-            C,
-            L,
-            SC,
-            SL,
-            cpg,
-            nb,
-            B * C,
-            **flags,
-            **p.constexprs,
-            num_warps=p.num_warps,
+            x3, dy3, dx, *params, pa1, pa2, red, dscale, dshift, *layout, nb, B * C, **meta
         )
     dweight, dbias = torch.empty_like(weight), torch.empty_like(bias)
     block = min(1024, triton.next_power_of_2(C))

@@ -43,14 +43,12 @@ import torch
 import torch.distributed as dist
 
 from iddpm_ds import dist_util
+from iddpm_ds.ds_config import OVERRIDE_FLAGS, precision, resolve
 from iddpm_ds.ds_config import load as load_ds_config
-from iddpm_ds.ds_config import precision, resolve
-from iddpm_ds.flags import HELP, ConfigError, explicit_flags, make_parser, run_cli, validate_model_flags
+from iddpm_ds.flags import HELP, ConfigError, parse_command_line, run_cli, validate_model_flags
 from iddpm_ds.resample import UniformSampler
 from iddpm_ds.script_util import (
     NUM_CLASSES,
-    add_dict_to_argparser,
-    args_to_dict,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
@@ -63,12 +61,7 @@ DEFAULTS = dict(
     steps=20,
     warmup=3,
     ema_rate="0.9999",
-    lr=1e-4,
-    weight_decay=0.0,
-    batch_size=1,
-    microbatch=-1,
-    use_fp16=False,
-    fp16_scale_growth=1e-3,
+    **OVERRIDE_FLAGS,
     memory=False,
     memory_input_size=32,
     kernels=False,
@@ -590,19 +583,14 @@ def print_speed_table(config: str, entry: dict, result: dict) -> None:
 
 
 def main() -> None:
-    import deepspeed
-
-    p = make_parser(__doc__)
-    add_dict_to_argparser(p, {**DEFAULTS, **model_and_diffusion_defaults()}, {**HELP, **BENCH_HELP})
-    p.add_argument("--local_rank", type=int, default=-1, help=HELP["local_rank"])
-    deepspeed.add_config_arguments(p)
-    args = p.parse_args()
-    validate_model_flags(args_to_dict(args, model_and_diffusion_defaults().keys()))
+    args, flags, explicit = parse_command_line(
+        __doc__, DEFAULTS, help={**HELP, **BENCH_HELP}, deepspeed_config=True
+    )
+    validate_model_flags(flags)
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError(
             f"--steps must be at least 1 and --warmup not negative, got {args.steps} and {args.warmup}"
         )
-    flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     if args.kernels:
         result = kernels_step(flags, args.batch_size, args.steps, args.warmup)
         print_kernels_step(result, flags["image_size"])
@@ -619,13 +607,12 @@ def main() -> None:
     cfg, _ = resolve(
         load_ds_config(args.deepspeed_config or os.path.join(REPO, "ds_configs", "cpu.json")),
         args,
-        set(),
+        explicit,
         world,
         get_accelerator().is_fp16_supported(),
         dist_util.native_bf16(),
     )
     if args.speed:
-        explicit = explicit_flags(sys.argv[1:])
         custom = {k: v for k, v in flags.items() if k in explicit}
         result = run_speed(args, cfg, dist_util.dev(), custom)
         if dist.get_rank() == 0:

@@ -10,32 +10,13 @@ process for a paper-comparable number (the model's own diffusion_steps).
 """
 
 import json
-import os
-import sys
 
 import torch
 import torch.distributed as dist
 
 from iddpm_ds import dist_util
-from iddpm_ds.checkpointing import load_official_state_dict, load_state_dict_file
-from iddpm_ds.flags import (
-    HELP,
-    ConfigError,
-    explicit_flags,
-    make_parser,
-    resolve_trained_model,
-    run_cli,
-    validate_model_flags,
-)
+from iddpm_ds.flags import ConfigError, load_trained_model, parse_command_line, resolve_trained_model, run_cli
 from iddpm_ds.image_datasets import load_data
-from iddpm_ds.script_util import (
-    add_dict_to_argparser,
-    args_to_dict,
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 NLL_DEFAULTS = dict(
     run_dir="",
@@ -53,25 +34,16 @@ NLL_DEFAULTS = dict(
 
 
 def main() -> None:
-    parser = make_parser(__doc__)
-    add_dict_to_argparser(parser, {**NLL_DEFAULTS, **model_and_diffusion_defaults()}, HELP)
-    parser.add_argument("--local_rank", type=int, default=-1, help=HELP["local_rank"])
-    argv = sys.argv[1:]
-    args = parser.parse_args(argv)
+    args, flags, explicit = parse_command_line(__doc__, NLL_DEFAULTS)
     for flag in ("num_samples", "batch_size"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     path, flags, _ = resolve_trained_model(
-        args.run_dir, args.model_path, args.use_ema, flags, explicit_flags(argv), args.override
+        args.run_dir, args.model_path, args.use_ema, flags, explicit, args.override
     )
-    validate_model_flags(flags)
     rank, world, distributed = dist_util.setup_if_launched(args.master_port or None)
     device = dist_util.dev()
-
-    model, diffusion = create_model_and_diffusion(**flags)
-    load_official_state_dict(model, load_state_dict_file(path))
-    model.to(device).eval()
+    model, diffusion = load_trained_model(path, flags, False, device)
     data = load_data(
         data_dir=args.data_dir,
         batch_size=args.batch_size,

@@ -13,37 +13,22 @@ seed gives the same images whatever the batch size or number of ranks.
 """
 
 import os
-import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from iddpm_ds import dist_util
-from iddpm_ds.checkpointing import load_official_state_dict, load_state_dict_file
 from iddpm_ds.flags import (
-    HELP,
     ConfigError,
-    explicit_flags,
-    make_parser,
+    load_trained_model,
+    parse_command_line,
     resolve_trained_model,
     run_cli,
-    validate_model_flags,
     validate_sample_flags,
 )
 from iddpm_ds.sampling import classifier_free_guidance, make_grid, sample_images
-from iddpm_ds.script_util import (
-    NULL_CLASS,
-    NUM_CLASSES,
-    add_dict_to_argparser,
-    args_to_dict,
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-    sr_create_model_and_diffusion,
-    sr_model_and_diffusion_defaults,
-)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from iddpm_ds.script_util import NULL_CLASS, NUM_CLASSES
 
 SAMPLE_DEFAULTS = dict(
     run_dir="",
@@ -64,18 +49,11 @@ SAMPLE_DEFAULTS = dict(
 
 
 def main(super_res: bool = False) -> None:
-    model_defaults = sr_model_and_diffusion_defaults() if super_res else model_and_diffusion_defaults()
-    defaults = {**SAMPLE_DEFAULTS, **model_defaults, **({"base_samples": ""} if super_res else {})}
-    parser = make_parser(__doc__)
-    add_dict_to_argparser(parser, defaults, HELP)
-    parser.add_argument("--local_rank", type=int, default=-1, help=HELP["local_rank"])
-    argv = sys.argv[1:]
-    args = parser.parse_args(argv)
-    flags = args_to_dict(args, model_defaults.keys())
+    defaults = {**SAMPLE_DEFAULTS, **({"base_samples": ""} if super_res else {})}
+    args, flags, explicit = parse_command_line(__doc__, defaults, super_res)
     path, flags, data_classes = resolve_trained_model(
-        args.run_dir, args.model_path, args.use_ema, flags, explicit_flags(argv), args.override
+        args.run_dir, args.model_path, args.use_ema, flags, explicit, args.override, super_res
     )
-    validate_model_flags(flags, super_res)
     validate_sample_flags(args, flags, data_classes or NUM_CLASSES)
     image_size = flags["large_size" if super_res else "image_size"]
 
@@ -98,9 +76,7 @@ def main(super_res: bool = False) -> None:
     rank, world, distributed = dist_util.setup_if_launched(args.master_port or None)
     device = dist_util.dev()
 
-    model, diffusion = (sr_create_model_and_diffusion if super_res else create_model_and_diffusion)(**flags)
-    load_official_state_dict(model, load_state_dict_file(path))
-    model.to(device).eval()
+    model, diffusion = load_trained_model(path, flags, super_res, device)
     if args.guidance_scale != 1.0:
         model = classifier_free_guidance(model, args.guidance_scale, NULL_CLASS)
     if rank == 0:

@@ -11,7 +11,6 @@ DeepSpeed JSON; --lr, --weight_decay, --batch_size/--microbatch, --use_fp16 and
 runs/<timestamp>), and a run resumes from its newest complete checkpoint.
 """
 
-import argparse
 import json
 import logging
 import os
@@ -26,8 +25,7 @@ try:  # a rank on a host whose Python lacks the stack stops here, in one line
 except ModuleNotFoundError as e:
     sys.exit(
         f"train.py: error: {sys.executable} on host {socket.gethostname()} cannot import {e.name}: install "
-        "the "
-        "project for that Python there (bash setup.sh), or name one that has it in .deepspeed_env's PATH"
+        "the project for that Python there (bash setup.sh), or name one that has it in .deepspeed_env's PATH"
     )
 
 import torch
@@ -41,14 +39,13 @@ from iddpm_ds.checkpointing import (
     load_state_dict_file,
     prepare_resume,
 )
+from iddpm_ds.ds_config import OVERRIDE_FLAGS, precision, resolve
 from iddpm_ds.ds_config import load as load_ds_config
-from iddpm_ds.ds_config import precision, resolve
 from iddpm_ds.errors import CheckpointError
 from iddpm_ds.flags import (
-    HELP,
-    explicit_flags,
-    make_parser,
     merge_run_flags,
+    model_family,
+    parse_command_line,
     read_run_config,
     run_cli,
     validate_model_flags,
@@ -58,16 +55,7 @@ from iddpm_ds.image_datasets import SuperResStream, load_data
 from iddpm_ds.preemption import PreemptionWatch
 from iddpm_ds.resample import create_named_schedule_sampler
 from iddpm_ds.sampling import make_grid, sample_images
-from iddpm_ds.script_util import (
-    NULL_CLASS,
-    NUM_CLASSES,
-    add_dict_to_argparser,
-    args_to_dict,
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-    sr_create_model_and_diffusion,
-    sr_model_and_diffusion_defaults,
-)
+from iddpm_ds.script_util import NULL_CLASS, NUM_CLASSES
 from iddpm_ds.seeding import seed_everything
 from iddpm_ds.train_util import TrainLoop, create_engine
 
@@ -76,19 +64,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_DEFAULTS = dict(
     data_dir="",
     schedule_sampler="uniform",
-    lr=1e-4,
-    weight_decay=0.0,
+    **OVERRIDE_FLAGS,
     lr_anneal_steps=0,
-    batch_size=1,
-    microbatch=-1,
     ema_rate="0.9999",
     log_interval=10,
     save_interval=10000,
     resume_checkpoint="",
-    use_fp16=False,
-    fp16_scale_growth=1e-3,
     # iddpm_ds additions
-    compile=False,
     max_steps=0,
     max_nonfinite_steps=10,
     sample_interval=0,
@@ -104,16 +86,6 @@ TRAIN_DEFAULTS = dict(
 )
 PREVIEW_SAMPLES, PREVIEW_RESPACING = 16, "ddim25"
 EVAL_RESPACING = "ddim50"
-
-
-def create_argparser(model_defaults: dict) -> argparse.ArgumentParser:
-    import deepspeed
-
-    parser = make_parser(__doc__)
-    add_dict_to_argparser(parser, {**TRAIN_DEFAULTS, **model_defaults}, HELP)
-    parser.add_argument("--local_rank", type=int, default=-1, help=HELP["local_rank"])
-    deepspeed.add_config_arguments(parser)
-    return parser
 
 
 def resolve_run_dir(log_dir: str) -> str:
@@ -166,15 +138,16 @@ def make_eval_fn(factory, model_flags: dict, data_classes, device, args):
     return lambda state_dict: evaluator(*sample(state_dict))
 
 
-def parse_flags(model_defaults: dict, super_res: bool):
-    """The command line, checked before any rank starts work: (args, explicit flag names, DeepSpeed JSON)."""
-    argv = sys.argv[1:]
-    args = create_argparser(model_defaults).parse_args(argv)
-    explicit = explicit_flags(argv)
+def parse_flags(super_res: bool):
+    """The command line, checked before any rank starts work: (args, model flags, explicit flag names,
+    DeepSpeed JSON)."""
+    args, model_flags, explicit = parse_command_line(
+        __doc__, TRAIN_DEFAULTS, super_res, deepspeed_config=True
+    )
     validate_train_flags(args, explicit)
-    validate_model_flags(args_to_dict(args, model_defaults.keys()), super_res)
+    validate_model_flags(model_flags, super_res)
     ds_cfg = load_ds_config(args.deepspeed_config or os.path.join(REPO, "ds_configs", "cpu.json"))
-    return args, explicit, ds_cfg
+    return args, model_flags, explicit, ds_cfg
 
 
 def start_logging(run_dir: str, rank: int, notes) -> logging.Logger:
@@ -191,9 +164,8 @@ def start_logging(run_dir: str, rank: int, notes) -> logging.Logger:
     return log
 
 
-def run_model_flags(run_dir: str, args, model_defaults: dict, explicit) -> dict:
+def run_model_flags(run_dir: str, args, model_flags: dict, explicit) -> dict:
     """The command line's model flags; continuing a run, its saved flags unless contradicted."""
-    model_flags = args_to_dict(args, model_defaults.keys())
     config = os.path.join(run_dir, "config.json")
     if os.path.isfile(config):
         saved = read_run_config(run_dir)["model_flags"]
@@ -267,9 +239,7 @@ def write_run_config(
 
 
 def main(super_res: bool = False) -> None:
-    model_defaults = sr_model_and_diffusion_defaults() if super_res else model_and_diffusion_defaults()
-    factory = sr_create_model_and_diffusion if super_res else create_model_and_diffusion
-    args, explicit, ds_cfg = parse_flags(model_defaults, super_res)
+    args, model_flags, explicit, ds_cfg = parse_flags(super_res)
 
     # Join the other ranks.
     dist_util.abort_all_ranks_on_error()
@@ -286,7 +256,8 @@ def main(super_res: bool = False) -> None:
     log = start_logging(run_dir, rank, notes)
 
     # Model, engine and data.
-    model_flags = run_model_flags(run_dir, args, model_defaults, explicit)
+    model_flags = run_model_flags(run_dir, args, model_flags, explicit)
+    _, factory = model_family(super_res)
     model, diffusion, resume_dir, init_weights_path = build_model(factory, model_flags, args, rank, run_dir)
     engine, load_tag = build_engine(model, ds_cfg, args, resume_dir, world)
     data, data_classes = build_data(args, engine, model_flags, super_res)

@@ -2,22 +2,12 @@ import argparse
 
 import pytest
 
-from iddpm_ds.ds_config import resolve, split_compile, validate
+from iddpm_ds.ds_config import OVERRIDE_FLAGS, resolve, split_compile, validate
 from iddpm_ds.flags import ConfigError, explicit_flags
 
 
 def args(**kw):
-    base = dict(
-        lr=1e-4,
-        weight_decay=0.0,
-        batch_size=1,
-        microbatch=-1,
-        use_fp16=False,
-        fp16_scale_growth=1e-3,
-        compile=False,
-    )
-    base.update(kw)
-    return argparse.Namespace(**base)
+    return argparse.Namespace(**{**OVERRIDE_FLAGS, **kw})
 
 
 BASE = {

@@ -28,22 +28,23 @@ from iddpm_ds.image_datasets import open_source
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-MODEL_FLAGS = [
-    "--image_size",
-    "32",
-    "--num_channels",
-    "64",
-    "--num_res_blocks",
-    "2",
-    "--attention_resolutions",
-    "16,8",
-    "--learn_sigma",
-    "True",
-    "--noise_schedule",
-    "cosine",
-    "--diffusion_steps",
-    "1000",
-]
+MODEL_FLAGS = (
+    "--image_size 32 --num_channels 64 --num_res_blocks 2 --attention_resolutions 16,8 --learn_sigma True "
+    "--noise_schedule cosine --diffusion_steps 1000"
+).split()
+
+
+def run_flags(data: str, steps: int) -> list:
+    """The flags both trainers take alike: data, model, steps, logging every 10 steps, no checkpoint."""
+    steps_flags = [
+        "--lr_anneal_steps",
+        str(steps),
+        "--log_interval",
+        "10",
+        "--save_interval",
+        str(10 * steps),
+    ]
+    return ["--data_dir", data, *MODEL_FLAGS, *steps_flags]
 
 
 def write_digits(folder: str) -> int:
@@ -58,23 +59,8 @@ def write_digits(folder: str) -> int:
 def run_theirs(code_dir: str, data: str, out: str, steps: int, seed: int) -> list:
     env = dict(os.environ, OPENAI_LOGDIR=out, PYTHONPATH=code_dir, OMP_NUM_THREADS=str(os.cpu_count() or 1))
     # Their script has no seed flag; a different process start gives a different run.
-    cmd = [
-        sys.executable,
-        os.path.join(code_dir, "scripts", "image_train.py"),
-        "--data_dir",
-        data,
-        *MODEL_FLAGS,
-        "--batch_size",
-        "16",
-        "--lr",
-        "1e-4",
-        "--lr_anneal_steps",
-        str(steps),
-        "--log_interval",
-        "10",
-        "--save_interval",
-        str(10 * steps),
-    ]
+    script = os.path.join(code_dir, "scripts", "image_train.py")
+    cmd = [sys.executable, script, *run_flags(data, steps), "--batch_size", "16", "--lr", "1e-4"]
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return read_theirs(out)
 
@@ -103,25 +89,9 @@ def run_ours(data: str, out: str, steps: int, seed: int, precision: str = "fp32"
             f,
         )
     env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1))
-    cmd = [
-        sys.executable,
-        os.path.join(REPO, "launch", "train.py"),
-        "--deepspeed_config",
-        config,
-        "--data_dir",
-        data,
-        *MODEL_FLAGS,
-        "--lr_anneal_steps",
-        str(steps),
-        "--log_interval",
-        "10",
-        "--save_interval",
-        str(10 * steps),
-        "--seed",
-        str(seed),
-        "--log_dir",
-        os.path.join(out, "run"),
-    ]
+    script = os.path.join(REPO, "launch", "train.py")
+    seed_and_log = ["--seed", str(seed), "--log_dir", os.path.join(out, "run")]
+    cmd = [sys.executable, script, "--deepspeed_config", config, *run_flags(data, steps), *seed_and_log]
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return read_ours(out)
 

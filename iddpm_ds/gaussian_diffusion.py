@@ -281,6 +281,8 @@ class GaussianDiffusion:
         return t
 
     # ------------------------------------------------------------------ ancestral sampling
+    # The sampling loops' signatures are improved-diffusion's; written compactly by hand (fmt: skip), as
+    # ruff would give each of their nine parameters a line.
     def p_sample(
         self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, noise=None
     ) -> Dict[str, torch.Tensor]:
@@ -299,16 +301,9 @@ class GaussianDiffusion:
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def p_sample_loop(
-        self,
-        model,
-        shape,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        model_kwargs=None,
-        device=None,
-        progress=False,
-    ) -> torch.Tensor:
+        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
+        device=None, progress=False,
+    ) -> torch.Tensor:  # fmt: skip
         """Generate samples of the given shape [N, C, H, W] from the model; returns x_0."""
         steps = self.p_sample_loop_progressive(
             model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress
@@ -316,16 +311,9 @@ class GaussianDiffusion:
         return _last(steps)["sample"]
 
     def p_sample_loop_progressive(
-        self,
-        model,
-        shape,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        model_kwargs=None,
-        device=None,
-        progress=False,
-    ) -> Iterator[Dict[str, torch.Tensor]]:
+        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
+        device=None, progress=False,
+    ) -> Iterator[Dict[str, torch.Tensor]]:  # fmt: skip
         """Yield p_sample's output dict at every step, from t = T-1 down to 0."""
         step_kwargs = dict(clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
         return self._loop(self.p_sample, model, shape, noise, device, progress, step_kwargs)
@@ -389,17 +377,9 @@ class GaussianDiffusion:
         return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
 
     def ddim_sample_loop(
-        self,
-        model,
-        shape,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        model_kwargs=None,
-        device=None,
-        progress=False,
-        eta=0.0,
-    ) -> torch.Tensor:
+        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
+        device=None, progress=False, eta=0.0,
+    ) -> torch.Tensor:  # fmt: skip
         """Generate samples [N, C, H, W] with DDIM; returns x_0."""
         steps = self.ddim_sample_loop_progressive(
             model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, eta
@@ -407,17 +387,9 @@ class GaussianDiffusion:
         return _last(steps)["sample"]
 
     def ddim_sample_loop_progressive(
-        self,
-        model,
-        shape,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        model_kwargs=None,
-        device=None,
-        progress=False,
-        eta=0.0,
-    ) -> Iterator[Dict[str, torch.Tensor]]:
+        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
+        device=None, progress=False, eta=0.0,
+    ) -> Iterator[Dict[str, torch.Tensor]]:  # fmt: skip
         """Yield ddim_sample's output dict at every step, from t = T-1 down to 0."""
         step_kwargs = dict(
             clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs, eta=eta

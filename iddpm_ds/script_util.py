@@ -1,6 +1,9 @@
 """Factories with improved-diffusion's names, keywords and defaults, so `import iddpm_ds.script_util` is a
 drop-in.
 
+The factories' signatures are improved-diffusion's, written a few parameters to a line by hand (fmt: skip:
+ruff would give each of their 20-odd parameters a line of its own).
+
 Additions (all optional, with defaults that reproduce improved-diffusion):
 `channel_mult` ("" = the per-size default), `num_head_channels` (-1 = use
 num_heads), `use_fused_kernels` (route norms/attention through `kernels`),
@@ -59,36 +62,15 @@ def model_and_diffusion_defaults() -> Dict:
 
 
 def create_model_and_diffusion(
-    image_size,
-    class_cond,
-    learn_sigma,
-    sigma_small,
-    num_channels,
-    num_res_blocks,
-    num_heads,
-    num_heads_upsample,
-    attention_resolutions,
-    dropout,
-    diffusion_steps,
-    noise_schedule,
-    timestep_respacing,
-    use_kl,
-    predict_xstart,
-    rescale_timesteps,
-    rescale_learned_sigmas,
-    use_checkpoint,
-    use_scale_shift_norm,
-    channel_mult="",
-    num_head_channels=-1,
-    use_fused_kernels=True,
-    class_dropout_prob=0.0,
+    image_size, class_cond, learn_sigma, sigma_small, num_channels, num_res_blocks, num_heads,
+    num_heads_upsample, attention_resolutions, dropout, diffusion_steps, noise_schedule, timestep_respacing,
+    use_kl, predict_xstart, rescale_timesteps, rescale_learned_sigmas, use_checkpoint, use_scale_shift_norm,
+    # iddpm_ds's additions: at these defaults, improved-diffusion's model
+    channel_mult="", num_head_channels=-1, use_fused_kernels=True, class_dropout_prob=0.0,
     channels_last=False,
-):
+):  # fmt: skip
     """Build (UNetModel, SpacedDiffusion) from model_and_diffusion_defaults()-style keywords."""
-    flags = locals()
-    return _call_with(create_model, flags), _call_with(
-        create_gaussian_diffusion, {**flags, "steps": diffusion_steps}
-    )
+    return _model_and_diffusion(create_model, locals())
 
 
 def _resolve_unet_shape(
@@ -119,6 +101,12 @@ def _resolve_unet_shape(
     return mult, attention_ds
 
 
+def _model_and_diffusion(model_factory: Callable, flags: Dict) -> Tuple:
+    """(model, diffusion) from model_factory and create_gaussian_diffusion, each given the flags it takes."""
+    diffusion_flags = {**flags, "steps": flags["diffusion_steps"]}
+    return _call_with(model_factory, flags), _call_with(create_gaussian_diffusion, diffusion_flags)
+
+
 def _call_with(fn: Callable, values: Dict):
     """fn called with the entries of values it has parameters for (the factories forward the same flags)."""
     names = inspect.signature(fn).parameters
@@ -126,25 +114,8 @@ def _call_with(fn: Callable, values: Dict):
 
 
 def _unet_keywords(values: Dict) -> Dict:
-    """The flags every UNet factory passes on unchanged (not the image size, which each names its own)."""
-    keep = (
-        "num_channels",
-        "num_res_blocks",
-        "learn_sigma",
-        "class_cond",
-        "use_checkpoint",
-        "attention_resolutions",
-        "num_heads",
-        "num_heads_upsample",
-        "use_scale_shift_norm",
-        "dropout",
-        "channel_mult",
-        "num_head_channels",
-        "use_fused_kernels",
-        "class_dropout_prob",
-        "channels_last",
-    )
-    return {k: values[k] for k in keep}
+    """The flags every UNet factory passes on unchanged: create_model's, less the image size."""
+    return {k: values[k] for k in inspect.signature(create_model).parameters if k != "image_size"}
 
 
 def _build_unet(
@@ -177,23 +148,12 @@ def _build_unet(
 
 
 def create_model(
-    image_size,
-    num_channels,
-    num_res_blocks,
-    learn_sigma,
-    class_cond,
-    use_checkpoint,
-    attention_resolutions,
-    num_heads,
-    num_heads_upsample,
-    use_scale_shift_norm,
-    dropout,
-    channel_mult="",
-    num_head_channels=-1,
-    use_fused_kernels=True,
-    class_dropout_prob=0.0,
+    image_size, num_channels, num_res_blocks, learn_sigma, class_cond, use_checkpoint, attention_resolutions,
+    num_heads, num_heads_upsample, use_scale_shift_norm, dropout,
+    # iddpm_ds's additions: at these defaults, improved-diffusion's model
+    channel_mult="", num_head_channels=-1, use_fused_kernels=True, class_dropout_prob=0.0,
     channels_last=False,
-) -> UNetModel:
+) -> UNetModel:  # fmt: skip
     """Build the UNet for RGB images of image_size px (6 output channels with learn_sigma)."""
     return _build_unet(UNetModel, image_size, "image_size", **_unet_keywords(locals()))
 
@@ -208,57 +168,26 @@ def sr_model_and_diffusion_defaults() -> Dict:
 
 
 def sr_create_model_and_diffusion(
-    large_size,
-    small_size,
-    class_cond,
-    learn_sigma,
-    num_channels,
-    num_res_blocks,
-    num_heads,
-    num_heads_upsample,
-    attention_resolutions,
-    dropout,
-    diffusion_steps,
-    noise_schedule,
-    timestep_respacing,
-    use_kl,
-    predict_xstart,
-    rescale_timesteps,
-    rescale_learned_sigmas,
-    use_checkpoint,
-    use_scale_shift_norm,
-    channel_mult="",
-    num_head_channels=-1,
-    use_fused_kernels=True,
-    class_dropout_prob=0.0,
+    large_size, small_size,  # output and input sides in pixels
+    class_cond, learn_sigma, num_channels, num_res_blocks, num_heads, num_heads_upsample,
+    attention_resolutions, dropout, diffusion_steps, noise_schedule, timestep_respacing, use_kl,
+    predict_xstart, rescale_timesteps, rescale_learned_sigmas, use_checkpoint, use_scale_shift_norm,
+    # iddpm_ds's additions: at these defaults, improved-diffusion's model
+    channel_mult="", num_head_channels=-1, use_fused_kernels=True, class_dropout_prob=0.0,
     channels_last=False,
-):
+):  # fmt: skip
     """Build (SuperResModel, SpacedDiffusion) for small_size -> large_size upsampling."""
-    flags = locals()
-    return _call_with(sr_create_model, flags), _call_with(
-        create_gaussian_diffusion, {**flags, "steps": diffusion_steps}
-    )
+    return _model_and_diffusion(sr_create_model, locals())
 
 
 def sr_create_model(
-    large_size,
-    small_size,
-    num_channels,
-    num_res_blocks,
-    learn_sigma,
-    class_cond,
-    use_checkpoint,
-    attention_resolutions,
-    num_heads,
-    num_heads_upsample,
-    use_scale_shift_norm,
-    dropout,
-    channel_mult="",
-    num_head_channels=-1,
-    use_fused_kernels=True,
-    class_dropout_prob=0.0,
+    large_size, small_size,  # output and input sides in pixels
+    num_channels, num_res_blocks, learn_sigma, class_cond, use_checkpoint, attention_resolutions, num_heads,
+    num_heads_upsample, use_scale_shift_norm, dropout,
+    # iddpm_ds's additions: at these defaults, improved-diffusion's model
+    channel_mult="", num_head_channels=-1, use_fused_kernels=True, class_dropout_prob=0.0,
     channels_last=False,
-) -> SuperResModel:
+) -> SuperResModel:  # fmt: skip
     """Build the super-resolution UNet for large_size px outputs (small_size only documents the input)."""
     if small_size > large_size:
         raise ValueError(f"small_size ({small_size}) must not exceed large_size ({large_size})")

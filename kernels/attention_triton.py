@@ -28,8 +28,12 @@ def _tile_ptrs(base, pos, d, T):
 
 
 @triton.jit
-def _head_offsets(bh, H, T, head_stride, part_stride, D: tl.constexpr):
-    """Element offsets of head (b, h)'s q, k, v blocks in qkv and of its block in the [B, H*D, T] output."""
+def _program_head(
+    H, T, head_stride, part_stride, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr
+):
+    """This program's head bh = b*H + h (grid axis 1); the element offsets of its q, k, v blocks in qkv and
+    of its block in the [B, H*D, T] output; its BLOCK positions (grid axis 0); the head-dim lanes and mask."""
+    bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     qkv_b = b.to(tl.int64) * 3 * H * D * T
@@ -37,7 +41,18 @@ def _head_offsets(bh, H, T, head_stride, part_stride, D: tl.constexpr):
     k_off = qkv_b + (h * head_stride + part_stride) * T
     v_off = qkv_b + (h * head_stride + 2 * part_stride) * T
     o_off = b.to(tl.int64) * H * D * T + (h * D) * T
-    return q_off, k_off, v_off, o_off
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    return bh, q_off, k_off, v_off, o_off, offs, offs_d, offs_d < D
+
+
+@triton.jit
+def _key_block(QKV, k_off, v_off, offs_n, offs_d, d_mask, T):
+    """A key block's k and v tiles [N, D] and their mask."""
+    n_mask = (offs_n[:, None] < T) & d_mask[None, :]
+    k = tl.load(_tile_ptrs(QKV + k_off, offs_n, offs_d, T), mask=n_mask, other=0.0)
+    v = tl.load(_tile_ptrs(QKV + v_off, offs_n, offs_d, T), mask=n_mask, other=0.0)
+    return k, v, n_mask
 
 
 # Kernel signatures are written by hand, an argument group to a line (ruff would put one name per line).
@@ -48,15 +63,11 @@ def _fwd_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr,  # head dim and its power-of-two tile width
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,  # query/key tile rows, dot mode
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    q_off, k_off, v_off, o_off = _head_offsets(bh, H, T, head_stride, part_stride, D)
-    q_base, k_base, v_base = QKV + q_off, QKV + k_off, QKV + v_off
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
+    bh, q_off, k_off, v_off, o_off, offs_m, offs_d, d_mask = _program_head(
+        H, T, head_stride, part_stride, D, BLOCK_D, BLOCK_M
+    )
     q = tl.load(
-        _tile_ptrs(q_base, offs_m, offs_d, T), mask=(offs_m[:, None] < T) & d_mask[None, :], other=0.0
+        _tile_ptrs(QKV + q_off, offs_m, offs_d, T), mask=(offs_m[:, None] < T) & d_mask[None, :], other=0.0
     )
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -64,9 +75,7 @@ def _fwd_kernel(
     qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
     for start_n in range(0, T, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n[:, None] < T) & d_mask[None, :]
-        k = tl.load(_tile_ptrs(k_base, offs_n, offs_d, T), mask=kv_mask, other=0.0)
-        v = tl.load(_tile_ptrs(v_base, offs_n, offs_d, T), mask=kv_mask, other=0.0)
+        k, v, _ = _key_block(QKV, k_off, v_off, offs_n, offs_d, d_mask, T)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(offs_n[None, :] < T, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -90,16 +99,11 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_preprocess(Out, DO, Delta, H, T, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """Delta = rowsum(dO * Out), [B*H, T]."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
-    base = b.to(tl.int64) * H * D * T + (h * D) * T
-    o = tl.load(_tile_ptrs(Out + base, offs_m, offs_d, T), mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(_tile_ptrs(DO + base, offs_m, offs_d, T), mask=mask, other=0.0).to(tl.float32)
+    # Only the output offset is used: the qkv strides do not matter here.
+    bh, _, _, _, o_off, offs_m, offs_d, d_mask = _program_head(H, T, 0, 0, D, BLOCK_D, BLOCK_M)
+    mask = (offs_m[:, None] < T) & d_mask[None, :]
+    o = tl.load(_tile_ptrs(Out + o_off, offs_m, offs_d, T), mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(_tile_ptrs(DO + o_off, offs_m, offs_d, T), mask=mask, other=0.0).to(tl.float32)
     tl.store(Delta + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, axis=1), mask=offs_m < T)
 
 
@@ -116,75 +120,58 @@ def _query_block(QKV, DO, LSE, Delta, q_off, o_off, bh, offs_m, offs_d, d_mask, 
 
 
 @triton.jit
-def _bwd_dkdv_kernel(
+def _bwd_kernel(
     QKV, DO, LSE, Delta,  # the forward's input, dOut, the rows' log-sum-exp and rowsum(dO * Out)
-    DQKV,  # out: [B, 3*H*D, T], qkv's layout; this kernel writes the k and v parts
+    DQKV,  # out: [B, 3*H*D, T], qkv's layout
     H, T, head_stride, part_stride, sm_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    DQ: tl.constexpr,  # which pass: dK and dV of a key block (False), or dQ of a query block (True)
 ):  # fmt: skip
-    """One program per (key block, b*h): loops over query blocks."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    q_off, k_off, v_off, o_off = _head_offsets(bh, H, T, head_stride, part_stride, D)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
-    n_mask = (offs_n[:, None] < T) & d_mask[None, :]
-    k = tl.load(_tile_ptrs(QKV + k_off, offs_n, offs_d, T), mask=n_mask, other=0.0)
-    v = tl.load(_tile_ptrs(QKV + v_off, offs_n, offs_d, T), mask=n_mask, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    n_valid = offs_n < T
-    for start_m in range(0, T, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q, do, lse, delta, m_valid, _ = _query_block(
+    """One program per (key block, b*h) looping over query blocks, or per (query block, b*h) looping over
+    key blocks for dQ: two launches, since each pass keeps its own accumulators in registers."""
+    if DQ:
+        bh, q_off, k_off, v_off, o_off, offs_m, offs_d, d_mask = _program_head(
+            H, T, head_stride, part_stride, D, BLOCK_D, BLOCK_M
+        )
+        q, do, lse, delta, m_valid, m_mask = _query_block(
             QKV, DO, LSE, Delta, q_off, o_off, bh, offs_m, offs_d, d_mask, T
         )
-        # Transposed tiles [N, M] (rows = this program's keys): every dot then has BLOCK_N rows, which
-        # Hopper's warpgroup MMA needs (64+); with query rows, the small BLOCK_M would put two of the four on
-        # mma.sync.
-        pT = tl.exp(tl.dot(k, tl.trans(q), input_precision=PRECISION) * sm_scale - lse[None, :])
-        pT = tl.where(n_valid[:, None] & m_valid[None, :], pT, 0.0)
-        dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
-        dsT = pT * (tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :])
-        dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
-    dk = dk * sm_scale
-    tl.store(_tile_ptrs(DQKV + k_off, offs_n, offs_d, T), dk.to(DQKV.dtype.element_ty), mask=n_mask)
-    tl.store(_tile_ptrs(DQKV + v_off, offs_n, offs_d, T), dv.to(DQKV.dtype.element_ty), mask=n_mask)
-
-
-@triton.jit
-def _bwd_dq_kernel(
-    QKV, DO, LSE, Delta,  # as _bwd_dkdv_kernel's
-    DQKV,  # out: this kernel writes the q part
-    H, T, head_stride, part_stride, sm_scale,
-    D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """One program per (query block, b*h): loops over key blocks."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    q_off, k_off, v_off, o_off = _head_offsets(bh, H, T, head_stride, part_stride, D)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
-    q, do, lse, delta, m_valid, m_mask = _query_block(
-        QKV, DO, LSE, Delta, q_off, o_off, bh, offs_m, offs_d, d_mask, T
-    )
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, T, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = (offs_n[:, None] < T) & d_mask[None, :]
-        k = tl.load(_tile_ptrs(QKV + k_off, offs_n, offs_d, T), mask=n_mask, other=0.0)
-        v = tl.load(_tile_ptrs(QKV + v_off, offs_n, offs_d, T), mask=n_mask, other=0.0)
-        # P = exp(q k^T * scale - lse) and dS = P * (dO v^T - Delta), [M, N]
-        p = tl.exp(tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale - lse[:, None])
-        p = tl.where(m_valid[:, None] & (offs_n[None, :] < T), p, 0.0)
-        ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    dq = dq * sm_scale
-    tl.store(_tile_ptrs(DQKV + q_off, offs_m, offs_d, T), dq.to(DQKV.dtype.element_ty), mask=m_mask)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start_n in range(0, T, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k, v, _ = _key_block(QKV, k_off, v_off, offs_n, offs_d, d_mask, T)
+            # P = exp(q k^T * scale - lse) and dS = P * (dO v^T - Delta), [M, N]
+            p = tl.exp(tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale - lse[:, None])
+            p = tl.where(m_valid[:, None] & (offs_n[None, :] < T), p, 0.0)
+            ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq = dq * sm_scale
+        tl.store(_tile_ptrs(DQKV + q_off, offs_m, offs_d, T), dq.to(DQKV.dtype.element_ty), mask=m_mask)
+    else:
+        bh, q_off, k_off, v_off, o_off, offs_n, offs_d, d_mask = _program_head(
+            H, T, head_stride, part_stride, D, BLOCK_D, BLOCK_N
+        )
+        k, v, n_mask = _key_block(QKV, k_off, v_off, offs_n, offs_d, d_mask, T)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        n_valid = offs_n < T
+        for start_m in range(0, T, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q, do, lse, delta, m_valid, _ = _query_block(
+                QKV, DO, LSE, Delta, q_off, o_off, bh, offs_m, offs_d, d_mask, T
+            )
+            # Transposed tiles [N, M] (rows = this program's keys): every dot then has BLOCK_N rows, which
+            # Hopper's warpgroup MMA needs (64+); with query rows, the small BLOCK_M would put two of the four
+            # on mma.sync.
+            pT = tl.exp(tl.dot(k, tl.trans(q), input_precision=PRECISION) * sm_scale - lse[None, :])
+            pT = tl.where(n_valid[:, None] & m_valid[None, :], pT, 0.0)
+            dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
+            dsT = pT * (tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :])
+            dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
+        dk = dk * sm_scale
+        tl.store(_tile_ptrs(DQKV + k_off, offs_n, offs_d, T), dk.to(DQKV.dtype.element_ty), mask=n_mask)
+        tl.store(_tile_ptrs(DQKV + v_off, offs_n, offs_d, T), dv.to(DQKV.dtype.element_ty), mask=n_mask)
 
 
 @dataclass(frozen=True)
@@ -214,68 +201,36 @@ def configs(T: int, D: int, capability: Optional[int], fp32: bool = False) -> di
     smaller tiles there too.
     """
     if capability is None:
-        c = LaunchConfig(16, 16, 1, 1)
-        return {"fwd": c, "dkdv": c, "dq": c, "pre": c}
-    small_d = D <= 64
+        return _launch_configs((16, 16, 1, 1), (16, 16, 1, 1), (16, 16, 1, 1), pre=(16, 16, 1, 1))
+    small_d, short = D <= 64, T <= 64  # short: one 64-row tile covers the sequence
+    # Each kernel's (block_m, block_n, num_warps, num_stages).
     if T % 16:
-        return {
-            "fwd": LaunchConfig(32 if fp32 else 64, 32, 8, 3),
-            "dkdv": LaunchConfig(32, 32, 8, 3),
-            "dq": LaunchConfig(64, 32, 8, 3) if small_d else LaunchConfig(32, 64, 8, 3),
-            "pre": LaunchConfig(64, 0, 8, 1),
-        }
+        dq = (64, 32, 8, 3) if small_d else (32, 64, 8, 3)
+        return _launch_configs((32 if fp32 else 64, 32, 8, 3), (32, 32, 8, 3), dq)
     if fp32:  # TF32 dots on fp32 tiles: twice the bytes and registers of a 16-bit tile
         if small_d:
-            cfg = {
-                "fwd": LaunchConfig(64, 32, 8, 2),
-                "dkdv": LaunchConfig(32, 32, 8, 2),
-                "dq": LaunchConfig(64, 32, 8, 2),
-            }
-        else:
-            cfg = {
-                "fwd": LaunchConfig(32, 32, 8, 2),
-                "dkdv": LaunchConfig(32, 32, 8, 2),
-                "dq": LaunchConfig(32, 16, 8, 2),
-            }
-    elif capability >= 90:
-        short = T <= 64  # one 64-row tile covers the sequence: larger tiles would be half masked
+            return _launch_configs((64, 32, 8, 2), (32, 32, 8, 2), (64, 32, 8, 2))
+        return _launch_configs((32, 32, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2))
+    if capability >= 90:  # larger tiles than one short sequence would be half masked
         if small_d and short:
-            cfg = {
-                "fwd": LaunchConfig(64, 64, 4, 3),
-                "dkdv": LaunchConfig(32, 64, 4, 3),
-                "dq": LaunchConfig(64, 64, 4, 3),
-            }
-        elif small_d:
-            cfg = {
-                "fwd": LaunchConfig(128, 64, 8, 3),
-                "dkdv": LaunchConfig(32, 128, 8, 3),
-                "dq": LaunchConfig(128, 64, 8, 3),
-            }
-        elif short:
-            cfg = {
-                "fwd": LaunchConfig(64, 64, 8, 2),
-                "dkdv": LaunchConfig(32, 64, 8, 2),
-                "dq": LaunchConfig(64, 32, 8, 3),
-            }
-        else:
-            cfg = {
-                "fwd": LaunchConfig(128, 64, 8, 2),
-                "dkdv": LaunchConfig(32, 64, 8, 2),
-                "dq": LaunchConfig(128, 32, 8, 2),
-            }
-    elif small_d:
-        cfg = {
-            "fwd": LaunchConfig(64 if T <= 64 else 128, 32, 8, 3),
-            "dkdv": LaunchConfig(64, 32, 8, 3),
-            "dq": LaunchConfig(64, 64, 8, 3),
-        }
-    else:
-        cfg = {
-            "fwd": LaunchConfig(64, 32, 8, 3),
-            "dkdv": LaunchConfig(64, 64, 8, 2),
-            "dq": LaunchConfig(64 if T <= 64 else 128, 32, 8, 3),
-        }
-    return {**cfg, "pre": LaunchConfig(64, 0, 8, 1)}
+            return _launch_configs((64, 64, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3))
+        if small_d:
+            return _launch_configs((128, 64, 8, 3), (32, 128, 8, 3), (128, 64, 8, 3))
+        if short:
+            return _launch_configs((64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 8, 3))
+        return _launch_configs((128, 64, 8, 2), (32, 64, 8, 2), (128, 32, 8, 2))
+    if small_d:
+        return _launch_configs((64 if short else 128, 32, 8, 3), (64, 32, 8, 3), (64, 64, 8, 3))
+    return _launch_configs((64, 32, 8, 3), (64, 64, 8, 2), (64 if short else 128, 32, 8, 3))
+
+
+def _launch_configs(fwd: tuple, dkdv: tuple, dq: tuple, pre: tuple = (64, 0, 8, 1)) -> dict:
+    return {
+        "fwd": LaunchConfig(*fwd),
+        "dkdv": LaunchConfig(*dkdv),
+        "dq": LaunchConfig(*dq),
+        "pre": LaunchConfig(*pre),
+    }
 
 
 def device_capability(device: torch.device) -> Optional[int]:
@@ -349,9 +304,9 @@ def backward(dout, qkv, out, lse, num_heads: int, order: str):
     dqkv = torch.empty_like(qkv)
     head_stride, part_stride = _strides(order, H, D)
     args = (qkv, dout, lse, delta, dqkv, H, T, head_stride, part_stride, g.sm_scale)
-    for kernel, c, blocks in (
-        (_bwd_dkdv_kernel, g.cfg["dkdv"], g.cfg["dkdv"].block_n),
-        (_bwd_dq_kernel, g.cfg["dq"], g.cfg["dq"].block_m),
+    for dq, c, blocks in (
+        (False, g.cfg["dkdv"], g.cfg["dkdv"].block_n),
+        (True, g.cfg["dq"], g.cfg["dq"].block_m),
     ):
-        kernel[(triton.cdiv(T, blocks), B * H)](*args, **g.constexprs(), **c.launch_kwargs())
+        _bwd_kernel[(triton.cdiv(T, blocks), B * H)](*args, **g.constexprs(), **c.launch_kwargs(), DQ=dq)
     return dqkv

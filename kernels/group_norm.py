@@ -17,16 +17,12 @@ import torch.nn.functional as F
 from .dispatch import run_triton_or_reference, use_triton
 
 
+# The op and its reference share a signature, written two lines long by hand (fmt: skip: ruff would give
+# each of the eight parameters a line).
 def group_norm_silu_reference(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    num_groups: int,
-    eps: float = 1e-5,
-    scale: Optional[torch.Tensor] = None,
-    shift: Optional[torch.Tensor] = None,
-    silu: bool = True,
-) -> torch.Tensor:
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float = 1e-5,
+    scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None, silu: bool = True,
+) -> torch.Tensor:  # fmt: skip
     """PyTorch reference: x [B, C, *spatial], weight/bias [C], scale/shift [B, C] -> x's shape and dtype.
 
     The unfused chain as improved-diffusion computes it (the UNet runs it whenever the kernels are off):
@@ -53,9 +49,8 @@ def rows_view(x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
     L = x.numel() // max(B * C, 1)
     if x.dim() > 2 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return x.permute(0, *range(2, x.dim()), 1).reshape(B, L, C).transpose(1, 2), (1, C)
-    if (
-        x.dim() == 3 and x.stride() == (C * L, 1, C) and not x.is_contiguous()
-    ):  # a channels-last map, flattened
+    flattened_channels_last = x.dim() == 3 and x.stride() == (C * L, 1, C) and not x.is_contiguous()
+    if flattened_channels_last:
         return x, (1, C)
     return x.contiguous().view(B, C, L), (L, 1)
 
@@ -189,15 +184,9 @@ _group_norm_silu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def group_norm_silu(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    num_groups: int,
-    eps: float = 1e-5,
-    scale: Optional[torch.Tensor] = None,
-    shift: Optional[torch.Tensor] = None,
-    silu: bool = True,
-) -> torch.Tensor:
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float = 1e-5,
+    scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None, silu: bool = True,
+) -> torch.Tensor:  # fmt: skip
     """silu(group_norm(x) * (1 + scale) + shift); see group_norm_silu_reference for shapes.
 
     Differentiable in x, weight, bias, scale and shift. The output keeps x's layout where the kernel

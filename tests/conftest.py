@@ -51,6 +51,13 @@ def tiny_cli(**flags) -> list:
     return [token for key, value in {**TINY_SHAPE, **flags}.items() for token in (f"--{key}", str(value))]
 
 
+# The tiny super-resolution UNet's command line: 8 -> 16 px, two levels, attention at 8 px.
+TINY_SR_CLI = (
+    "--large_size 16 --small_size 8 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 "
+    "--attention_resolutions 8 --diffusion_steps 20 --noise_schedule cosine"
+).split()
+
+
 @pytest.fixture
 def tiny():
     torch.manual_seed(0)

@@ -125,18 +125,15 @@ def test_space_timesteps():
 
 
 def _reference_space_timesteps(num_timesteps, counts):
-    """improved-diffusion's section walk, transcribed: a running float index, rounded per step."""
-    size_per, extra = num_timesteps // len(counts), num_timesteps % len(counts)
-    start, kept = 0, []
-    for i, count in enumerate(counts):
-        size = size_per + (1 if i < extra else 0)
+    """improved-diffusion's section walk, restated: near-equal sections (the first T mod n one step
+    longer), each walked by a running float index (0, s, s + s, ...) rounded per step."""
+    n = len(counts)
+    sizes = [num_timesteps // n + (i < num_timesteps % n) for i in range(n)]
+    kept = set()
+    for start, size, count in zip(itertools.accumulate([0] + sizes[:-1]), sizes, counts):
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
-        idx = 0.0
-        for _ in range(count):
-            kept.append(start + round(idx))
-            idx += stride
-        start += size
-    return set(kept)
+        kept |= {start + round(idx) for idx in itertools.accumulate([0.0] + [stride] * (count - 1))}
+    return kept
 
 
 def test_space_timesteps_matches_improved_diffusion_arithmetic():

@@ -321,33 +321,12 @@ def test_launchers(tmp_path, launcher):
         "2",
     ]
     port = str(free_port())
+    rendezvous = ["--no_ssh_check", "--master_addr", "127.0.0.1", "--master_port", port]
     if launcher == "hostfile":
-        cmd = [
-            "deepspeed",
-            "--hostfile",
-            hostfile(tmp_path),
-            "--no_ssh_check",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            port,
-            *args,
-        ]
+        cmd = ["deepspeed", "--hostfile", hostfile(tmp_path), *rendezvous, *args]
     elif launcher == "mpich":
-        cmd = [
-            "deepspeed",
-            "--launcher",
-            "mpich",
-            "--force_multi",
-            "--hostfile",
-            hostfile(tmp_path),
-            "--no_ssh_check",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            port,
-            *args,
-        ]
+        mpich = ["--launcher", "mpich", "--force_multi"]
+        cmd = ["deepspeed", *mpich, "--hostfile", hostfile(tmp_path), *rendezvous, *args]
     else:
         cmd = ["mpirun", "-n", "2", sys.executable, *args, "--master_port", port]
     run(cmd)
@@ -429,74 +408,23 @@ def test_suggested_fixes_of_run_errors_work_and_sampling_finds_the_run(tmp_path)
     run_dir = tmp_path / "run"
     launch(1, run_dir, "--max_steps", "1")
     log_txt = (run_dir / "log.txt").read_text()
-    assert (
-        "step 1 | loss " in log_txt and "img/s" in log_txt
-    )  # the per-interval line, as improved-diffusion prints
+    # The per-interval line, as improved-diffusion prints it.
+    assert "step 1 | loss " in log_txt and "img/s" in log_txt
     # A contradicting model flag on the same run: the error names its fix, and the fix works.
-    proc = run(
-        [
-            sys.executable,
-            TRAIN,
-            "--log_dir",
-            str(run_dir),
-            *TINY,
-            "--noise_schedule",
-            "linear",
-            "--max_steps",
-            "2",
-        ],
-        check=False,
-    )
+    contradicting = [sys.executable, TRAIN, "--log_dir", str(run_dir), *TINY, "--noise_schedule", "linear"]
+    contradicting += ["--max_steps", "2"]
+    proc = run(contradicting, check=False)
     assert proc.returncode == 2 and "--override True" in proc.stderr and "Traceback" not in proc.stderr
-    run(
-        [
-            sys.executable,
-            TRAIN,
-            "--log_dir",
-            str(run_dir),
-            *TINY,
-            "--noise_schedule",
-            "linear",
-            "--max_steps",
-            "2",
-            "--override",
-            "True",
-        ]
-    )
+    run([*contradicting, "--override", "True"])
     assert json.loads((run_dir / "config.json").read_text())["model_flags"]["noise_schedule"] == "linear"
     # A JSON without a batch size: the error says to pass --batch_size, and that works.
     silent = tmp_path / "silent.json"
     silent.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
-    proc = run(
-        [
-            sys.executable,
-            TRAIN,
-            "--deepspeed_config",
-            str(silent),
-            "--log_dir",
-            str(tmp_path / "b"),
-            *TINY,
-            "--max_steps",
-            "1",
-        ],
-        check=False,
-    )
+    no_batch = [sys.executable, TRAIN, "--deepspeed_config", str(silent), "--log_dir", str(tmp_path / "b")]
+    no_batch += [*TINY, "--max_steps", "1"]
+    proc = run(no_batch, check=False)
     assert proc.returncode == 2 and "pass --batch_size" in proc.stderr
-    run(
-        [
-            sys.executable,
-            TRAIN,
-            "--deepspeed_config",
-            str(silent),
-            "--log_dir",
-            str(tmp_path / "b"),
-            *TINY,
-            "--max_steps",
-            "1",
-            "--batch_size",
-            "4",
-        ]
-    )
+    run([*no_batch, "--batch_size", "4"])
     # ZeRO-0 fp32, where DeepSpeed computes no gradient norm: it is logged all the same.
     record = json.loads((tmp_path / "b" / "progress.jsonl").read_text().splitlines()[-1])
     assert record["grad_norm"] > 0

@@ -13,7 +13,7 @@ import textwrap
 import numpy as np
 import psutil
 import pytest
-from conftest import tiny_cli
+from conftest import TINY_SR_CLI, tiny_cli
 
 from iddpm_ds.dist_util import free_port
 
@@ -202,26 +202,7 @@ def test_data_tools_exit_after_success_and_after_an_error(tmp_path):
 
 
 def test_super_resolution_exits_after_success_and_after_an_error(tmp_path):
-    sr = [
-        "--large_size",
-        "16",
-        "--small_size",
-        "8",
-        "--num_channels",
-        "32",
-        "--num_res_blocks",
-        "1",
-        "--channel_mult",
-        "1,2",
-        "--attention_resolutions",
-        "8",
-        "--diffusion_steps",
-        "20",
-        "--noise_schedule",
-        "cosine",
-        "--batch_size",
-        "2",
-    ]
+    sr = [*TINY_SR_CLI, "--batch_size", "2"]
     code, _, err = run_to_exit(
         launch("super_res_train.py", "--log_dir", str(tmp_path / "sr"), *sr, "--max_steps", "1"), timeout=120
     )

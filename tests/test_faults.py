@@ -283,14 +283,13 @@ def test_elastic_resume_of_a_2_rank_zero2_checkpoint(tmp_path, ranks):
 
 def test_a_tampered_checkpoint_file_is_refused(tmp_path):
     run_dir = tmp_path / "run"
-    subprocess.run(
-        [sys.executable, TRAIN, "--log_dir", str(run_dir), *TINY, "--max_steps", "1"],
-        check=True,
-        capture_output=True,
-        env=env(),
-        cwd=ROOT,
-        timeout=300,
-    )
+
+    def train(max_steps: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, TRAIN, "--log_dir", str(run_dir), *TINY, "--max_steps", max_steps]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+
+    first = train("1")
+    assert first.returncode == 0, first.stderr[-2000:]
     marker = tmp_path / "pwned"
 
     class Evil:
@@ -298,14 +297,7 @@ def test_a_tampered_checkpoint_file_is_refused(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     torch.save({"data": Evil()}, run_dir / "checkpoints" / "step000001" / "mp_rank_00_model_states.pt")
-    proc = subprocess.run(
-        [sys.executable, TRAIN, "--log_dir", str(run_dir), *TINY, "--max_steps", "2"],
-        capture_output=True,
-        text=True,
-        env=env(),
-        cwd=ROOT,
-        timeout=300,
-    )
+    proc = train("2")
     assert proc.returncode == 2 and "refusing" in proc.stderr and "Traceback" not in proc.stderr
     assert not marker.exists()
     report_fault(

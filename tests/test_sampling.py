@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_flags
+from conftest import TINY_SR_CLI, tiny_flags
 
 from iddpm_ds.checkpointing import CheckpointError, load_official_state_dict
 from iddpm_ds.dist_util import free_port
@@ -50,39 +50,16 @@ def run_dir(tmp_path_factory):
 
 def test_sampling_is_deterministic_and_writes_improved_diffusion_npz(run_dir, tmp_path):
     a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    six = ["--run_dir", str(run_dir), "--num_samples", "6", "--timestep_respacing", "5"]
     for out, batch in ((a, "4"), (b, "3")):  # batch size must not change the images
-        run(
-            "sample.py",
-            "--run_dir",
-            str(run_dir),
-            "--num_samples",
-            "6",
-            "--batch_size",
-            batch,
-            "--timestep_respacing",
-            "5",
-            "--out",
-            str(out),
-        )
+        run("sample.py", *six, "--batch_size", batch, "--out", str(out))
     with np.load(a) as fa, np.load(b) as fb:
         assert fa["arr_0"].dtype == np.uint8 and fa["arr_0"].shape == (6, 8, 8, 3)
         assert fa["arr_1"].shape == (6,) and fa["arr_1"].max() < 10  # labels drawn from the data's 10 classes
         assert np.array_equal(fa["arr_0"], fb["arr_0"]) and np.array_equal(fa["arr_1"], fb["arr_1"])
     assert (tmp_path / "a.png").exists()
     c = tmp_path / "c.npz"
-    run(
-        "sample.py",
-        "--run_dir",
-        str(run_dir),
-        "--num_samples",
-        "6",
-        "--timestep_respacing",
-        "5",
-        "--seed",
-        "1",
-        "--out",
-        str(c),
-    )
+    run("sample.py", *six, "--seed", "1", "--out", str(c))
     with np.load(a) as fa, np.load(c) as fc:
         assert not np.array_equal(fa["arr_0"], fc["arr_0"])
 
@@ -235,26 +212,7 @@ def test_nll_script_matches_a_direct_computation(tmp_path):
 
 @pytest.mark.slow
 def test_super_resolution_train_and_sample_round_trip(tmp_path):
-    sr = [
-        "--large_size",
-        "16",
-        "--small_size",
-        "8",
-        "--num_channels",
-        "32",
-        "--num_res_blocks",
-        "1",
-        "--channel_mult",
-        "1,2",
-        "--attention_resolutions",
-        "8",
-        "--diffusion_steps",
-        "20",
-        "--noise_schedule",
-        "cosine",
-        "--class_cond",
-        "True",
-    ]
+    sr = [*TINY_SR_CLI, "--class_cond", "True"]
     run_dir = tmp_path / "sr"
     run("super_res_train.py", "--log_dir", str(run_dir), *sr, "--max_steps", "2", "--batch_size", "4")
     config = json.loads((run_dir / "config.json").read_text())

@@ -14,22 +14,10 @@ from iddpm_ds.script_util import (
 
 def model_kwargs(**overrides):
     flags = model_and_diffusion_defaults()
-    keys = [
-        "image_size",
-        "num_channels",
-        "num_res_blocks",
-        "learn_sigma",
-        "class_cond",
-        "use_checkpoint",
-        "attention_resolutions",
-        "num_heads",
-        "num_heads_upsample",
-        "use_scale_shift_norm",
-        "dropout",
-        "channel_mult",
-        "num_head_channels",
-        "use_fused_kernels",
-    ]
+    # improved-diffusion's create_model keywords, then ours
+    keys = """image_size num_channels num_res_blocks learn_sigma class_cond use_checkpoint
+        attention_resolutions num_heads num_heads_upsample use_scale_shift_norm dropout
+        channel_mult num_head_channels use_fused_kernels""".split()
     kw = {k: flags[k] for k in keys}
     kw.update(num_channels=32, use_fused_kernels=False)
     kw.update(overrides)

@@ -20,6 +20,7 @@ from . import dist_util
 from . import script_util as su
 from .checkpointing import load_official_state_dict, load_state_dict_file, read_complete
 from .errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+from .respace import SpacedDiffusion
 
 HELP = {
     # improved-diffusion's model and diffusion flags
@@ -251,7 +252,9 @@ def resolve_trained_model(
     return path, flags, data_classes
 
 
-def load_trained_model(path: str, flags: Dict, super_res: bool, device: torch.device):
+def load_trained_model(
+    path: str, flags: Dict, super_res: bool, device: torch.device
+) -> Tuple[torch.nn.Module, SpacedDiffusion]:
     """(model, diffusion) built from the model flags, the model with path's weights on device, in eval
     mode; path as resolve_trained_model returns it."""
     model, diffusion = model_family(super_res)[1](**flags)

@@ -19,7 +19,7 @@ import os
 import pickle
 import random
 import zipfile
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from .errors import CheckpointError, first_line
 COMPLETE = "COMPLETE"
 
 
-def atomic_torch_save(obj, path: str) -> None:
+def atomic_torch_save(obj: Any, path: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         torch.save(obj, tmp)
@@ -166,7 +166,7 @@ def prepare_resume(ckpt_dir: str, world_size: int) -> Optional[str]:
     return os.path.basename(universal)
 
 
-def load_state_dict_file(path: str, map_location="cpu") -> Dict[str, torch.Tensor]:
+def load_state_dict_file(path: str, map_location: str = "cpu") -> Dict[str, torch.Tensor]:
     """Load a tensor-only .pt file (weights_only: it never runs code from the file).
 
     Raises CheckpointError for a missing, truncated, corrupt or code-carrying file.

@@ -61,16 +61,16 @@ class FolderSource(Source):
         index = {c: i for i, c in enumerate(self.classes)}
         self.labels = np.array([index[_label_from_filename(f)] for f in self.files], dtype=np.int64)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.files)
 
-    def key(self, i):
+    def key(self, i: int) -> str:
         return self.files[i]
 
-    def label(self, i):
+    def label(self, i: int) -> int:
         return int(self.labels[i])
 
-    def image(self, i):
+    def image(self, i: int) -> Image.Image:
         with open(self.files[i], "rb") as f:
             return decode_image(f.read())
 
@@ -148,16 +148,16 @@ class TarSource(Source):
                     ) from None
             self.members.append(_Member(si, f"{path}:{stem}", s["image"][0], s["image"][1], label))
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.members)
 
-    def key(self, i):
+    def key(self, i: int) -> str:
         return self.members[i].key
 
-    def label(self, i):
+    def label(self, i: int) -> int:
         return self.members[i].label
 
-    def image(self, i):
+    def image(self, i: int) -> Image.Image:
         m = self.members[i]
         fh = self._handles.get(m.shard)
         if fh is None:
@@ -180,14 +180,14 @@ class ArraySource(Source):
     def __init__(self, name: str, images: np.ndarray, labels: np.ndarray, classes: List[str]):
         self.name, self.images, self.labels, self.classes = name, images, labels.astype(np.int64), classes
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.images)
 
-    def key(self, i):
+    def key(self, i: int) -> str:
         return f"{self.name}[{i}]"
 
-    def label(self, i):
+    def label(self, i: int) -> int:
         return int(self.labels[i])
 
-    def image(self, i):
+    def image(self, i: int) -> Image.Image:
         return Image.fromarray(self.images[i])

@@ -10,7 +10,7 @@ import socket
 import sys
 import time
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -110,7 +110,7 @@ def check_slots() -> None:
         )
 
 
-def setup_if_launched(master_port: Optional[int] = None):
+def setup_if_launched(master_port: Optional[int] = None) -> Tuple[int, int, bool]:
     """For tools that also run as one plain process (sampling, evaluation): join the process
     group only when a launcher started this process. Returns (rank, world_size, distributed)."""
     if "RANK" not in os.environ and not launched_by_mpi():

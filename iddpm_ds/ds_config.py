@@ -7,6 +7,7 @@ fp16_scale_growth) and --compile override it only when given explicitly on the
 command line.
 """
 
+import argparse
 import copy
 import json
 import os
@@ -180,7 +181,12 @@ def load(path: str) -> Dict:
 
 
 def resolve(
-    cfg: Dict, args, explicit: Set[str], world_size: int, fp16_supported: bool, native_bf16: bool = False
+    cfg: Dict,
+    args: argparse.Namespace,
+    explicit: Set[str],
+    world_size: int,
+    fp16_supported: bool,
+    native_bf16: bool = False,
 ) -> Tuple[Dict, List[str]]:
     """Apply explicit seed flags to a validated config and fill in batch sizes.
 

@@ -184,7 +184,9 @@ def read_run_config(run_dir: str) -> Dict:
         return json.load(f)
 
 
-def merge_run_flags(saved: Dict, flags: Dict, explicit, source: str, override: bool = False) -> Dict:
+def merge_run_flags(
+    saved: Dict, flags: Dict, explicit: Iterable[str], source: str, override: bool = False
+) -> Dict:
     """Model flags for reusing a run: saved values fill in every flag not given on the command line;
     a given flag that contradicts a saved one is an error (unless override or runtime-only)."""
     merged = dict(flags)
@@ -213,10 +215,10 @@ def resolve_trained_model(
     model_path: str,
     use_ema: bool,
     flags: Dict,
-    explicit,
+    explicit: Iterable[str],
     override: bool = False,
     super_res: bool = False,
-):
+) -> Tuple[str, Dict, Optional[int]]:
     """(weights file, validated model flags, number of data classes or None) for sampling or evaluation.
 
     :param run_dir: a training run directory (flags from its config.json, newest EMA or model file).

@@ -11,12 +11,18 @@ Timesteps are 0-indexed: t = 0 is the paper's t = 1.
 import collections
 import enum
 import math
-from typing import Callable, Dict, Iterator, Optional, Sequence
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .losses import discretized_gaussian_log_likelihood, normal_kl
+
+# model(x_t [N, C, ...], t [N], **model_kwargs) -> [N, C, ...] (or [N, 2C, ...] with learned variances).
+Model = Callable[..., torch.Tensor]
+ModelKwargs = Optional[Dict[str, torch.Tensor]]  # extra model inputs, e.g. {"y": labels [N]}
+DenoisedFn = Optional[Callable[[torch.Tensor], torch.Tensor]]  # applied to the x_0 prediction
+Moments = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # mean, variance, log-variance
 
 
 def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) -> np.ndarray:
@@ -156,7 +162,7 @@ class GaussianDiffusion:
         )
 
     # ------------------------------------------------------------------ q
-    def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor):
+    def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor) -> Moments:
         """Mean, variance and log-variance of q(x_t | x_0); each broadcast to x_start's shape [N, ...]."""
         mean = _extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
         variance = _extract_into_tensor(1.0 - self.alphas_cumprod, t, x_start.shape)
@@ -175,7 +181,7 @@ class GaussianDiffusion:
             + _extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
         )
 
-    def q_posterior_mean_variance(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+    def q_posterior_mean_variance(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> Moments:
         """Mean mu~_t, variance beta~_t and clipped log beta~_t of q(x_{t-1} | x_t, x_0), each [N, ...]."""
         assert x_start.shape == x_t.shape
         mean = (
@@ -189,12 +195,12 @@ class GaussianDiffusion:
     # ------------------------------------------------------------------ p
     def p_mean_variance(
         self,
-        model,
+        model: Model,
         x: torch.Tensor,
         t: torch.Tensor,
         clip_denoised: bool = True,
-        denoised_fn=None,
-        model_kwargs=None,
+        denoised_fn: DenoisedFn = None,
+        model_kwargs: ModelKwargs = None,
     ) -> Dict[str, torch.Tensor]:
         """Apply the model to get p(x_{t-1} | x_t) and its prediction of x_0.
 
@@ -281,11 +287,13 @@ class GaussianDiffusion:
         return t
 
     # ------------------------------------------------------------------ ancestral sampling
-    # The sampling loops' signatures are improved-diffusion's; written compactly by hand (fmt: skip), as
-    # ruff would give each of their nine parameters a line.
+    # The sampling signatures are improved-diffusion's, written a few parameters to a line by hand
+    # (fmt: skip), as ruff would give each of their seven to ten parameters a line.
     def p_sample(
-        self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, noise=None
-    ) -> Dict[str, torch.Tensor]:
+        self, model: Model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+        denoised_fn: DenoisedFn = None, model_kwargs: ModelKwargs = None,
+        noise: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:  # fmt: skip
         """One ancestral step x_t -> x_{t-1}; returns {'sample', 'pred_xstart'}, each [N, C, ...].
 
         No noise is added at t = 0: the decoder's mean is the final sample.
@@ -301,8 +309,9 @@ class GaussianDiffusion:
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def p_sample_loop(
-        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
-        device=None, progress=False,
+        self, model: Model, shape: Sequence[int], noise: Optional[torch.Tensor] = None,
+        clip_denoised: bool = True, denoised_fn: DenoisedFn = None, model_kwargs: ModelKwargs = None,
+        device: Optional[torch.device] = None, progress: bool = False,
     ) -> torch.Tensor:  # fmt: skip
         """Generate samples of the given shape [N, C, H, W] from the model; returns x_0."""
         steps = self.p_sample_loop_progressive(
@@ -311,8 +320,9 @@ class GaussianDiffusion:
         return _last(steps)["sample"]
 
     def p_sample_loop_progressive(
-        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
-        device=None, progress=False,
+        self, model: Model, shape: Sequence[int], noise: Optional[torch.Tensor] = None,
+        clip_denoised: bool = True, denoised_fn: DenoisedFn = None, model_kwargs: ModelKwargs = None,
+        device: Optional[torch.device] = None, progress: bool = False,
     ) -> Iterator[Dict[str, torch.Tensor]]:  # fmt: skip
         """Yield p_sample's output dict at every step, from t = T-1 down to 0."""
         step_kwargs = dict(clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
@@ -337,8 +347,10 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ DDIM
     def ddim_sample(
-        self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0, noise=None
-    ) -> Dict[str, torch.Tensor]:
+        self, model: Model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+        denoised_fn: DenoisedFn = None, model_kwargs: ModelKwargs = None, eta: float = 0.0,
+        noise: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:  # fmt: skip
         """One DDIM step x_t -> x_{t-1} (Song et al. 2021, Eq. 12); eta = 0 is deterministic.
 
         :param noise: the step's standard normal noise for eta > 0 (default: drawn from the global RNG).
@@ -363,8 +375,9 @@ class GaussianDiffusion:
         return {"sample": mean_pred + nonzero_mask * sigma * noise, "pred_xstart": out["pred_xstart"]}
 
     def ddim_reverse_sample(
-        self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0
-    ) -> Dict[str, torch.Tensor]:
+        self, model: Model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+        denoised_fn: DenoisedFn = None, model_kwargs: ModelKwargs = None, eta: float = 0.0,
+    ) -> Dict[str, torch.Tensor]:  # fmt: skip
         """One deterministic DDIM step forward in time, x_t -> x_{t+1} (the ODE's inversion)."""
         if eta != 0.0:
             raise ValueError("ddim_reverse_sample is only defined for eta = 0 (the deterministic ODE)")
@@ -377,8 +390,9 @@ class GaussianDiffusion:
         return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
 
     def ddim_sample_loop(
-        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
-        device=None, progress=False, eta=0.0,
+        self, model: Model, shape: Sequence[int], noise: Optional[torch.Tensor] = None,
+        clip_denoised: bool = True, denoised_fn: DenoisedFn = None, model_kwargs: ModelKwargs = None,
+        device: Optional[torch.device] = None, progress: bool = False, eta: float = 0.0,
     ) -> torch.Tensor:  # fmt: skip
         """Generate samples [N, C, H, W] with DDIM; returns x_0."""
         steps = self.ddim_sample_loop_progressive(
@@ -387,8 +401,9 @@ class GaussianDiffusion:
         return _last(steps)["sample"]
 
     def ddim_sample_loop_progressive(
-        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
-        device=None, progress=False, eta=0.0,
+        self, model: Model, shape: Sequence[int], noise: Optional[torch.Tensor] = None,
+        clip_denoised: bool = True, denoised_fn: DenoisedFn = None, model_kwargs: ModelKwargs = None,
+        device: Optional[torch.device] = None, progress: bool = False, eta: float = 0.0,
     ) -> Iterator[Dict[str, torch.Tensor]]:  # fmt: skip
         """Yield ddim_sample's output dict at every step, from t = T-1 down to 0."""
         step_kwargs = dict(
@@ -419,7 +434,12 @@ class GaussianDiffusion:
         return {"output": torch.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
 
     def training_losses(
-        self, model, x_start: torch.Tensor, t: torch.Tensor, model_kwargs=None, noise=None
+        self,
+        model: Model,
+        x_start: torch.Tensor,
+        t: torch.Tensor,
+        model_kwargs: ModelKwargs = None,
+        noise: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         """Per-sample training losses for x_0 = x_start [N, C, ...] at timesteps t [N].
 
@@ -480,7 +500,11 @@ class GaussianDiffusion:
         return mean_flat(normal_kl(qt_mean, qt_log_variance, 0.0, 0.0)) / math.log(2.0)
 
     def calc_bpd_loop(
-        self, model, x_start: torch.Tensor, clip_denoised: bool = True, model_kwargs=None
+        self,
+        model: Model,
+        x_start: torch.Tensor,
+        clip_denoised: bool = True,
+        model_kwargs: ModelKwargs = None,
     ) -> Dict[str, torch.Tensor]:
         """The full variational bound of x_start [N, C, ...] in bits per dimension.
 

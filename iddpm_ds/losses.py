@@ -4,11 +4,16 @@ All functions broadcast their arguments elementwise; log-variances are natural l
 """
 
 import math
+from typing import Union
 
 import torch
 
+TensorOrFloat = Union[torch.Tensor, float]
 
-def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+
+def normal_kl(
+    mean1: TensorOrFloat, logvar1: TensorOrFloat, mean2: TensorOrFloat, logvar2: TensorOrFloat
+) -> torch.Tensor:
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats.
 
     Any argument may be a Python float; at least one must be a tensor.

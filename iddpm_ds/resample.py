@@ -12,10 +12,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .gaussian_diffusion import GaussianDiffusion
+
 SAMPLER_NAMES = ("uniform", "loss-second-moment")
 
 
-def create_named_schedule_sampler(name: str, diffusion) -> "ScheduleSampler":
+def create_named_schedule_sampler(name: str, diffusion: GaussianDiffusion) -> "ScheduleSampler":
     """Build a sampler by name: "uniform" or "loss-second-moment"."""
     if name == "uniform":
         return UniformSampler(diffusion)
@@ -44,7 +46,7 @@ class ScheduleSampler(ABC):
     def weights(self) -> np.ndarray:
         """Unnormalised positive float64 weights [T], one per timestep."""
 
-    def sample(self, batch_size: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, batch_size: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         """Draw batch_size timesteps (long [B]) and their importance weights (float32 [B]).
 
         Draws from numpy's global RNG, so seeding or restoring np.random
@@ -61,7 +63,7 @@ class ScheduleSampler(ABC):
 
 
 class UniformSampler(ScheduleSampler):
-    def __init__(self, diffusion):
+    def __init__(self, diffusion: GaussianDiffusion):
         self.diffusion = diffusion
         self._weights = np.ones([diffusion.num_timesteps], dtype=np.float64)
 
@@ -97,7 +99,7 @@ class LossAwareSampler(ScheduleSampler):
         self.update_with_all_losses(local[1].astype(np.int64), local[2])
 
     @abstractmethod
-    def update_with_all_losses(self, ts, losses) -> None:
+    def update_with_all_losses(self, ts: np.ndarray, losses: np.ndarray) -> None:
         """Apply identical (t, loss) sequences on every rank, without communication.
 
         :param ts: int timesteps [N]; losses: float losses [N], in arrival order.
@@ -112,7 +114,7 @@ class LossSecondMomentResampler(LossAwareSampler):
     is starved. Non-finite losses are dropped before they enter the history.
     """
 
-    def __init__(self, diffusion, history_per_term: int = 10, uniform_prob: float = 0.001):
+    def __init__(self, diffusion: GaussianDiffusion, history_per_term: int = 10, uniform_prob: float = 0.001):
         self.diffusion = diffusion
         self.history_per_term = history_per_term
         self.uniform_prob = uniform_prob
@@ -129,7 +131,7 @@ class LossSecondMomentResampler(LossAwareSampler):
         weights += self.uniform_prob / len(weights)
         return weights
 
-    def update_with_all_losses(self, ts, losses) -> None:
+    def update_with_all_losses(self, ts: np.ndarray, losses: np.ndarray) -> None:
         """Push each (t, loss) onto t's FIFO history, in order, dropping the oldest when full.
 
         Vectorised: the result equals pushing the pairs one at a time.

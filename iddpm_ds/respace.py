@@ -1,11 +1,11 @@
 """Timestep respacing: run a trained T-step diffusion with a subset of its steps (paper Sec. 4)."""
 
-from typing import Iterable, List, Set, Union
+from typing import Dict, Iterable, List, Set, Union
 
 import numpy as np
 import torch
 
-from .gaussian_diffusion import GaussianDiffusion
+from .gaussian_diffusion import GaussianDiffusion, Model
 
 
 def space_timesteps(num_timesteps: int, section_counts: Union[str, List[int]]) -> Set[int]:
@@ -71,10 +71,10 @@ class SpacedDiffusion(GaussianDiffusion):
         kwargs["betas"] = 1.0 - kept_abar / np.append(1.0, kept_abar[:-1])
         super().__init__(**kwargs)
 
-    def p_mean_variance(self, model, *args, **kwargs):
+    def p_mean_variance(self, model: Model, *args, **kwargs) -> Dict[str, torch.Tensor]:
         return super().p_mean_variance(self._wrap_model(model), *args, **kwargs)
 
-    def training_losses(self, model, *args, **kwargs):
+    def training_losses(self, model: Model, *args, **kwargs) -> Dict[str, torch.Tensor]:
         return super().training_losses(self._wrap_model(model), *args, **kwargs)
 
     def _wrap_model(self, model):

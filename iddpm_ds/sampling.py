@@ -5,6 +5,7 @@ from typing import Callable, Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from .gaussian_diffusion import GaussianDiffusion
 from .seeding import mix_seed
 
 
@@ -26,8 +27,8 @@ def classifier_free_guidance(model: Callable, scale: float, null_label: int, cha
 
 @torch.no_grad()
 def sample_images(
-    model,
-    diffusion,
+    model: torch.nn.Module,
+    diffusion: GaussianDiffusion,
     indices: Sequence[int],
     image_size: int,
     seed: int,
@@ -35,7 +36,7 @@ def sample_images(
     use_ddim: bool = False,
     eta: float = 0.0,
     clip_denoised: bool = True,
-    device=None,
+    device: Optional[torch.device] = None,
     on_step: Optional[Callable[[], None]] = None,
 ) -> np.ndarray:
     """Sample the images with these indices; returns uint8 [N, H, W, 3].

@@ -13,7 +13,7 @@ num_heads), `use_fused_kernels` (route norms/attention through `kernels`),
 
 import argparse
 import inspect
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
@@ -68,7 +68,7 @@ def create_model_and_diffusion(
     # iddpm_ds's additions: at these defaults, improved-diffusion's model
     channel_mult="", num_head_channels=-1, use_fused_kernels=True, class_dropout_prob=0.0,
     channels_last=False,
-):  # fmt: skip
+) -> Tuple[UNetModel, SpacedDiffusion]:  # fmt: skip
     """Build (UNetModel, SpacedDiffusion) from model_and_diffusion_defaults()-style keywords."""
     return _model_and_diffusion(create_model, locals())
 
@@ -175,7 +175,7 @@ def sr_create_model_and_diffusion(
     # iddpm_ds's additions: at these defaults, improved-diffusion's model
     channel_mult="", num_head_channels=-1, use_fused_kernels=True, class_dropout_prob=0.0,
     channels_last=False,
-):  # fmt: skip
+) -> Tuple[SuperResModel, SpacedDiffusion]:  # fmt: skip
     """Build (SuperResModel, SpacedDiffusion) for small_size -> large_size upsampling."""
     return _model_and_diffusion(sr_create_model, locals())
 
@@ -196,15 +196,15 @@ def sr_create_model(
 
 def create_gaussian_diffusion(
     *,
-    steps=1000,
-    learn_sigma=False,
-    sigma_small=False,
-    noise_schedule="linear",
-    use_kl=False,
-    predict_xstart=False,
-    rescale_timesteps=False,
-    rescale_learned_sigmas=False,
-    timestep_respacing="",
+    steps: int = 1000,
+    learn_sigma: bool = False,
+    sigma_small: bool = False,
+    noise_schedule: str = "linear",
+    use_kl: bool = False,
+    predict_xstart: bool = False,
+    rescale_timesteps: bool = False,
+    rescale_learned_sigmas: bool = False,
+    timestep_respacing: Union[str, List[int]] = "",
 ) -> SpacedDiffusion:
     """Build the diffusion process; without respacing it is the plain T-step GaussianDiffusion."""
     betas = gd.get_named_beta_schedule(noise_schedule, steps)
@@ -244,7 +244,7 @@ def args_to_dict(args: argparse.Namespace, keys: Iterable[str]) -> Dict:
     return {k: getattr(args, k) for k in keys}
 
 
-def str2bool(v) -> bool:
+def str2bool(v: Union[str, bool]) -> bool:
     """Parse yes/no, true/false, t/f, y/n, 1/0 (any case)."""
     if isinstance(v, bool):
         return v

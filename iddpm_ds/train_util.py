@@ -9,12 +9,13 @@ holds identical history.
 What a checkpoint holds on disk, and how it is written atomically, is checkpointing.py's.
 """
 
+import argparse
 import contextlib
 import json
 import logging
 import os
 import time
-from typing import Callable, Dict, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Optional
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ from .errors import CheckpointError, ConfigError, TrainingDiverged, first_line
 from .resample import LossAwareSampler, all_gather_columns
 from .seeding import mix_seed, seed_everything
 
+if TYPE_CHECKING:  # imported where the engine is built: DeepSpeed picks its accelerator on import
+    import deepspeed
+
 log = logging.getLogger("iddpm_ds")
 
 
@@ -45,11 +49,11 @@ def create_engine(
     model: torch.nn.Module,
     ds_cfg: Dict,
     *,
-    args=None,
+    args: Optional[argparse.Namespace] = None,
     lr: float = 1e-4,
     weight_decay: float = 0.0,
     lr_anneal_steps: int = 0,
-):
+) -> "deepspeed.DeepSpeedEngine":
     """deepspeed.initialize with the fastest optimizer for the device and improved-diffusion's LR annealing.
 
     On CPU a fused torch AdamW, built from the JSON optimizer's params, replaces
@@ -101,7 +105,7 @@ def create_engine(
     return engine
 
 
-def loss_scale_of(engine) -> Optional[float]:
+def loss_scale_of(engine: "deepspeed.DeepSpeedEngine") -> Optional[float]:
     for owner, attr in (
         (engine.optimizer, "cur_scale"),
         (getattr(engine.optimizer, "loss_scaler", None), "cur_scale"),
@@ -133,7 +137,7 @@ def drop_labels(y: torch.Tensor, prob: float, null_label: int) -> torch.Tensor:
     return torch.where(torch.rand(y.shape, device=y.device) < prob, torch.full_like(y, null_label), y)
 
 
-def tensor_bytes(tensors) -> int:
+def tensor_bytes(tensors: Iterable[Optional[torch.Tensor]]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 

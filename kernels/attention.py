@@ -10,7 +10,9 @@ from .dispatch import run_triton_or_reference, use_triton
 ORDERS = ("legacy", "new")
 
 
-def split_qkv(qkv: torch.Tensor, num_heads: int, order: str):
+def split_qkv(
+    qkv: torch.Tensor, num_heads: int, order: str
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Views q, k, v [B, heads, ch, T] of qkv [B, 3*heads*ch, T].
 
     "legacy" (improved-diffusion): channels are heads x (q, k, v) x ch;

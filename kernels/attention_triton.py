@@ -15,7 +15,7 @@ Channel offset of part p (0=q, 1=k, 2=v) of head h: h*head_stride + p*part_strid
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -278,7 +278,7 @@ def geometry(qkv: torch.Tensor, num_heads: int) -> Geometry:
     )
 
 
-def forward(qkv, num_heads: int, order: str):
+def forward(qkv: torch.Tensor, num_heads: int, order: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out, lse): softmax(q^T k / sqrt(D)) v per head from contiguous qkv [B, 3*H*D, T] -> out [B, H*D, T],
     and each query row's float32 log-sum-exp [B*H, T] for the backward."""
     g = geometry(qkv, num_heads)
@@ -292,7 +292,9 @@ def forward(qkv, num_heads: int, order: str):
     return out, lse
 
 
-def backward(dout, qkv, out, lse, num_heads: int, order: str):
+def backward(
+    dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, num_heads: int, order: str
+) -> torch.Tensor:
     """dqkv [B, 3*H*D, T] of forward(), for contiguous dout, qkv and out."""
     g = geometry(qkv, num_heads)
     B, T, H, D = g.B, g.T, g.H, g.D

@@ -1,8 +1,11 @@
 """Where the Triton kernels run: CUDA tensors, or any tensor under the Triton interpreter."""
 
 import os
+from typing import Callable, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def first_line(e: BaseException) -> str:
@@ -24,7 +27,7 @@ def use_triton(x: torch.Tensor) -> bool:
 _broken = set()
 
 
-def run_triton_or_reference(name: str, triton_fn, reference_fn):
+def run_triton_or_reference(name: str, triton_fn: Callable[[], T], reference_fn: Callable[[], T]) -> T:
     """Run triton_fn(); if Triton cannot compile or fit the kernel on this device, warn once and use
     reference_fn() from then on, so a training run never dies of a kernel build problem."""
     if name not in _broken:

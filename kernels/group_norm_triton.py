@@ -25,6 +25,7 @@ launches whatever the pattern.
 """
 
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -341,7 +342,10 @@ def _flags(scale, shift, silu):
     return dict(HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=silu)
 
 
-def forward(x3, strides, weight, bias, scale, shift, num_groups: int, eps: float, silu: bool):
+def forward(
+    x3: torch.Tensor, strides: Tuple[int, int], weight: torch.Tensor, bias: torch.Tensor,
+    scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], num_groups: int, eps: float, silu: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(y3, mean, rstd): y3 = silu(group_norm(x3) * (1 + scale) + shift) laid out like x3 [B, C, L], whose
     (channel, position) strides are `strides`; per-group float32 mean and rstd [B * num_groups] for the
     backward. See kernels.group_norm.group_norm_silu."""
@@ -370,7 +374,11 @@ def forward(x3, strides, weight, bias, scale, shift, num_groups: int, eps: float
     return y, mean, rstd
 
 
-def backward(dy3, x3, strides, weight, bias, scale, shift, mean, rstd, num_groups: int, silu: bool):
+def backward(
+    dy3: torch.Tensor, x3: torch.Tensor, strides: Tuple[int, int], weight: torch.Tensor, bias: torch.Tensor,
+    scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+    num_groups: int, silu: bool,
+) -> Tuple[torch.Tensor, ...]:  # fmt: skip
     """(dx3, dweight, dbias, dscale, dshift) of forward(); dy3 and dx3 are laid out like x3, and dscale /
     dshift are empty tensors where scale / shift are None."""
     B, C, L = x3.shape

@@ -30,9 +30,8 @@ print((after - before) * 1024, sum(p.numel() for p in model.parameters()))
 
 
 def peak(size: int, ckpt: bool, batch: int):
-    env = dict(
-        os.environ, MALLOC_MMAP_THRESHOLD_="65536"
-    )  # freed blocks go back to the OS, so RSS tracks live memory
+    # Freed blocks go back to the OS, so RSS tracks live memory.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run(
         [sys.executable, "-c", CASE.format(root=ROOT, size=size, ckpt=ckpt, batch=batch)],
         capture_output=True,

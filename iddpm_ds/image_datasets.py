@@ -208,8 +208,7 @@ class DataStream:
         if state["num_samples"] != len(self.source):
             raise DataError(
                 f"the checkpoint's data had {state['num_samples']} samples, this data_dir has "
-                f"{len(self.source)}: "
-                "resume with the same data (or start a new run)"
+                f"{len(self.source)}: resume with the same data (or start a new run)"
             )
         self.position, self.seed, self.shuffle = (
             int(state["position"]),

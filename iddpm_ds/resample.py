@@ -183,7 +183,6 @@ class LossSecondMomentResampler(LossAwareSampler):
         if history.shape != self._loss_history.shape or counts.shape != self._loss_counts.shape:
             raise ValueError(
                 f"resampler state has history {history.shape}, this diffusion needs "
-                f"{self._loss_history.shape}: "
-                "diffusion_steps differ between the checkpoint and this run"
+                f"{self._loss_history.shape}: diffusion_steps differ between the checkpoint and this run"
             )
         self._loss_history, self._loss_counts = history.copy(), counts.copy()

@@ -560,8 +560,8 @@ class TrainLoop:
             "data": self.data.state_dict(),
             "iddpm_ds_step": step,
             "nonfinite_steps": self.nonfinite_steps,
-            "universal_checkpoint_info": {},
-        }  # lets deepspeed.checkpoint.ds_to_universal convert it
+            "universal_checkpoint_info": {},  # lets deepspeed.checkpoint.ds_to_universal convert it
+        }
         if isinstance(self.sampler, LossAwareSampler):
             client_state["sampler"] = {k: torch.from_numpy(v) for k, v in self.sampler.state_dict().items()}
         error = ""
@@ -642,8 +642,7 @@ class TrainLoop:
             seed_everything(mix_seed(self.step, self.rank))
             log.warning(
                 "resumed %d-rank checkpoint on %d ranks: weights, optimizer, EMA, sampler and data position "
-                "are exact; "
-                "random streams restart",
+                "are exact; random streams restart",
                 meta["world_size"],
                 self.world,
             )

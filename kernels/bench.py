@@ -84,9 +84,8 @@ def host_us(fn, calls=20) -> float:
     """Host microseconds per call while the device runs behind: Python, autograd and launch overhead. A
     device time near this figure means the op is launch-bound (the small shapes' 20 us goal depends on it)."""
     cuda = torch.cuda.is_available()
-    calls = (
-        calls if cuda else 1
-    )  # the interpreter runs everything on the host, slowly: one call tells as much
+    # The interpreter runs everything on the host, slowly: one call tells as much.
+    calls = calls if cuda else 1
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -169,8 +168,7 @@ def measure(row: dict, fn, args, dy, ref) -> dict:
     else:
         print(
             f"{label}: fwd ms {row['fwd_ms']}, fwd+bwd ms {row['fwd_bwd_ms']}, rel err out "
-            f"{row['max_rel_err']:.1e} "
-            f"grads {row['grad_rel_err']:.1e}"
+            f"{row['max_rel_err']:.1e} grads {row['grad_rel_err']:.1e}"
             f"{'' if row.get('deterministic', True) else ', NOT DETERMINISTIC'}",
             flush=True,
         )
@@ -332,11 +330,8 @@ def matmul_tflops(device, smoke) -> float:
 # holds at least LARGE_BYTES are the "large" ones held to the copy-bandwidth goal; 8x8 maps the "small" ones.
 LARGE_BYTES = 32 * 2**20
 ATTN_VS_SDPA = {64: 1.5, 256: 1.3, 1024: 1.0}  # T -> fwd+bwd speed-up over the faster SDPA backend
-TOLERANCE = {
-    "torch.float32": 1e-4,
-    "torch.bfloat16": 2e-2,
-    "torch.float16": 5e-3,
-}  # max rel err, output and gradients
+# The largest relative error allowed in the output and every gradient, per dtype.
+TOLERANCE = {"torch.float32": 1e-4, "torch.bfloat16": 2e-2, "torch.float16": 5e-3}
 
 
 def goals(report: dict) -> list:

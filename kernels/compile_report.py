@@ -213,8 +213,7 @@ def main() -> None:
         blocks = ",".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.startswith("BLOCK") or k == "D")
         print(
             f"{r['shape']:<43} {r['kernel']:<26} {blocks:<44} {r['num_warps']:>5} {r['num_stages']:>3} "
-            f"{r['registers']:>4} "
-            f"{r['spill_bytes']:>5} {r['shared_bytes']:>6} {r['est_warps_per_sm']:>8} "
+            f"{r['registers']:>4} {r['spill_bytes']:>5} {r['shared_bytes']:>6} {r['est_warps_per_sm']:>8} "
             f"{r['mma']:>14}{'' if r['ok'] else '  <-- FAIL'}"
         )
     bad = [r for r in rows if not r["ok"]]

@@ -55,18 +55,16 @@ def main() -> None:
         world_size=world,
     )
     num_samples = min(args.num_samples, len(data.source))
-    # [count, total_bpd, prior_bpd, vb_sum, L_0, xstart_mse, mse] summed over images
-    sums = torch.zeros(
-        7, dtype=torch.float64, device=device
-    )  # on the device: NCCL all-reduces no CPU tensors
+    # [count, total_bpd, prior_bpd, vb_sum, L_0, xstart_mse, mse] summed over images, on the device:
+    # NCCL all-reduces no CPU tensors.
+    sums = torch.zeros(7, dtype=torch.float64, device=device)
     steps = -(-num_samples // (args.batch_size * world))
     torch.manual_seed(args.seed + rank)  # the q_sample noise of every term
     for step in range(steps):
         x, cond = next(data)
         first = step * args.batch_size * world
-        keep = [
-            i for i in range(args.batch_size) if first + i * world + rank < num_samples
-        ]  # the stream's global index of row i
+        # Row i of this rank's batch is the stream's image first + i * world + rank.
+        keep = [i for i in range(args.batch_size) if first + i * world + rank < num_samples]
         x, cond = x[keep].to(device), {k: v[keep].to(device) for k, v in cond.items()}
         if len(keep):
             out = diffusion.calc_bpd_loop(model, x, clip_denoised=args.clip_denoised, model_kwargs=cond)

@@ -374,9 +374,8 @@ def test_lr_anneal_steps_decays_to_zero_and_stops(tmp_path):
     launch(1, run_dir, "--lr_anneal_steps", "4", "--lr", "1e-3")
     log = [json.loads(line) for line in open(run_dir / "progress.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4]  # stopped at lr_anneal_steps
-    assert [r["lr"] for r in log] == pytest.approx(
-        [7.5e-4, 5e-4, 2.5e-4, 0.0]
-    )  # lr for the next step: 1e-3 * (1 - step/4)
+    # The lr for the next step: 1e-3 * (1 - step/4).
+    assert [r["lr"] for r in log] == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0])
     assert (run_dir / "checkpoints" / "step000004" / "COMPLETE").exists()
 
 
@@ -399,9 +398,8 @@ def test_fine_tune_from_an_improved_diffusion_checkpoint(tmp_path):
     assert "initialised weights from" in proc.stdout
     tuned = torch.load(run_dir / "model000001.pt", weights_only=True)
     original = torch.load(official, weights_only=True)
-    assert all(
-        torch.allclose(tuned[k], original[k], atol=1e-6) for k in original
-    )  # started from those weights
+    # It started from those weights.
+    assert all(torch.allclose(tuned[k], original[k], atol=1e-6) for k in original)
 
 
 def test_suggested_fixes_of_run_errors_work_and_sampling_finds_the_run(tmp_path):

@@ -232,8 +232,7 @@ def test_divergence_stops_with_a_checkpoint_from_before(tmp_path, config):
         f"divergence ({os.path.basename(config)})",
         "--lr 1e30: the loss overflows to inf",
         f"{record['nonfinite_steps']} non-finite steps skipped and counted; stopped after 3 in a row with "
-        "exit 3 and a "
-        f"checkpoint of finite pre-divergence weights at step {last}",
+        f"exit 3 and a checkpoint of finite pre-divergence weights at step {last}",
         0,
     )
 

@@ -489,9 +489,8 @@ def test_every_benchmark_launch_builds_for_the_gpu_without_spills(tmp_path, arch
         for n in dir(m)
         if n.endswith("_kernel") or n == "_bwd_preprocess"
     }
-    assert {
-        r["kernel"] for r in rows
-    } == kernel_names  # both GroupNorm paths and the whole attention backward are covered
+    # Both GroupNorm paths and the whole attention backward are covered.
+    assert {r["kernel"] for r in rows} == kernel_names
     assert all(r["spill_bytes"] == 0 and 0 < r["registers"] <= 255 for r in rows)
     from kernels.bench import ATTN_SHAPES
 

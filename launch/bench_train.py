@@ -90,18 +90,29 @@ BENCH_HELP = {
 
 
 class SyntheticData:
-    """Endless fixed random batches (with labels for a class-conditional model): the benchmark measures
-    the step, not the loader."""
+    """Endless fixed random batches for the model the flags describe (with labels where it is
+    class-conditional): the benchmark measures the step, not the loader. size: the input side, default
+    the model's image_size."""
 
     skipped, epoch = 0, 0.0
 
-    def __init__(self, micro_batch, size, num_classes=None):
+    def __init__(self, flags: dict, micro_batch: int, size: Optional[int] = None):
         g = torch.Generator().manual_seed(0)
+        size = size or flags["image_size"]
         self.x = torch.rand(micro_batch, 3, size, size, generator=g) * 2 - 1
-        self.cond = {"y": torch.randint(0, num_classes, (micro_batch,), generator=g)} if num_classes else {}
+        labels = torch.randint(0, NUM_CLASSES, (micro_batch,), generator=g)
+        self.cond = {"y": labels} if flags["class_cond"] else {}
 
     def __next__(self):
         return self.x, self.cond
+
+
+def report(result, out: str) -> None:
+    """The benchmark's result as one JSON line, and in the file out when given."""
+    print(json.dumps(result))
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 def bench_loop(engine, diffusion, data, ema_rate: str) -> TrainLoop:
@@ -232,15 +243,17 @@ def plain_pytorch(flags, cfg, args, device, world):
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
     sampler = UniformSampler(diffusion)
-    data = SyntheticData(micro_batch, flags["image_size"])
+    data = SyntheticData(flags, micro_batch)
 
     def step():
         opt.zero_grad(set_to_none=True)
         for _ in range(grad_accum_steps):
-            x, _ = next(data)
+            x, cond = next(data)
             t, w = sampler.sample(micro_batch, device)
+            cond = {k: v.to(device) for k, v in cond.items()}
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = (diffusion.training_losses(net, x.to(device), t)["loss"] * w).mean() / grad_accum_steps
+                losses = diffusion.training_losses(net, x.to(device), t, model_kwargs=cond)
+                loss = (losses["loss"] * w).mean() / grad_accum_steps
             loss.backward()
         opt.step()
 
@@ -279,11 +292,13 @@ def memory_table(flags, base_cfg, args, world) -> list:
         seed_everything(0)
         model, diffusion = create_model_and_diffusion(**flags)
         engine = create_engine(model, cfg, lr=args.lr)
-        data = SyntheticData(cfg["train_micro_batch_size_per_gpu"], args.memory_input_size)
+        data = SyntheticData(flags, cfg["train_micro_batch_size_per_gpu"], args.memory_input_size)
         loop = bench_loop(engine, diffusion, data, args.ema_rate)
-        x, _ = next(loop.data)
+        x, cond = next(loop.data)
         t, _ = loop.sampler.sample(x.shape[0], engine.device)
-        engine.backward(diffusion.training_losses(engine, x.to(engine.device), t)["loss"].mean())
+        cond = {k: v.to(engine.device) for k, v in cond.items()}
+        losses = diffusion.training_losses(engine, x.to(engine.device), t, model_kwargs=cond)
+        engine.backward(losses["loss"].mean())
         grads = grad_bytes(engine)
         engine.step()
         rows.append({"zero_stage": stage, "world_size": world, "grads": grads, **loop.state_bytes()})
@@ -413,8 +428,8 @@ def improved_diffusion_row(code_dir: str, flags: dict, micro_batch: int, device)
         save_interval=10**9,
         resume_checkpoint="",
     )
-    x, _ = next(SyntheticData(micro_batch, flags["image_size"]))
-    return lambda: loop.run_step(x, {})
+    x, cond = next(SyntheticData(flags, micro_batch))
+    return lambda: loop.run_step(x, cond)
 
 
 def plain_row(flags: dict, micro_batch: int, device):
@@ -426,7 +441,7 @@ def plain_row(flags: dict, micro_batch: int, device):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ema = [p.detach().clone() for p in model.parameters()]
     sampler = UniformSampler(diffusion)
-    data = SyntheticData(micro_batch, flags["image_size"], NUM_CLASSES if flags.get("class_cond") else None)
+    data = SyntheticData(flags, micro_batch)
 
     def step():
         x, cond = next(data)
@@ -455,7 +470,7 @@ def engine_row(flags: dict, micro_batch: int, base_cfg: dict, prec: str, compile
         "bf16": {"enabled": prec == "bf16"},
         "compile": {**base_cfg.get("compile", {}), "enabled": compiled},  # the JSON may name the backend
     }
-    data = SyntheticData(micro_batch, flags["image_size"], NUM_CLASSES if flags.get("class_cond") else None)
+    data = SyntheticData(flags, micro_batch)
     return bench_loop(create_engine(model, cfg, lr=1e-4), diffusion, data, "0.9999").run_step
 
 
@@ -594,10 +609,7 @@ def main() -> None:
     if args.kernels:
         result = kernels_step(flags, args.batch_size, args.steps, args.warmup)
         print_kernels_step(result, flags["image_size"])
-        print(json.dumps(result))
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
+        report(result, args.out)
         return
     dist_util.setup_dist()
     dist_util.set_threads_per_rank()
@@ -619,10 +631,7 @@ def main() -> None:
             verdict = {True: "met", False: "MISSED", None: "not measured"}
             for goal, met in result["goals"].items():
                 print(f"goal: {goal}: {verdict[met]}")
-            print(json.dumps(result))
-            if args.out:
-                with open(args.out, "w") as f:
-                    json.dump(result, f, indent=1)
+            report(result, args.out)
         return
     micro_batch, grad_accum_steps = cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]
     device = dist_util.dev()
@@ -647,16 +656,13 @@ def main() -> None:
                     f"{r['optimizer'] / 2**20:>9.1f} "
                     f"{r['ema'] / 2**20:>8.1f} {(r['optimizer'] + r['ema']) / n_params:>18.2f}"
                 )
-            print(json.dumps(rows))
-            if args.out:
-                with open(args.out, "w") as f:
-                    json.dump(rows, f, indent=1)
+            report(rows, args.out)
         return
     plain_s, plain_mem = plain_pytorch(flags, cfg, args, device, world)
     seed_everything(0)
     model, diffusion = create_model_and_diffusion(**flags)
     engine = create_engine(model, cfg, lr=args.lr)
-    loop = bench_loop(engine, diffusion, SyntheticData(micro_batch, flags["image_size"]), args.ema_rate)
+    loop = bench_loop(engine, diffusion, SyntheticData(flags, micro_batch), args.ema_rate)
     ds_s = time_steps(loop.run_step, args.steps, args.warmup)
     ds_mem = loop.state_bytes()
     gathered = [None] * world
@@ -690,7 +696,7 @@ def main() -> None:
             f"{mem.get('ema', 0) / 2**20:>8.1f}"
         )
     print(f"engine overhead: {result['engine_overhead_pct']:+.1f}%")
-    print(json.dumps(result))
+    report(result, args.out)
 
 
 if __name__ == "__main__":

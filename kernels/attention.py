@@ -5,7 +5,8 @@ from typing import Tuple
 
 import torch
 
-from .dispatch import run_triton_or_reference, use_triton
+from . import self_check
+from .dispatch import reference_vjp, run_triton_or_reference, use_triton
 
 ORDERS = ("legacy", "new")
 
@@ -44,10 +45,41 @@ def qkv_attention_reference(qkv: torch.Tensor, num_heads: int, order: str = "leg
     return torch.einsum("bhts,bhcs->bhct", weight, v).reshape(B, H * ch, T)
 
 
+def _shape_class(qkv: torch.Tensor, num_heads: int, order: str) -> tuple:
+    """The self-check's key: what the Triton launches for this input compile for."""
+    from . import attention_triton
+
+    return ("qkv_attention", *attention_triton.shape_class(qkv, num_heads, order))
+
+
+def _self_check(qkv: torch.Tensor, num_heads: int, order: str) -> bool:
+    """The kernels' forward and backward on this input against the reference (kernels.self_check)."""
+    from . import attention_triton
+
+    def kernel(dout):
+        out, lse = attention_triton.forward(qkv, num_heads, order)
+        return out, [attention_triton.backward(dout, qkv, out, lse, num_heads, order)]
+
+    B, width, T = qkv.shape
+    tf32 = qkv.is_cuda and qkv.dtype == torch.float32  # kernels.qkv_attention sends fp32 here only with TF32
+    tolerance = self_check.TF32_TOLERANCE if tf32 else self_check.TOLERANCES[qkv.dtype]
+    where = f"{qkv.device} {qkv.dtype} {list(qkv.shape)} ({num_heads} heads, {order} order)"
+    return self_check.check(
+        "qkv_attention",
+        where,
+        [qkv],
+        (B, width // 3, T),
+        kernel,
+        lambda qkv_: qkv_attention_reference(qkv_, num_heads, order),
+        tolerance,
+    )
+
+
 @torch.library.custom_op("iddpm_kernels::qkv_attention", mutates_args=())
 def _qkv_attention_op(qkv: torch.Tensor, num_heads: int, order: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse): the Triton flash forward and its float32 row log-sum-exp [B*H, T]. Where Triton cannot
-    build the kernel, the reference computes out (lse is then unused: the backward falls back too)."""
+    """(out, lse): the Triton flash forward and its float32 row log-sum-exp [B*H, T]. The first input of
+    each shape class is self-checked. Where Triton cannot build the kernel or its shape class failed the
+    check, the reference computes out (lse is then unused: the backward falls back too)."""
     qkv = qkv.contiguous()
 
     def triton_forward():
@@ -58,7 +90,13 @@ def _qkv_attention_op(qkv: torch.Tensor, num_heads: int, order: str) -> Tuple[to
     def reference_forward():
         return qkv_attention_reference(qkv, num_heads, order).contiguous(), _empty_lse(qkv, num_heads)
 
-    return run_triton_or_reference("qkv_attention", triton_forward, reference_forward)
+    return run_triton_or_reference(
+        "qkv_attention",
+        triton_forward,
+        reference_forward,
+        _shape_class(qkv, num_heads, order),
+        lambda: _self_check(qkv, num_heads, order),
+    )
 
 
 def _empty_lse(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -75,8 +113,7 @@ def _(qkv, num_heads, order):
 def _qkv_attention_backward_op(
     dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, num_heads: int, order: str
 ) -> torch.Tensor:
-    """dqkv [B, 3*H*D, T], contiguous. Where Triton cannot build the kernel, autograd through the
-    reference."""
+    """dqkv [B, 3*H*D, T], contiguous. Where the forward fell back, autograd through the reference."""
     qkv = qkv.contiguous()
 
     def triton_backward():
@@ -85,12 +122,12 @@ def _qkv_attention_backward_op(
         return attention_triton.backward(dout.contiguous(), qkv, out, lse, num_heads, order)
 
     def reference_backward():
-        leaf = qkv.detach().requires_grad_()
-        with torch.enable_grad():
-            (dqkv,) = torch.autograd.grad(qkv_attention_reference(leaf, num_heads, order), leaf, dout)
+        _, (dqkv,) = reference_vjp(lambda t: qkv_attention_reference(t, num_heads, order), [qkv], dout)
         return dqkv.contiguous()
 
-    return run_triton_or_reference("qkv_attention", triton_backward, reference_backward)
+    return run_triton_or_reference(
+        "qkv_attention", triton_backward, reference_backward, _shape_class(qkv, num_heads, order)
+    )
 
 
 @_qkv_attention_backward_op.register_fake

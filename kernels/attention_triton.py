@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import specialisation
+
 
 @triton.jit
 def _tile_ptrs(base, pos, d, T):
@@ -276,6 +278,14 @@ def geometry(qkv: torch.Tensor, num_heads: int) -> Geometry:
         "ieee" if qkv.device.type == "cpu" else "tf32",  # the interpreter is exact
         1.0 / math.sqrt(D),
     )
+
+
+def shape_class(qkv: torch.Tensor, num_heads: int, order: str) -> tuple:
+    """What forward() and backward() compile kernels for at this input: device, dtype, order, head dim,
+    tiles, the dots' precision and the specialisation of the integer arguments (the self-check's key)."""
+    g = geometry(qkv, num_heads)
+    layout = specialisation(g.H, g.T, *_strides(order, g.H, g.D))
+    return str(qkv.device), str(qkv.dtype), order, *g.constexprs().values(), tuple(g.cfg.items()), layout
 
 
 def forward(qkv: torch.Tensor, num_heads: int, order: str) -> Tuple[torch.Tensor, torch.Tensor]:

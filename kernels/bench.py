@@ -147,8 +147,8 @@ def measure(row: dict, fn, args, dy, ref) -> dict:
         row["max_rel_err"] = rel_err(first[0], ref[0])
         row["grad_rel_err"] = max(rel_err(g, r) for g, r in zip(first[1:], ref[1]))
         if row["provider"] == "triton":
-            if dispatch._broken:
-                raise RuntimeError(f"kernel {sorted(dispatch._broken)} fell back to the PyTorch reference")
+            if dispatch.fallbacks():
+                raise RuntimeError(f"kernel {dispatch.fallbacks()} fell back to the PyTorch reference")
             # Same inputs, same bits: a result that moves between runs is a race (the kernels reduce in a
             # fixed order).
             row["deterministic"] = all(torch.equal(a, b) for a, b in zip(first, run_once()))
@@ -159,7 +159,7 @@ def measure(row: dict, fn, args, dy, ref) -> dict:
         row["host_us_fwd_bwd"] = host_us(fwd_bwd(fn, args, dy))
     except Exception as e:  # noqa: BLE001 - any failure is a result of this provider, not the end of the run
         row["error"] = f"{type(e).__name__}: {dispatch.first_line(e)[:160]}"
-    dispatch._broken.clear()  # a kernel that failed at one shape is tried afresh at the next
+    dispatch.reset()  # a kernel that failed at one shape is tried afresh at the next
     label = " ".join(
         str(row[k]) for k in ("op", "shape", "pattern", "provider", "kernel", "tile") if k in row
     )

@@ -14,7 +14,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .dispatch import run_triton_or_reference, use_triton
+from . import self_check
+from .dispatch import reference_vjp, run_triton_or_reference, use_triton
 
 
 # The op and its reference share a signature, written two lines long by hand (fmt: skip: ruff would give
@@ -60,6 +61,81 @@ def _empty_stats(x: torch.Tensor, num_groups: int) -> Tuple[torch.Tensor, torch.
     return x.new_empty(n, dtype=torch.float32), x.new_empty(n, dtype=torch.float32)
 
 
+def _triton_forward(x, weight, bias, scale, shift, num_groups, eps, silu):
+    """(y, mean, rstd) from the Triton launches; y in the layout rows_view(x) reads x."""
+    from . import group_norm_triton
+
+    x3, strides = rows_view(x)
+    y3, mean, rstd = group_norm_triton.forward(x3, strides, weight, bias, scale, shift, num_groups, eps, silu)
+    return y3.view(x.shape), mean, rstd
+
+
+def _triton_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, silu):
+    """(dx, dweight, dbias, dscale, dshift) from the Triton launches."""
+    from . import group_norm_triton
+
+    x3, strides = rows_view(x)
+    dy3, dy_strides = rows_view(dy)
+    if dy_strides != strides:  # the kernels read dy in x's layout
+        dy3 = torch.empty_like(x3)
+        dy3.view(x.shape).copy_(dy)
+    dx3, *grads = group_norm_triton.backward(
+        dy3, x3, strides, weight, bias, scale, shift, mean, rstd, num_groups, silu
+    )
+    return (dx3.view(x.shape), *grads)
+
+
+def _shape_class(x, weight, scale, shift, num_groups, silu) -> tuple:
+    """The self-check's key: what the Triton launches for this input compile for."""
+    from . import group_norm_triton
+
+    x3, strides = rows_view(x)
+    return (
+        "group_norm_silu",
+        *group_norm_triton.shape_class(x3, strides, weight, scale, shift, num_groups, silu),
+    )
+
+
+def _differentiable_reference(has_scale: bool, has_shift: bool, num_groups: int, eps: float, silu: bool):
+    """The reference as a function of its tensors alone, (x, weight, bias[, scale][, shift]) -> y, for
+    reference_vjp."""
+
+    def reference(x, weight, bias, *modulation):
+        scale = modulation[0] if has_scale else None
+        shift = modulation[-1] if has_shift else None
+        return group_norm_silu_reference(
+            x, weight, bias, num_groups, eps, scale=scale, shift=shift, silu=silu
+        )
+
+    return reference
+
+
+def _self_check(x, weight, bias, scale, shift, num_groups, eps, silu) -> bool:
+    """The kernels' forward and backward on this input against the reference (kernels.self_check)."""
+    inputs = [t for t in (x, weight, bias, scale, shift) if t is not None]
+
+    def kernel(dy):
+        y, mean, rstd = _triton_forward(x, weight, bias, scale, shift, num_groups, eps, silu)
+        dx, dweight, dbias, dscale, dshift = _triton_backward(
+            dy, x, weight, bias, scale, shift, mean, rstd, num_groups, silu
+        )
+        modulation = [g for g, t in ((dscale, scale), (dshift, shift)) if t is not None]
+        return y, [dx, dweight, dbias, *modulation]
+
+    reference = _differentiable_reference(scale is not None, shift is not None, num_groups, eps, silu)
+    layout = ", channels-last" if rows_view(x)[1][1] != 1 else ""
+    where = f"{x.device} {x.dtype} {list(x.shape)} ({num_groups} groups{layout})"
+    tolerance = self_check.TOLERANCES[x.dtype]
+    return self_check.check("group_norm_silu", where, inputs, x.shape, kernel, reference, tolerance)
+
+
+def _in_layout_of(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """t (x's shape) copied into the layout the kernels give x's outputs."""
+    out = torch.empty_like(rows_view(x)[0])
+    out.view(x.shape).copy_(t)
+    return out.view(x.shape)
+
+
 @torch.library.custom_op("iddpm_kernels::group_norm_silu", mutates_args=())
 def _group_norm_silu_op(
     x: torch.Tensor,
@@ -72,25 +148,21 @@ def _group_norm_silu_op(
     silu: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, rstd): the Triton forward, y laid out as rows_view(x) reads x; the float32 group
-    statistics [B * num_groups] feed the backward. Where Triton cannot build the kernel, the reference
-    computes y (the statistics are then unused: the backward falls back too)."""
-    x3, strides = rows_view(x)
-
-    def triton_forward():
-        from . import group_norm_triton
-
-        y3, mean, rstd = group_norm_triton.forward(
-            x3, strides, weight, bias, scale, shift, num_groups, eps, silu
-        )
-        return y3.view(x.shape), mean, rstd
+    statistics [B * num_groups] feed the backward. The first input of each shape class is self-checked.
+    Where Triton cannot build the kernel or its shape class failed the check, the reference computes y
+    (the statistics are then unused: the backward falls back too)."""
 
     def reference_forward():
         y = group_norm_silu_reference(x, weight, bias, num_groups, eps, scale=scale, shift=shift, silu=silu)
-        y3 = torch.empty_like(x3)
-        y3.view(x.shape).copy_(y)
-        return (y3.view(x.shape), *_empty_stats(x, num_groups))
+        return (_in_layout_of(x, y), *_empty_stats(x, num_groups))
 
-    return run_triton_or_reference("group_norm_silu", triton_forward, reference_forward)
+    return run_triton_or_reference(
+        "group_norm_silu",
+        lambda: _triton_forward(x, weight, bias, scale, shift, num_groups, eps, silu),
+        reference_forward,
+        _shape_class(x, weight, scale, shift, num_groups, silu),
+        lambda: _self_check(x, weight, bias, scale, shift, num_groups, eps, silu),
+    )
 
 
 @_group_norm_silu_op.register_fake
@@ -114,41 +186,23 @@ def _group_norm_silu_backward_op(
     silu: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias, dscale, dshift) of the forward op; dscale / dshift are empty where scale /
-    shift are None. Where Triton cannot build the kernel, autograd through the reference."""
-    x3, strides = rows_view(x)
-
-    def triton_backward():
-        from . import group_norm_triton
-
-        dy3, dy_strides = rows_view(dy)
-        if dy_strides != strides:  # the kernels read dy in x's layout
-            dy3 = torch.empty_like(x3)
-            dy3.view(x.shape).copy_(dy)
-        dx3, *grads = group_norm_triton.backward(
-            dy3, x3, strides, weight, bias, scale, shift, mean, rstd, num_groups, silu
-        )
-        return (dx3.view(x.shape), *grads)
+    shift are None. Where the forward fell back, autograd through the reference."""
 
     def reference_backward():
-        inputs = [t.detach().requires_grad_() for t in (x, weight, bias, scale, shift) if t is not None]
-        with torch.enable_grad():
-            y = group_norm_silu_reference(
-                *inputs[:3],
-                num_groups,
-                eps,
-                scale=inputs[3] if scale is not None else None,
-                shift=inputs[-1] if shift is not None else None,
-                silu=silu,
-            )
-            grads = list(torch.autograd.grad(y, inputs, dy))
+        inputs = [t for t in (x, weight, bias, scale, shift) if t is not None]
+        reference = _differentiable_reference(scale is not None, shift is not None, num_groups, eps, silu)
+        grads = list(reference_vjp(reference, inputs, dy)[1])
         dx, dweight, dbias = grads[:3]
         dscale = grads[3] if scale is not None else x.new_empty(0)
         dshift = grads[-1] if shift is not None else x.new_empty(0)
-        dx3 = torch.empty_like(x3)
-        dx3.view(x.shape).copy_(dx)
-        return dx3.view(x.shape), dweight, dbias, dscale, dshift
+        return _in_layout_of(x, dx), dweight, dbias, dscale, dshift
 
-    return run_triton_or_reference("group_norm_silu", triton_backward, reference_backward)
+    return run_triton_or_reference(
+        "group_norm_silu",
+        lambda: _triton_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, silu),
+        reference_backward,
+        _shape_class(x, weight, scale, shift, num_groups, silu),
+    )
 
 
 @_group_norm_silu_backward_op.register_fake

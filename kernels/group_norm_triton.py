@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import specialisation
+
 # Padded elements of a 16-bit group one program keeps in registers (half that for fp32 x).
 RESIDENT_MAX = 16384
 SPLIT_BLOCK = 4096  # elements per program on the split path
@@ -336,6 +338,20 @@ def plan(cpg: int, L: int, element_size: int) -> Plan:
         {"BLOCK": block, "BLOCK_P": triton.next_power_of_2(cpg * triton.cdiv(L, block))},
         num_warps=min(8, max(1, block // 512)),
     )
+
+
+def shape_class(
+    x3: torch.Tensor, strides: Tuple[int, int], weight: torch.Tensor, scale: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor], num_groups: int, silu: bool,
+) -> tuple:  # fmt: skip
+    """What forward() and backward() compile a kernel for at this input: device, dtypes, the plan, the
+    flags and the specialisation of the integer arguments (the self-check's key)."""
+    B, C, L = x3.shape
+    p = plan(C // num_groups, L, x3.element_size())
+    dtypes = tuple(str(t.dtype) for t in (x3, weight, scale, shift) if t is not None)
+    flags = tuple(_flags(scale, shift, silu).values())
+    layout = specialisation(C, L, *strides, C // num_groups)
+    return str(x3.device), dtypes, p.resident, tuple(p.constexprs.items()), p.num_warps, flags, layout
 
 
 def _flags(scale, shift, silu):

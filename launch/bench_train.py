@@ -203,7 +203,7 @@ def kernels_step(flags: dict, batch: int, steps: int, warmup: int) -> dict:
             "images_per_s": steps * batch / seconds,
             "loss_fixed_batch": float(loss),
         }
-    result["fell_back_to_reference"] = sorted(dispatch._broken)
+    result["fell_back_to_reference"] = dispatch.fallbacks()
     result["speedup"] = result["kernels_on"]["images_per_s"] / result["kernels_off"]["images_per_s"]
     off, on = result["kernels_off"]["loss_fixed_batch"], result["kernels_on"]["loss_fixed_batch"]
     result["loss_rel_diff"] = abs(on - off) / abs(off)

@@ -502,3 +502,39 @@ def test_every_benchmark_launch_builds_for_the_gpu_without_spills(tmp_path, arch
     ]
     assert len(bench_attention) == 3 * len(ATTN_SHAPES)
     assert {r["mma"] for r in bench_attention} == ({"wgmma"} if arch == 90 else {"mma.sync"})
+
+
+BACKWARD_OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+def test_custom_op_registrations_pass_opcheck():
+    """torch.library.opcheck on every op (forward and backward): the schema, the fake implementation (what a
+    compiled graph allocates on a GPU without running the op), the autograd registration and AOT dispatch,
+    for GroupNorm with each modulation pattern and layout, and attention in both orders."""
+    from kernels import attention, group_norm
+
+    torch.manual_seed(0)
+    B, C, G = 2, 8, 4
+    x = torch.randn(B, C, 4, 4, requires_grad=True)
+    w, b, scale, shift = (torch.randn(*s, requires_grad=True) for s in ((C,), (C,), (B, C), (B, C)))
+    x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    for args in ((x, w, b, scale, shift), (x, w, b, None, None), (x_cl, w, b, scale, None)):
+        torch.library.opcheck(group_norm._group_norm_silu_op, (*args, G, 1e-5, True))
+        # The backward ops take no gradient themselves (no double backward): inputs that need none, and no
+        # AOT test, which differentiates the op (the forward op's AOT test runs them through its formula).
+        y, mean, rstd = (t.detach() for t in group_norm._group_norm_silu_op(*args, G, 1e-5, True))
+        detached = [a.detach() if a is not None else None for a in args]
+        torch.library.opcheck(
+            group_norm._group_norm_silu_backward_op,
+            (torch.randn_like(y), *detached, mean, rstd, G, 1e-5, True),
+            test_utils=BACKWARD_OPCHECKS,
+        )
+    qkv = torch.randn(1, 3 * 2 * 16, 20, requires_grad=True)
+    for order in ("legacy", "new"):
+        torch.library.opcheck(attention._qkv_attention_op, (qkv, 2, order))
+        out, lse = (t.detach() for t in attention._qkv_attention_op(qkv, 2, order))
+        torch.library.opcheck(
+            attention._qkv_attention_backward_op,
+            (torch.randn_like(out), qkv.detach(), out, lse, 2, order),
+            test_utils=BACKWARD_OPCHECKS,
+        )

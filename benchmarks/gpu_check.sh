@@ -4,10 +4,10 @@
 #   1. kernels/bench.py: the copy-bandwidth and bf16-matmul ceilings; each kernel's output and every gradient
 #      checked on the device against float64; the kernels timed against eager / torch.compile / SDPA; then each
 #      kernel goal as met / missed / not measured (kernels.json, rewritten after each section, and kernels.txt);
-#   2. launch/bench_train.py --kernels True: the 64 px training step with the kernels off and on, and its goal
+#   2. benchmarks/bench_train.py --kernels True: the 64 px training step with the kernels off and on, and its goal
 #      (step.json, step.txt); it imports the package, so it needs deepspeed: carry the pure-Python wheel
 #      (`pip wheel --no-deps deepspeed==0.19.8 -w wheels`), installed below with --no-deps;
-#   3. launch/bench_train.py --speed True --gpu True: the speed-goal rows on the 64 px ImageNet config (plain
+#   3. benchmarks/bench_train.py --speed True --gpu True: the speed-goal rows on the 64 px ImageNet config (plain
 #      eager fp32, our engine eager / compiled / compiled + channels_last, bf16), images/s, compile seconds and
 #      step memory (speed.json, speed.txt); also needs the deepspeed wheel;
 #   4. kernels/bench.py --sweep: every attention kernel's candidate tiles, checked and timed (sweep.json,
@@ -25,8 +25,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the GPU image has the repo, not the installed package
 timeout 200 python3 kernels/bench.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
 ls wheels/deepspeed-*.whl >/dev/null 2>&1 && pip install -q --no-deps wheels/deepspeed-*.whl
-timeout 60 python3 launch/bench_train.py --kernels True --batch_size 32 --steps 10 --out "$OUT/step.json" 2>&1 \
+timeout 60 python3 benchmarks/bench_train.py --kernels True --batch_size 32 --steps 10 --out "$OUT/step.json" 2>&1 \
   | tee "$OUT/step.txt"
-timeout 180 python3 launch/bench_train.py --speed True --gpu True --steps 5 --rounds 3 --out "$OUT/speed.json" 2>&1 \
+timeout 180 python3 benchmarks/bench_train.py --speed True --gpu True --steps 5 --rounds 3 --out "$OUT/speed.json" 2>&1 \
   | tee "$OUT/speed.txt"
 timeout 80 python3 kernels/bench.py --sweep --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.txt"

@@ -8,11 +8,11 @@ out=benchmarks/MEMORY.md
   echo "# Per-rank memory by ZeRO stage"
   echo
   echo "\`bash benchmarks/memory.sh\` on a 2-core CPU VM, $(date -u +%F), DeepSpeed 0.19.8, fp32, fused AdamW, one EMA rate."
-  echo "Bytes each rank holds after one step, measured from its tensors (launch/bench_train.py --memory)."
+  echo "Bytes each rank holds after one step, measured from its tensors (benchmarks/bench_train.py --memory)."
   for size in 64 256; do
     for ranks in 1 2 4; do
       echo; echo "## ${size} px config, ${ranks} rank(s)"; echo; echo '```'
-      OMP_NUM_THREADS=1 deepspeed --num_gpus "$ranks" --master_port $((29960 + ranks)) launch/bench_train.py --memory True \
+      OMP_NUM_THREADS=1 deepspeed --num_gpus "$ranks" --master_port $((29960 + ranks)) benchmarks/bench_train.py --memory True \
         --image_size "$size" --deepspeed_config ds_configs/cpu.json 2>/dev/null | grep -vE '^\[20|^\{|^\[\{'
       echo '```'
     done

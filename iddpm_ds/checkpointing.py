@@ -91,7 +91,9 @@ def write_complete(ckpt_dir: str, meta: Dict) -> None:
     atomic_write_text(os.path.join(root, "latest"), tag)
 
 
-def rng_state() -> Dict:
+def rng_state(device: torch.device) -> Dict:
+    """Every random stream of this process: Python, numpy, torch's CPU generator and, on a GPU, the generator
+    of `device` (the rank's own, which draws its noise and timesteps)."""
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -103,15 +105,16 @@ def rng_state() -> Dict:
         "python_version": random.getstate()[0],
         "python_gauss": random.getstate()[2],
     }
-    if torch.cuda.is_available():  # the noise and timesteps of a GPU run come from this rank's CUDA generator
-        state["cuda"] = torch.cuda.get_rng_state()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: Dict) -> None:
+def set_rng_state(state: Dict, device: torch.device) -> None:
+    """Restore what rng_state saved; a saved CUDA stream goes to `device`'s generator."""
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
     np.random.set_state(
         (
             "MT19937",

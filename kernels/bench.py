@@ -11,7 +11,7 @@ a float64 reference on the device, after the allocator is poisoned with NaNs
 (an element a kernel forgets to write shows up as NaN). Reports ms, GB/s and %
 of a device-to-device copy measured in the same run (GroupNorm), TFLOP/s beside
 a bf16 matmul's (attention) and speed-ups. (The UNet's training step with the
-kernels on and off is timed by launch/bench_train.py --kernels True.) A
+kernels on and off is timed by benchmarks/bench_train.py --kernels True.) A
 provider that fails is recorded and the run goes on. The table is printed
 last, then each kernel goal as met / missed / not measured; --out writes JSON.
 """

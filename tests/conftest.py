@@ -8,6 +8,15 @@ from iddpm_ds.script_util import create_model_and_diffusion, model_and_diffusion
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def script_path(script: str) -> str:
+    """Where a script lives: launch/ (what users run) or benchmarks/ (what measures it)."""
+    for folder in ("launch", "benchmarks"):
+        path = os.path.join(ROOT, folder, script)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(script)
+
+
 def pytest_configure(config):
     """Import Triton with its interpreter on, before any test runs.
 

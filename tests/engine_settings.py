@@ -42,6 +42,8 @@ for path in sys.argv[2:]:
         "loss_scale": loss_scale_of(engine) if engine.fp16_enabled() else None,
         "scale_args": engine.dynamic_loss_scale_args() if engine.fp16_enabled() else None,
         "optimizer": {
+            "class": type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__,
+            "fused": group["fused"],
             "lr": group["lr"],
             "betas": list(group["betas"]),
             "eps": group["eps"],

@@ -1,4 +1,4 @@
-"""launch/bench_train.py --speed: the rows of the speed goals and their verdicts."""
+"""benchmarks/bench_train.py --speed: the rows of the speed goals and their verdicts."""
 
 import json
 import os
@@ -21,7 +21,7 @@ def test_speed_rows_run_and_compare_with_the_plain_loop(tmp_path):
     config["compile"] = {"backend": "aot_eager"}
     (tmp_path / "ds.json").write_text(json.dumps(config))
     out = tmp_path / "speed.json"
-    cmd = [sys.executable, os.path.join(ROOT, "launch", "bench_train.py"), "--speed", "True"]
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_train.py"), "--speed", "True"]
     cmd += ["--deepspeed_config", str(tmp_path / "ds.json"), "--steps", "1", "--rounds", "2", "--warmup", "1"]
     cmd += ["--batch_size", "2", "--out", str(out), *tiny_cli()]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import script_path
 
 from iddpm_ds.flags import run_cli
 
@@ -27,11 +28,11 @@ _modules = {}
 
 
 def entry_point(script: str):
-    """launch/SCRIPT imported as a module (its main is not run)."""
+    """launch/SCRIPT (or benchmarks/SCRIPT) imported as a module (its main is not run)."""
     if script not in _modules:
         if os.path.join(ROOT, "launch") not in sys.path:  # as when run: super_res_*.py import train/sample
             sys.path.append(os.path.join(ROOT, "launch"))
-        spec = importlib.util.spec_from_file_location(script[:-3], os.path.join(ROOT, "launch", script))
+        spec = importlib.util.spec_from_file_location(script[:-3], script_path(script))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         _modules[script] = module
@@ -165,7 +166,7 @@ def test_abbreviated_flags_are_refused(script, monkeypatch, capsys):
 def test_help_describes_every_flag_with_its_default(script):
     env = dict(os.environ, DS_ACCELERATOR="cpu", COLUMNS="200")
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "launch", script), "--help"],
+        [sys.executable, script_path(script), "--help"],
         capture_output=True,
         text=True,
         env=env,

@@ -1,6 +1,7 @@
 import argparse
 
 import pytest
+import torch
 
 from iddpm_ds.ds_config import OVERRIDE_FLAGS, resolve, split_compile, validate
 from iddpm_ds.flags import ConfigError, explicit_flags
@@ -139,10 +140,20 @@ def test_the_engine_runs_with_what_the_json_says(tmp_path):
     )
     clipped = tmp_path / "clipped.json"
     clipped.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.5}))
+    plain_adam = tmp_path / "plain_adam.json"
+    plain_adam.write_text(
+        json.dumps(
+            {
+                "train_micro_batch_size_per_gpu": 2,
+                "optimizer": {"type": "Adam", "params": {"adam_w_mode": False, "weight_decay": 0.1}},
+            }
+        )
+    )
     configs = sorted(glob.glob(os.path.join(root, "ds_configs", "*.json"))) + [
         str(silent_fp16),
         str(silent_fp32),
         str(clipped),
+        str(plain_adam),
     ]
     out = tmp_path / "settings.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
@@ -170,6 +181,9 @@ def test_the_engine_runs_with_what_the_json_says(tmp_path):
             assert got["scale_args"]["scale_window"] == fp16.get("loss_scale_window", 1000), name
         params = asked.get("optimizer", {}).get("params", {})
         want = {
+            # torch fused on every device; DeepSpeed's Adam is AdamW unless adam_w_mode is false
+            "class": "AdamW" if params.get("adam_w_mode", True) else "Adam",
+            "fused": True,
             "lr": params.get("lr", 1e-4),
             "betas": params.get("betas", [0.9, 0.999]),
             "eps": params.get("eps", 1e-8),
@@ -211,3 +225,11 @@ def test_bf16_auto_follows_the_device(native):
     assert any(n.startswith("bf16.enabled auto: " + ("bf16" if native else "fp32")) for n in notes)
     with pytest.raises(ConfigError, match="fp16.enabled"):
         validate({**BASE, "fp16": {"enabled": "auto"}})
+
+
+def test_optimizer_params_that_adam_does_not_take_are_one_line_errors():
+    from iddpm_ds.train_util import create_engine
+
+    cfg = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW", "params": {"momentum": 0.9}}}
+    with pytest.raises(ConfigError, match=r"optimizer.params \['momentum'\] are not Adam's"):
+        create_engine(torch.nn.Linear(2, 2), cfg)

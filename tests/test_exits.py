@@ -13,7 +13,7 @@ import textwrap
 import numpy as np
 import psutil
 import pytest
-from conftest import TINY_SR_CLI, tiny_cli
+from conftest import TINY_SR_CLI, script_path, tiny_cli
 
 from iddpm_ds.dist_util import free_port
 
@@ -61,7 +61,7 @@ def run_to_exit(cmd, timeout, env_extra=None):
 
 
 def launch(script, *args):
-    return [sys.executable, os.path.join(ROOT, "launch", script), *args]
+    return [sys.executable, script_path(script), *args]
 
 
 def one_error_line(script, returncode, err):

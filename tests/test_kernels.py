@@ -339,7 +339,7 @@ def test_training_step_benchmark_with_kernels_off_and_on(tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            os.path.join(root, "launch", "bench_train.py"),
+            os.path.join(root, "benchmarks", "bench_train.py"),
             "--kernels",
             "True",
             "--batch_size",

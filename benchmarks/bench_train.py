@@ -1,10 +1,10 @@
 """Training throughput and per-rank memory: the DeepSpeed engine against a plain PyTorch loop.
 
-    deepspeed --num_gpus 2 launch/bench_train.py --deepspeed_config ds_configs/cpu.json [model flags]
+    deepspeed --num_gpus 2 benchmarks/bench_train.py --deepspeed_config ds_configs/cpu.json [model flags]
     [--steps 20]
-    deepspeed --num_gpus 4 launch/bench_train.py --memory True --image_size 256 [--out mem.json]
-    python launch/bench_train.py --kernels True --batch_size 32     (GPU: the 64 px step, kernels off / on)
-    python launch/bench_train.py --speed True [--improved_diffusion DIR] [--gpu True] [--out speed.json]
+    deepspeed --num_gpus 4 benchmarks/bench_train.py --memory True --image_size 256 [--out mem.json]
+    python benchmarks/bench_train.py --kernels True --batch_size 32    (GPU: the 64 px step, kernels off / on)
+    python benchmarks/bench_train.py --speed True [--improved_diffusion DIR] [--gpu True] [--out speed.json]
 
 --speed times, in one process and in alternating rounds (so drift of a shared
 machine hits every row alike), improved-diffusion's way of training (its own

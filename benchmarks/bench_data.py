@@ -1,6 +1,6 @@
 """Loader throughput: images/s for decode + resize + batch at several resolutions.
 
-    python launch/bench_data.py [--data_dir DIR] [--sizes 32,64,256] [--batch_size 16] [--num_workers 1]
+    python benchmarks/bench_data.py [--data_dir DIR] [--sizes 32,64,256] [--batch_size 16] [--num_workers 1]
 
 Without --data_dir it writes a folder of 512x512 JPEGs (the expensive case:
 every image is decoded and downsampled) to a temporary folder. Prints a table

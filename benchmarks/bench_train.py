@@ -201,7 +201,7 @@ def kernels_step(flags: dict, batch: int, steps: int, warmup: int) -> dict:
         seconds = time_steps(step, steps, warmup)
         result["kernels_on" if fused else "kernels_off"] = {
             "images_per_s": steps * batch / seconds,
-            "loss_fixed_batch": float(loss),
+            "loss_fixed_batch": loss.item(),
         }
     result["fell_back_to_reference"] = dispatch.fallbacks()
     result["speedup"] = result["kernels_on"]["images_per_s"] / result["kernels_off"]["images_per_s"]

@@ -141,6 +141,8 @@ def format_record(record: Dict[str, float]) -> str:
     parts = [f"step {record['step']}"]
     parts += [f"{k} {record[k]:.4g}" for k in LOG_LINE_KEYS if k in record]
     parts.append(f"{record['images_per_s']:.1f} img/s")
+    if "max_memory_gb" in record:
+        parts.append(f"peak {record['max_memory_gb']:.1f} GB")
     return " | ".join(parts)
 
 
@@ -425,6 +427,8 @@ class TrainLoop:
                     record["recompiles"],
                 )
                 self._recompiles_reported = record["recompiles"]
+        if self.device.type == "cuda":
+            record["max_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         record["images_per_s"] = (samples - self._samples_last) / max(now - self._t_last, 1e-9)
         self._t_last, self._samples_last = now, samples
         with open(os.path.join(self.run_dir, "progress.jsonl"), "a") as f:

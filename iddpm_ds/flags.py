@@ -8,10 +8,12 @@ one `NAME: error: ...` line and exits with status 2.
 """
 
 import argparse
+import difflib
 import json
 import os
+import re
 import sys
-from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterable, List, NoReturn, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -58,20 +60,25 @@ HELP = {
     # training
     "data_dir": "image folder, tar shard(s), builtin:NAME, or '' for the built-in MNIST",
     "schedule_sampler": "timestep sampler: uniform or loss-second-moment (paper Sec. 3.3)",
-    "lr": "learning rate (overrides the DeepSpeed JSON's when given)",
-    "weight_decay": "AdamW weight decay (overrides the DeepSpeed JSON's when given)",
+    "lr": "learning rate (default: the DeepSpeed JSON's optimizer.params.lr; given, it overrides it)",
+    "weight_decay": "AdamW weight decay (default: the DeepSpeed JSON's optimizer.params.weight_decay; given, "
+    "it overrides it)",
     "lr_anneal_steps": "decay the lr linearly to 0 over this many steps and stop there (0 = constant lr)",
-    "batch_size": "images per rank per optimizer step (overrides the DeepSpeed JSON's when given)",
-    "microbatch": "images per forward pass; batch_size / microbatch accumulation steps (-1 = batch_size)",
+    "batch_size": "images per rank per optimizer step (default: the DeepSpeed JSON's "
+    "train_micro_batch_size_per_gpu x gradient_accumulation_steps; given, it overrides them)",
+    "microbatch": "images per forward pass, batch_size / microbatch accumulation steps (default: the "
+    "DeepSpeed JSON's train_micro_batch_size_per_gpu; given, it overrides it; -1 = batch_size)",
     "ema_rate": "comma-separated EMA decay rates of the weights, each in (0, 1)",
     "log_interval": "optimizer steps between log lines (console, log.txt, progress.jsonl, TensorBoard)",
     "save_interval": "optimizer steps between checkpoints (0 = only at the end)",
     "resume_checkpoint": "a run or checkpoint directory to resume, or an improved-diffusion modelNNNNNN.pt "
     "to start from",
-    "use_fp16": "fp16 with dynamic loss scaling (overrides the DeepSpeed JSON's precision when given)",
-    "fp16_scale_growth": "log2 loss-scale growth per good step (overrides fp16.loss_scale_window when given)",
-    "compile": "torch.compile the UNet through engine.compile (overrides the DeepSpeed JSON's "
-    "compile.enabled when given)",
+    "use_fp16": "fp16 with dynamic loss scaling (default: the DeepSpeed JSON's precision; given, it "
+    "overrides it)",
+    "fp16_scale_growth": "log2 loss-scale growth per good step (default: 1 / the DeepSpeed JSON's "
+    "fp16.loss_scale_window; given, it overrides it)",
+    "compile": "torch.compile the UNet through engine.compile (default: the DeepSpeed JSON's "
+    "compile.enabled; given, it overrides it)",
     "max_steps": "stop after this many optimizer steps (0 = no limit)",
     "max_nonfinite_steps": "stop after this many consecutive steps with a non-finite loss (each is skipped)",
     "sample_interval": "steps between EMA sample grids in TensorBoard (0 = never)",
@@ -110,7 +117,30 @@ def explicit_flags(argv: List[str]) -> Set[str]:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and each flag's default after its help."""
+    """The module docstring as written, and each flag's default after its help, unless the help says where
+    the default comes from (the DeepSpeed JSON)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if "(default: " in (action.help or "") else super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """A command-line mistake in one `NAME: error: ...` line, no usage block, printed by rank 0 alone under a
+    launcher (every rank parses the same command line), with the closest known flag for an unknown one."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments"):
+            known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            for flag in re.findall(r"--[A-Za-z0-9_-]+", message):
+                # A flag's start (an abbreviation) first, else the nearest spelling.
+                close = [k for k in known if k.startswith(flag)] or difflib.get_close_matches(
+                    flag, known, 1, 0.6
+                )
+                if close:
+                    message += f"; did you mean {close[0]}?"
+        if dist_util.env_rank() == 0:
+            print(f"{self.prog}: error: {message} (--help lists every flag)", file=sys.stderr)
+        sys.exit(2)
 
 
 def make_parser(description: Optional[str]) -> argparse.ArgumentParser:
@@ -119,7 +149,7 @@ def make_parser(description: Optional[str]) -> argparse.ArgumentParser:
     With abbreviations `--batch 8` would set batch_size while the explicit-flag detection sees
     `batch`, and the DeepSpeed JSON would silently win; a misspelt flag must be an error.
     """
-    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
+    return Parser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
 
 
 def model_family(super_res: bool = False) -> Tuple[Dict, Callable]:
@@ -155,19 +185,28 @@ def parse_command_line(
     return args, su.args_to_dict(args, model_defaults.keys()), explicit_flags(argv)
 
 
-def run_cli(main: Callable[[], None]) -> None:
-    """Run an entry point's main: a user error becomes one `NAME: error: ...` line and exit status
-    2 (3 for a diverged run), and the process group is left together after success."""
+def prints_here(error: Exception) -> bool:
+    """Whether this rank prints a user error: rank 0 alone for one every rank meets alike (the command line
+    and configuration, checked before the ranks meet; an error they agreed on); every rank for its own."""
+    if not torch.distributed.is_initialized():
+        return dist_util.env_rank() == 0
+    return torch.distributed.get_rank() == 0 or not getattr(error, "every_rank", False)
+
+
+def run_cli(main: Callable[[], Optional[int]]) -> None:
+    """Run an entry point's main: a user error becomes one `NAME: error: ...` line (prints_here) and exit
+    status 2 (3 for a diverged run); after success the process group is left together and the exit status
+    is main's return value (None: 0)."""
     name = os.path.basename(sys.argv[0])
     try:
-        main()
+        status = main()
         dist_util.shutdown()
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingDiverged as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        sys.exit(3)
+        if status:
+            sys.exit(status)
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
+        if prints_here(e):
+            print(f"{name}: error: {e}", file=sys.stderr)
+        sys.exit(3 if isinstance(e, TrainingDiverged) else 2)
 
 
 # --------------------------------------------------------------------------- run directories
@@ -311,10 +350,12 @@ def validate_model_flags(flags: Dict, super_res: bool = False) -> None:
         )
         mult = list(DEFAULT_CHANNEL_MULT[size])
     levels = len(mult)
+    factor = 2 ** (levels - 1)
+    below, above = size // factor * factor, (size // factor + 1) * factor
     _require(
-        size % 2 ** (levels - 1) == 0,
+        size % factor == 0,
         f"--{size_flag} {size} is not divisible by 2^{levels - 1}, as {levels} levels of channel_mult {mult} "
-        "need",
+        f"need: use a multiple of {factor}, e.g. {f'{below} or ' if below else ''}{above}",
     )
     widths = sorted({flags["num_channels"] * m for m in mult})
     bad = [w for w in widths if w % 32]

@@ -13,12 +13,16 @@ import os
 import signal
 from typing import List, Tuple
 
+# train.py's exit status after such a stop: sysexits' EX_TEMPFAIL, "try again" (a batch script requeues).
+STOPPED_EARLY = 75
+
 LAUNCHER_NAMES = ("deepspeed", "mpirun", "mpiexec", "hydra_pmi_proxy", "torchrun", "torch.distributed.run")
 
 
 class PreemptionWatch:
     def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
         self.signal_received = None
+        self.signals = signals
         for sig in signals:
             signal.signal(sig, self._handler)
         self.launchers = self._launcher_ancestors()
@@ -42,6 +46,14 @@ class PreemptionWatch:
             except psutil.Error:
                 break
         return found
+
+    def stand_down(self) -> None:
+        """Once the stop's checkpoint is complete: ignore these signals from now on. A launcher ends the ranks
+        still exiting when the first one exits (srun --kill-on-bad-exit, deepspeed), and a SIGTERM during the
+        interpreter's shutdown (which drops Python's handlers) would turn a clean stop into a death by signal,
+        exit status 143 instead of 75."""
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_IGN)
 
     def reason(self) -> str:
         """Why this rank wants to stop ('' = it does not)."""

@@ -32,10 +32,11 @@ from .checkpointing import (
     verify_checkpoint_files,
     write_complete,
 )
+from .console import progress_bar
 from .dist_util import accelerator_is_cpu
 from .ds_config import split_compile
 from .ema import EMA, MasterWeights
-from .errors import CheckpointError, ConfigError, TrainingDiverged, first_line
+from .errors import CheckpointError, ConfigError, TrainingDiverged, agreed, first_line
 from .resample import LossAwareSampler, all_gather_columns
 from .seeding import mix_seed, seed_everything
 
@@ -496,14 +497,11 @@ class TrainLoop:
 
     # ------------------------------------------------------------------ loop
     def run_loop(self) -> None:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
+        bar = progress_bar(
             total=self.max_steps or self.lr_anneal_steps or None,
             initial=self.step,
             disable=not self.progress,
             unit="step",
-            dynamic_ncols=True,
         )
         self._t_last, self._samples_last = time.perf_counter(), self.engine.global_samples
         try:
@@ -543,11 +541,12 @@ class TrainLoop:
                     )
             if self.consecutive_nonfinite >= self.max_nonfinite_steps:
                 self.save()
-                raise TrainingDiverged(
-                    f"{self.consecutive_nonfinite} optimizer steps in a row had a non-finite loss (step "
-                    f"{self.step}); "
-                    f"they were skipped, and {checkpoint_root(self.run_dir)} holds the weights from before: "
-                    "lower the lr or check the data"
+                raise agreed(
+                    TrainingDiverged(
+                        f"{self.consecutive_nonfinite} optimizer steps in a row had a non-finite loss (step "
+                        f"{self.step}); they were skipped, and {checkpoint_root(self.run_dir)} holds the "
+                        "weights from before: lower the lr or check the data"
+                    )
                 )
             if self.sample_interval and self.step % self.sample_interval == 0:
                 self.log_preview()
@@ -600,9 +599,11 @@ class TrainLoop:
         errors = [e for e in errors if e]
         if errors:
             last = find_latest_checkpoint(self.run_dir)
-            raise CheckpointError(
-                f"saving checkpoint {tag} failed ({errors[0]}); resume will use "
-                f"{last or 'no checkpoint (none complete)'}"
+            raise agreed(
+                CheckpointError(
+                    f"saving checkpoint {tag} failed ({errors[0]}); resume will use "
+                    f"{last or 'no checkpoint (none complete)'}"
+                )
             )
         if self.rank == 0:
             meta = {

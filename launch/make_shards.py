@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from iddpm_ds.checkpointing import atomic_write_text
+from iddpm_ds.console import progress_bar
 from iddpm_ds.data_sources import FolderSource
 from iddpm_ds.flags import ConfigError, make_parser, run_cli
 from iddpm_ds.pixels import center_crop_arr
@@ -57,7 +58,7 @@ def main() -> None:
     n = len(source)
     num_shards = (n + args.shard_size - 1) // args.shard_size
     shards, written = [], 0
-    with tqdm(total=n, unit="img", desc="sharding") as bar:
+    with progress_bar(total=n, unit="img", desc="sharding") as bar:
         for s in range(num_shards):
             lo, hi = s * args.shard_size, min(n, (s + 1) * args.shard_size)
             name = f"train-{s:06d}.tar"

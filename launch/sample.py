@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from iddpm_ds import dist_util
+from iddpm_ds.console import progress_bar
 from iddpm_ds.flags import (
     ConfigError,
     load_trained_model,
@@ -98,13 +99,9 @@ def main(super_res: bool = False) -> None:
 
     mine = list(range(rank, args.num_samples, world))
     images = []
-    from tqdm.auto import tqdm
-
     starts = range(0, len(mine), args.batch_size)
     # Denoising steps, not batches: one batch of 64 images is minutes of steps on a CPU.
-    bar = tqdm(
-        total=len(starts) * diffusion.num_timesteps, disable=rank != 0, unit="step", dynamic_ncols=True
-    )
+    bar = progress_bar(total=len(starts) * diffusion.num_timesteps, disable=rank != 0, unit="step")
     for start in starts:
         idx = mine[start : start + args.batch_size]
         kwargs = {}

@@ -11,17 +11,22 @@ DeepSpeed JSON; --lr, --weight_decay, --batch_size/--microbatch, --use_fp16 and
 runs/<timestamp>), and a run resumes from its newest complete checkpoint.
 """
 
+import importlib.util
 import json
 import logging
 import os
 import socket
 import sys
 import time
+from typing import Optional
 
 try:  # a rank on a host whose Python lacks the stack stops here, in one line
-    import deepspeed  # noqa: F401
+    # Before DeepSpeed loads: dist_util names DeepSpeed's accelerator, which DeepSpeed would otherwise guess
+    # (and warn about) on import.
+    import iddpm_ds.dist_util  # noqa: F401
 
-    import iddpm_ds.dist_util  # noqa: F401  (first: it picks DeepSpeed's accelerator before DeepSpeed loads)
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ModuleNotFoundError(name="deepspeed")
 except ModuleNotFoundError as e:
     sys.exit(
         f"train.py: error: {sys.executable} on host {socket.gethostname()} cannot import {e.name}: install "
@@ -39,9 +44,10 @@ from iddpm_ds.checkpointing import (
     load_state_dict_file,
     prepare_resume,
 )
+from iddpm_ds.console import ConsoleHandler
 from iddpm_ds.ds_config import OVERRIDE_FLAGS, precision, resolve
 from iddpm_ds.ds_config import load as load_ds_config
-from iddpm_ds.errors import CheckpointError
+from iddpm_ds.errors import CheckpointError, ConfigError, agreed
 from iddpm_ds.flags import (
     merge_run_flags,
     model_family,
@@ -52,8 +58,9 @@ from iddpm_ds.flags import (
     validate_train_flags,
 )
 from iddpm_ds.image_datasets import SuperResStream, load_data
-from iddpm_ds.preemption import PreemptionWatch
+from iddpm_ds.preemption import STOPPED_EARLY, PreemptionWatch
 from iddpm_ds.resample import create_named_schedule_sampler
+from iddpm_ds.run_lock import RunLock
 from iddpm_ds.sampling import make_grid, sample_images
 from iddpm_ds.script_util import NULL_CLASS, NUM_CLASSES
 from iddpm_ds.seeding import seed_everything
@@ -95,6 +102,22 @@ def resolve_run_dir(log_dir: str) -> str:
     holder = [os.path.abspath(run_dir)]
     torch.distributed.broadcast_object_list(holder, src=0)  # one timestamp for all ranks
     return holder[0]
+
+
+def lock_run_dir(run_dir: str, rank: int) -> Optional[RunLock]:
+    """Rank 0 takes the run directory's lock (run_lock.py); if another live training holds it, every rank
+    stops with the same one-line error, before anything is written."""
+    lock, error = None, [""]
+    if rank == 0:
+        lock = RunLock(run_dir)
+        try:
+            lock.acquire()
+        except ConfigError as e:
+            error = [str(e)]
+    torch.distributed.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise agreed(ConfigError(error[0]))
+    return lock
 
 
 def make_ema_sampler(factory, model_flags: dict, data_classes, device, num: int, respacing: str):
@@ -155,7 +178,7 @@ def start_logging(run_dir: str, rank: int, notes) -> logging.Logger:
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format="%(asctime)s %(message)s",
-        handlers=[logging.StreamHandler(sys.stdout)]
+        handlers=[ConsoleHandler(sys.stdout)]
         + ([logging.FileHandler(os.path.join(run_dir, "log.txt"))] if rank == 0 else []),
     )
     log = logging.getLogger("iddpm_ds")
@@ -238,7 +261,9 @@ def write_run_config(
     atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(config, indent=1, default=str))
 
 
-def main(super_res: bool = False) -> None:
+def main(super_res: bool = False) -> Optional[int]:
+    """Train; returns preemption.STOPPED_EARLY (75) when a signal stopped the run before its end (a complete
+    checkpoint is saved: rerun to resume), else None (0)."""
     args, model_flags, explicit, ds_cfg = parse_flags(super_res)
 
     # Join the other ranks.
@@ -253,6 +278,7 @@ def main(super_res: bool = False) -> None:
     ds_cfg, notes = resolve(ds_cfg, args, explicit, world, fp16_supported, dist_util.native_bf16())
     run_dir = resolve_run_dir(args.log_dir)
     os.makedirs(run_dir, exist_ok=True)
+    run_lock = lock_run_dir(run_dir, rank)  # noqa: F841  (held until the process ends)
     log = start_logging(run_dir, rank, notes)
 
     # Model, engine and data.
@@ -320,13 +346,18 @@ def main(super_res: bool = False) -> None:
     if writer is not None:
         writer.close()
     if loop.stop_reason:
-        log.warning(
-            "stopped at step %d (%s) with a complete checkpoint; rerun the same command to resume",
-            loop.step,
-            loop.stop_reason,
-        )
-    else:
-        log.info("done at step %d; checkpoints in %s", loop.step, run_dir)
+        preemption.stand_down()
+        if rank == 0:
+            log.warning(
+                "stopped at step %d (%s) with a complete checkpoint; rerun the same command to resume (exit "
+                "status %d)",
+                loop.step,
+                loop.stop_reason,
+                STOPPED_EARLY,
+            )
+        return STOPPED_EARLY
+    log.info("done at step %d; checkpoints in %s", loop.step, run_dir)
+    return None
 
 
 def cli(super_res: bool = False) -> None:

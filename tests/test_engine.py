@@ -307,7 +307,7 @@ def hostfile(tmp_path):
     return str(path)
 
 
-@pytest.mark.parametrize("launcher", ["hostfile", "mpich", "mpirun"])
+@pytest.mark.parametrize("launcher", ["hostfile", "mpich", "mpirun", "torchrun"])
 def test_launchers(tmp_path, launcher):
     run_dir = tmp_path / "run"
     args = [
@@ -327,8 +327,19 @@ def test_launchers(tmp_path, launcher):
     elif launcher == "mpich":
         mpich = ["--launcher", "mpich", "--force_multi"]
         cmd = ["deepspeed", *mpich, "--hostfile", hostfile(tmp_path), *rendezvous, *args]
-    else:
+    elif launcher == "mpirun":
         cmd = ["mpirun", "-n", "2", sys.executable, *args, "--master_port", port]
+    else:  # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            port,
+            *args,
+        ]
     run(cmd)
     assert json.loads((run_dir / "config.json").read_text())["world_size"] == 2
     assert (run_dir / "checkpoints" / "step000002" / "COMPLETE").exists()

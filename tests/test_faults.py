@@ -99,8 +99,9 @@ def test_preemption_saves_a_complete_checkpoint_and_the_rerun_resumes(tmp_path, 
     assert not alive, "ranks did not stop"
     time.sleep(1)  # let the (possibly orphaned) deepspeed launcher report its ranks
     out, _ = proc.communicate(timeout=60)
-    for p in ranks.values():  # the launcher reports each rank's exit status
-        assert f"Process {p.pid} exits successfully" in out, out[-3000:]
+    # The ranks exit with 75, "stopped early with a complete checkpoint: run again", which the launcher
+    # reports (and then ends any rank still exiting).
+    assert "exits with return code = 75" in out, out[-3000:]
     saved = complete_steps(run_dir)
     assert saved and saved[-1] >= 3 and saved[-1] == steps_logged(run_dir)[-1]
     stopped_at = max(steps_logged(run_dir))

@@ -86,7 +86,9 @@ HELP = {
     "progress.jsonl (0 = never)",
     "eval_metrics": "comma-separated metrics for --eval_interval (fid,isc,kid,prc,mnist_acc,mnist_fd; '' = "
     "mnist_acc,mnist_fd on the built-in MNIST, else fid)",
-    "eval_samples": "EMA samples (DDIM, 50 steps, fixed seeds and labels) per --eval_interval",
+    "eval_samples": "EMA samples (fixed seeds and labels) per --eval_interval",
+    "eval_sampler": "the sampler of --eval_interval's samples: ancestral, ddim or dpmpp_2m",
+    "eval_steps": "model evaluations per --eval_interval sample (respaced steps)",
     "inception_weights": "a local InceptionV3 weights file for fid/isc/kid/prc ('' = "
     "$IDDPM_DS_INCEPTION_WEIGHTS, else downloaded once into torch hub's cache)",
     "log_dir": "the run directory ('' = $OPENAI_LOGDIR, else runs/<timestamp>)",
@@ -102,7 +104,12 @@ HELP = {
     "use_ema": "use the EMA weights (else the raw model weights)",
     "num_samples": "number of images",
     "clip_denoised": "clip each predicted x_0 to [-1, 1]",
-    "use_ddim": "DDIM sampling (deterministic with eta 0) instead of ancestral",
+    "use_ddim": "DDIM sampling (deterministic with eta 0) instead of ancestral (= --sampler ddim)",
+    "sampler": "ancestral (improved-diffusion's), ddim, or dpmpp_2m (DPM-Solver++(2M): "
+    "--timestep_respacing N is its number of model evaluations)",
+    "guidance_interval": "LO,HI: classifier-free guidance only where the noise level sigma = "
+    "sqrt((1 - abar_t) / abar_t) lies in (LO, HI], the conditional prediction alone elsewhere ('' = every "
+    "step)",
     "eta": "DDIM noise: 0 is the deterministic ODE, 1 is ancestral-like",
     "class_labels": "comma-separated labels to sample, cycled ('' = drawn at random)",
     "out": "output file ('' = $OPENAI_LOGDIR, else beside the model)",
@@ -453,6 +460,13 @@ def validate_train_flags(args: argparse.Namespace, explicit: Iterable[str]) -> N
 
         training_metrics(args.eval_metrics, args.data_dir, args.class_cond)
         _require(args.eval_samples >= 2, f"--eval_samples must be at least 2, got {args.eval_samples}")
+        from .sampling import SAMPLERS
+
+        _require(
+            args.eval_sampler in SAMPLERS,
+            f"--eval_sampler must be one of {', '.join(SAMPLERS)}, got {args.eval_sampler!r}",
+        )
+        _require(args.eval_steps >= 2, f"--eval_steps must be at least 2, got {args.eval_steps}")
     flags = ("save_interval", "sample_interval", "eval_interval", "max_steps", "lr_anneal_steps")
     for flag in (*flags, "num_workers", "seed"):
         _require(getattr(args, flag) >= 0, f"--{flag} must not be negative, got {getattr(args, flag)}")
@@ -468,8 +482,44 @@ def validate_train_flags(args: argparse.Namespace, explicit: Iterable[str]) -> N
     )
 
 
+def guidance_interval(text: str) -> Optional[Tuple[float, float]]:
+    """--guidance_interval "LO,HI" -> (LO, HI); '' -> None (guidance at every step)."""
+    if not text:
+        return None
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"--guidance_interval {text!r} must be two noise levels LO,HI, e.g. 0.3,5"
+        ) from None
+    _require(0 <= lo < hi, f"--guidance_interval {text}: needs 0 <= LO < HI (sigma runs from 0 to about 160)")
+    return lo, hi
+
+
 def validate_sample_flags(args: argparse.Namespace, flags: Dict, num_classes: Optional[int]) -> None:
     """Reject sampling flags that cannot work with the model's flags."""
+    from .sampling import SAMPLERS
+
+    _require(
+        args.sampler in SAMPLERS, f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler!r}"
+    )
+    _require(
+        not args.use_ddim or args.sampler in ("ancestral", "ddim"),
+        f"--use_ddim True contradicts --sampler {args.sampler}: give one of them",
+    )
+    respacing = str(flags["timestep_respacing"])
+    if args.sampler == "dpmpp_2m":
+        _require(
+            respacing.isdigit() and int(respacing) >= 2,
+            f"--sampler dpmpp_2m takes --timestep_respacing N, its number of model evaluations (a plain "
+            f"count of 2 or more, e.g. 20), not {respacing!r}",
+        )
+    if guidance_interval(args.guidance_interval) is not None:
+        _require(
+            args.guidance_scale != 1.0,
+            f"--guidance_interval {args.guidance_interval} limits guidance, but --guidance_scale is 1 "
+            "(none): give a scale, e.g. --guidance_scale 3",
+        )
     _require(args.num_samples >= 1, f"--num_samples must be at least 1, got {args.num_samples}")
     _require(args.batch_size >= 1, f"--batch_size must be at least 1, got {args.batch_size}")
     _require(args.eta >= 0, f"--eta must not be negative, got {args.eta}")

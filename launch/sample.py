@@ -6,9 +6,11 @@
     deepspeed --num_gpus 2 launch/sample.py --run_dir runs/demo       (each rank samples its share)
 
 --model_path may also be a DeepSpeed checkpoint directory (checkpoints/stepNNNNNN).
-Sampling is ancestral with --timestep_respacing ("250", "ddim50", ...) or DDIM
-(--use_ddim, --eta), classifier-free guided with --guidance_scale W for a model trained with
---class_dropout_prob > 0. Image i is drawn from (--seed, i) alone, so the same
+--sampler is ancestral (improved-diffusion's; over the --timestep_respacing steps, "250", "ddim50", ...),
+ddim (--eta; --use_ddim True is the same) or dpmpp_2m (DPM-Solver++(2M): --timestep_respacing N, a plain
+count, is its number of model evaluations). Classifier-free guidance: --guidance_scale W for a model trained
+with --class_dropout_prob > 0, at every step or, with --guidance_interval LO,HI, only where the noise level
+sigma = sqrt((1 - abar_t) / abar_t) lies in (LO, HI]. Image i is drawn from (--seed, i) alone, so the same
 seed gives the same images whatever the batch size or number of ranks.
 """
 
@@ -21,16 +23,25 @@ import torch.distributed as dist
 from iddpm_ds import dist_util
 from iddpm_ds.console import progress_bar
 from iddpm_ds.flags import (
+    HELP,
     ConfigError,
+    guidance_interval,
     load_trained_model,
     parse_command_line,
     resolve_trained_model,
     run_cli,
     validate_sample_flags,
 )
-from iddpm_ds.sampling import classifier_free_guidance, make_grid, sample_images
+from iddpm_ds.sampling import (
+    classifier_free_guidance,
+    describe_sampler,
+    make_grid,
+    noise_level,
+    sample_images,
+)
 from iddpm_ds.script_util import NULL_CLASS, NUM_CLASSES
 
+SAMPLE_HELP = {**HELP, "batch_size": "images per sampling forward pass, per rank (memory, not the result)"}
 SAMPLE_DEFAULTS = dict(
     run_dir="",
     model_path="",
@@ -38,10 +49,12 @@ SAMPLE_DEFAULTS = dict(
     num_samples=64,
     batch_size=16,
     clip_denoised=True,
+    sampler="ancestral",
     use_ddim=False,
     eta=0.0,
     class_labels="",
     guidance_scale=1.0,
+    guidance_interval="",
     seed=0,
     out="",
     override=False,
@@ -51,7 +64,7 @@ SAMPLE_DEFAULTS = dict(
 
 def main(super_res: bool = False) -> None:
     defaults = {**SAMPLE_DEFAULTS, **({"base_samples": ""} if super_res else {})}
-    args, flags, explicit = parse_command_line(__doc__, defaults, super_res)
+    args, flags, explicit = parse_command_line(__doc__, defaults, super_res, help=SAMPLE_HELP)
     path, flags, data_classes = resolve_trained_model(
         args.run_dir, args.model_path, args.use_ema, flags, explicit, args.override, super_res
     )
@@ -78,13 +91,17 @@ def main(super_res: bool = False) -> None:
     device = dist_util.dev()
 
     model, diffusion = load_trained_model(path, flags, super_res, device)
+    interval = guidance_interval(args.guidance_interval)
     if args.guidance_scale != 1.0:
-        model = classifier_free_guidance(model, args.guidance_scale, NULL_CLASS)
-    if rank == 0:
-        print(
-            f"sampling {args.num_samples} images from {path} ({diffusion.num_timesteps} steps, "
-            f"{'DDIM' if args.use_ddim else 'ancestral'})"
+        model = classifier_free_guidance(
+            model, args.guidance_scale, NULL_CLASS, interval=interval, sigma=noise_level(diffusion)
         )
+    sampler = "ddim" if args.use_ddim else args.sampler
+    if rank == 0:
+        how = describe_sampler(
+            diffusion, sampler, flags["timestep_respacing"], args.eta, args.guidance_scale, interval
+        )
+        print(f"sampling {args.num_samples} images from {path}: {how}")
 
     labels = None
     if flags["class_cond"]:
@@ -119,7 +136,7 @@ def main(super_res: bool = False) -> None:
                 image_size,
                 args.seed,
                 model_kwargs=kwargs,
-                use_ddim=args.use_ddim,
+                sampler=sampler,
                 eta=args.eta,
                 clip_denoised=args.clip_denoised,
                 device=device,

@@ -84,6 +84,8 @@ TRAIN_DEFAULTS = dict(
     eval_interval=0,
     eval_metrics="",
     eval_samples=256,
+    eval_sampler="ddim",
+    eval_steps=50,
     inception_weights="",
     log_dir="",
     seed=0,
@@ -91,8 +93,7 @@ TRAIN_DEFAULTS = dict(
     master_port=0,
     override=False,
 )
-PREVIEW_SAMPLES, PREVIEW_RESPACING = 16, "ddim25"
-EVAL_RESPACING = "ddim50"
+PREVIEW_SAMPLES, PREVIEW_STEPS = 16, 25  # DDIM
 
 
 def resolve_run_dir(log_dir: str) -> str:
@@ -120,9 +121,10 @@ def lock_run_dir(run_dir: str, rank: int) -> Optional[RunLock]:
     return lock
 
 
-def make_ema_sampler(factory, model_flags: dict, data_classes, device, num: int, respacing: str):
-    """state_dict -> (uint8 [num, H, W, 3], labels or None): DDIM samples with fixed seeds and labels
-    (0, 1, 2, ... cycled), so previews and metrics compare across steps."""
+def make_ema_sampler(factory, model_flags: dict, data_classes, device, num: int, sampler: str, steps: int):
+    """state_dict -> (uint8 [num, H, W, 3], labels or None): samples in `steps` steps (model evaluations) with
+    fixed seeds and labels (0, 1, 2, ... cycled), so previews and metrics compare across steps."""
+    respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
     model, diffusion = factory(**{**model_flags, "timestep_respacing": respacing, "use_checkpoint": False})
     model.to(device).eval()
     labels = torch.arange(num) % (data_classes or NUM_CLASSES) if model_flags["class_cond"] else None
@@ -132,7 +134,7 @@ def make_ema_sampler(factory, model_flags: dict, data_classes, device, num: int,
         model.load_state_dict(state_dict)
         size = model_flags["image_size"]
         images = sample_images(
-            model, diffusion, list(range(num)), size, seed=0, model_kwargs=kwargs, use_ddim=True
+            model, diffusion, list(range(num)), size, seed=0, model_kwargs=kwargs, sampler=sampler
         )
         return images, None if labels is None else labels.numpy()
 
@@ -149,7 +151,9 @@ def make_eval_fn(factory, model_flags: dict, data_classes, device, args):
     from iddpm_ds.builtin_datasets import DEFAULT_DATASET
     from iddpm_ds.evaluation import Evaluator, training_metrics
 
-    sample = make_ema_sampler(factory, model_flags, data_classes, device, args.eval_samples, EVAL_RESPACING)
+    sample = make_ema_sampler(
+        factory, model_flags, data_classes, device, args.eval_samples, args.eval_sampler, args.eval_steps
+    )
     metrics = training_metrics(args.eval_metrics, args.data_dir, model_flags["class_cond"])
     evaluator = Evaluator(
         metrics,
@@ -309,7 +313,7 @@ def main(super_res: bool = False) -> Optional[int]:
         writer = SummaryWriter(os.path.join(run_dir, "tb"))
         if args.sample_interval and not super_res:
             sample = make_ema_sampler(
-                factory, model_flags, data_classes, engine.device, PREVIEW_SAMPLES, PREVIEW_RESPACING
+                factory, model_flags, data_classes, engine.device, PREVIEW_SAMPLES, "ddim", PREVIEW_STEPS
             )
             preview_fn = grid_of(sample)
         if args.eval_interval and not super_res:

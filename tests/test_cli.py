@@ -58,7 +58,10 @@ TRAIN_CASES = [
     (["--diffusion_steps", "10"], "--noise_schedule cosine"),
     (["--diffusion_steps", "20"], "need T > 20"),  # a beta of exactly 1: alpha_bar reaches 0
     (["--image_size", "48"], "no default channel_mult"),
-    (["--image_size", "34", "--channel_mult", "1,2,2"], "not divisible by 2^2"),
+    (["--image_size", "30", "--channel_mult", "1,2,2"], "use a multiple of 4, e.g. 28 or 32"),
+    (["--batchsize", "8"], "unrecognized arguments: --batchsize 8; did you mean --batch_size?"),
+    (["--batch", "8"], "did you mean --batch_size?"),
+    (["--learn_sgima", "True"], "did you mean --learn_sigma?"),
     (["--image_size", "32", "--num_channels", "48"], "multiples of 32"),
     (["--image_size", "32", "--attention_resolutions", "12"], "never reached"),
     (["--image_size", "32", "--attention_resolutions", "a,b"], "comma-separated integers"),
@@ -117,6 +120,14 @@ def bare_model(tmp_path):
 
 SAMPLE_CASES = [
     (["--num_samples", "0"], "--num_samples"),
+    (["--sampler", "euler"], "--sampler must be one of ancestral, ddim, dpmpp_2m"),
+    (["--sampler", "dpmpp_2m", "--timestep_respacing", "ddim10"], "not 'ddim10'"),
+    (["--sampler", "dpmpp_2m", "--timestep_respacing", "5,5"], "a plain count"),
+    (["--sampler", "dpmpp_2m", "--use_ddim", "True"], "contradicts"),
+    (["--guidance_interval", "5,1"], "needs 0 <= LO < HI"),
+    (["--guidance_interval", "0.3"], "two noise levels"),
+    (["--guidance_interval", "0.3,5"], "--guidance_scale is 1"),
+    (["--guidance_scale", "3"], "needs a model trained with a null class"),
     (["--batch_size", "0"], "--batch_size"),
     (["--eta", "-1"], "--eta"),
     (["--class_labels", "3"], "class-conditional"),
@@ -185,6 +196,54 @@ def test_help_describes_every_flag_with_its_default(script):
         assert description and not description.startswith("(default"), f"{script}: {flag} has no description"
         if entry.split()[1:2] != ["SRC"] and flag not in ("src", "out", "--image_size", "--deepspeed_config"):
             assert "(default:" in entry, f"{script}: {flag} shows no default"
+
+
+def test_help_says_where_the_deepspeed_json_decides(capsys, monkeypatch):
+    """--batch_size and the other JSON-overriding flags show the JSON as their default, not argparse's."""
+    from iddpm_ds.ds_config import OVERRIDE_FLAGS
+
+    monkeypatch.setattr(sys, "argv", ["train.py", "--help"])
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        entry_point("train.py").cli()
+    entries = re.split(r"\n  (?=-)", "\n" + capsys.readouterr().out.split("options:", 1)[1])[1:]
+    lines = {entry.split()[0]: " ".join(entry.split()) for entry in entries}
+    for flag in OVERRIDE_FLAGS:
+        assert "the DeepSpeed JSON's" in lines[f"--{flag}"].split("(default: ")[1], lines[f"--{flag}"]
+        assert lines[f"--{flag}"].count("(default:") == 1
+
+
+def test_sampling_batch_size_is_described_as_sampling(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--help"])
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        entry_point("sample.py").cli()
+    entry = capsys.readouterr().out.split("  --batch_size", 1)[1].split("\n  -", 1)[0]
+    assert "images per sampling forward pass" in " ".join(entry.split()) and "optimizer" not in entry
+
+
+def test_a_bad_flag_under_a_launcher_is_one_line_from_rank_0_alone(tmp_path):
+    """Every rank parses the same command line: under deepspeed the mistake is told once, with no usage
+    block, and the job ends."""
+    from iddpm_ds.dist_util import free_port
+
+    cmd = [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        script_path("train.py"),
+        "--batchsize",
+        "8",
+    ]
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=str(tmp_path))
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "train.py: error:" in line]
+    want = "train.py: error: unrecognized arguments: --batchsize 8; did you mean --batch_size? (--help lists"
+    assert len(errors) == 1 and errors[0].startswith(want)
+    assert "usage:" not in proc.stdout + proc.stderr
 
 
 def test_suggested_fixes_for_flag_errors_work(monkeypatch, capsys):

@@ -236,6 +236,8 @@ def test_run_dir_holds_config_logs_and_tensorboard(tmp_path):
     assert config["deepspeed"]["fp16"]["enabled"] is False and config["precision"] == "bf16"
     assert proc.stdout.count("running the fp16 config in bf16 instead") == 1
     assert "gradient clipping: off" in (run_dir / "log.txt").read_text()
+    # Output to files (pipes here, as in a batch job): the log lines and no progress bar redraws.
+    assert "\r" not in proc.stdout + proc.stderr and "step 2 | loss" in proc.stdout
     assert config["deepspeed"]["optimizer"]["params"]["lr"] == 3e-4
     records = [json.loads(line) for line in (run_dir / "progress.jsonl").read_text().splitlines()]
     record = [r for r in records if "loss" in r][-1]
@@ -512,3 +514,34 @@ def test_eval_interval_logs_sample_metrics_of_the_ema(tmp_path):
 
     events = EventAccumulator(str(run_dir / "tb")).Reload()
     assert {"eval/mnist_acc", "eval/mnist_fd"} <= set(events.Tags()["scalars"])
+
+
+def test_in_a_terminal_the_log_lines_are_drawn_above_the_progress_bar(tmp_path):
+    """stdout and stderr on a terminal: tqdm's bar is drawn, and each log line is written on a line of its
+    own (the bar cleared, then redrawn below it), never glued to the bar's text."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal's size
+    cmd = [sys.executable, TRAIN, "--log_dir", str(tmp_path / "run"), *TINY, "--max_steps", "3"]
+    proc = subprocess.Popen(cmd, stdout=follower, stderr=follower, env=env(), cwd=ROOT)
+    os.close(follower)
+    raw = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: every process holding it has ended
+            break
+        if not chunk:
+            break
+        raw += chunk
+    assert proc.wait(timeout=60) == 0, raw.decode()[-3000:]
+    text = raw.decode()
+    assert "step/s" in text  # the bar
+    lines = [segment for segment in text.split("\n") if " step 2 | loss" in segment]
+    assert len(lines) == 1
+    after_last_redraw = lines[0].rstrip("\r").split("\r")[-1]  # the terminal ends lines with \r\n
+    assert after_last_redraw.startswith("20") and "step/s" not in after_last_redraw, repr(lines[0])

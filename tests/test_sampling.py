@@ -79,18 +79,19 @@ def test_distributed_sampling_partitions_the_work(run_dir, tmp_path):
         "--class_labels",
         "1,2",
     ]
+    two_ranks = ("deepspeed", "--num_gpus", "2", "--master_port", str(free_port()))
     run("sample.py", *common, "--out", str(one))
-    run(
-        "sample.py",
-        *common,
-        "--out",
-        str(two),
-        launcher=("deepspeed", "--num_gpus", "2", "--master_port", str(free_port())),
-    )
+    run("sample.py", *common, "--out", str(two), launcher=two_ranks)
     with np.load(one) as f1, np.load(two) as f2:
         # The same images in the same order: each rank drew a disjoint share and rank 0 put them back in
         # order.
         assert np.array_equal(f1["arr_0"], f2["arr_0"]) and f2["arr_1"].tolist() == [1, 2, 1, 2, 1]
+    # DPM-Solver++ too (its only noise is x_T, drawn per image).
+    dpm = [*common[:4], "--timestep_respacing", "5", "--sampler", "dpmpp_2m"]
+    run("sample.py", *dpm, "--out", str(one))
+    run("sample.py", *dpm, "--out", str(two), launcher=two_ranks)
+    with np.load(one) as f1, np.load(two) as f2:
+        assert np.array_equal(f1["arr_0"], f2["arr_0"])
 
 
 def test_flags_that_contradict_the_run_are_one_line_errors(run_dir, tmp_path):
@@ -304,3 +305,160 @@ def test_guided_sampling_needs_a_null_class_and_then_works(run_dir, tmp_path):
     with np.load(out.with_name("g1.npz")) as a, np.load(out.with_name("g3.npz")) as b:
         assert a["arr_0"].shape == b["arr_0"].shape == (3, 8, 8, 3)
         assert np.array_equal(a["arr_1"], b["arr_1"]) and a["arr_1"].max() < 10  # real labels, never the null
+
+
+# ------------------------------------------------------------------------------------------- DPM-Solver++
+class GaussianDataDenoiser(torch.nn.Module):
+    """The exact model of data x_0 ~ N(mu, s^2) per dimension: E[x_0 | x_t] is linear in x_t, so the
+    probability-flow ODE maps x_T to x_0 = mu + s z with z = (x_T - alpha_T mu) / sqrt(alpha_T^2 s^2 +
+    sigma_T^2) (the standardised coordinate is constant along it). Returns eps, or x_0 (predict_xstart), as
+    the diffusion's flags ask, with a variance half for learn_sigma, at timesteps rescaled or not."""
+
+    def __init__(self, abar, mu, s, predict_xstart=False, learn_sigma=False, rescale=False):
+        super().__init__()
+        self.abar, self.mu, self.s = torch.tensor(abar, dtype=torch.float64), mu, s
+        self.predict_xstart, self.learn_sigma, self.rescale = predict_xstart, learn_sigma, rescale
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # for the loops' device
+
+    def exact(self, x_T):
+        a = float(self.abar[-1])
+        return self.mu + self.s * (x_T.double() - a**0.5 * self.mu) / (a * self.s**2 + 1 - a) ** 0.5
+
+    def forward(self, x, t, **kwargs):
+        steps = (t.double() * len(self.abar) / 1000).round().long() if self.rescale else t.long()
+        a = self.abar[steps].view(-1, *[1] * (x.dim() - 1))
+        x = x.double()
+        x0 = self.mu + a.sqrt() * self.s**2 / (a * self.s**2 + 1 - a) * (x - a.sqrt() * self.mu)
+        out = x0 if self.predict_xstart else (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return torch.cat([out, torch.zeros_like(out)], 1).float() if self.learn_sigma else out.float()
+
+
+def ode_errors(flags, counts, sampler):
+    from iddpm_ds.sampling import diffusion_for_sampler
+    from iddpm_ds.script_util import create_gaussian_diffusion
+
+    base = create_gaussian_diffusion(**flags)
+    model = GaussianDataDenoiser(
+        base.alphas_cumprod, 0.3, 0.5, flags.get("predict_xstart", False), flags.get("learn_sigma", False),
+        flags.get("rescale_timesteps", False),
+    )  # fmt: skip
+    x_T = torch.randn(256, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    errors = []
+    for n in counts:
+        diffusion = create_gaussian_diffusion(**flags, timestep_respacing=str(n))
+        if sampler == "dpmpp_2m":
+            diffusion = diffusion_for_sampler(diffusion, sampler)
+            loop = diffusion.dpm_solver_sample_loop
+        else:
+            loop = diffusion.ddim_sample_loop
+        out = loop(model, x_T.shape, noise=x_T.clone(), clip_denoised=False)
+        errors.append(float((out.double() - model.exact(x_T)).abs().mean()))
+    return errors
+
+
+ODE_CASES = [
+    dict(steps=1000, noise_schedule="linear"),
+    dict(steps=1000, noise_schedule="cosine", learn_sigma=True),
+    dict(steps=4000, noise_schedule="cosine", predict_xstart=True, rescale_timesteps=True),
+]
+
+
+@pytest.mark.parametrize("flags", ODE_CASES, ids=["linear-eps", "cosine-learned-sigma", "x0-rescaled-T4000"])
+def test_dpm_solver_converges_to_the_exact_ode_solution_at_second_order(flags):
+    """On Gaussian data the probability-flow ODE's solution is known exactly. DPM-Solver++(2M) reaches it
+    within 2% of the data's scale (s = 0.5) at 20 model evaluations, 4x closer than DDIM, and its error falls
+    about 4x per doubling of the steps (second order) where DDIM's falls 2x (first order)."""
+    counts = (20, 40, 80)
+    dpm, ddim = ode_errors(flags, counts, "dpmpp_2m"), ode_errors(flags, counts, "ddim")
+    assert dpm[0] < 0.01 and dpm[0] < ddim[0] / 4
+    dpm_order = np.log2(np.array(dpm[:-1]) / np.array(dpm[1:]))
+    ddim_order = np.log2(np.array(ddim[:-1]) / np.array(ddim[1:]))
+    assert np.all((dpm_order > 1.6) & (dpm_order < 2.6)), dpm_order
+    assert np.all((ddim_order > 0.8) & (ddim_order < 1.2)), ddim_order
+
+
+def test_log_snr_timesteps_are_n_distinct_steps_from_the_noisiest_to_zero():
+    from iddpm_ds.respace import log_snr_timesteps
+    from iddpm_ds.script_util import create_gaussian_diffusion
+
+    for schedule in ("linear", "cosine"):
+        abar = create_gaussian_diffusion(steps=1000, noise_schedule=schedule).alphas_cumprod
+        for n in (2, 3, 10, 25, 1000):
+            steps = log_snr_timesteps(abar, n)
+            assert (
+                len(steps) == n
+                and steps[0] == 999
+                and steps[-1] == 0
+                and steps == sorted(steps, reverse=True)
+            )
+            assert len(set(steps)) == n
+
+
+def test_guidance_outside_its_interval_is_the_conditional_prediction_in_one_forward():
+    from iddpm_ds.sampling import classifier_free_guidance, noise_level
+    from iddpm_ds.script_util import create_gaussian_diffusion
+
+    calls = []
+
+    def model(x, t, y):
+        calls.append(len(x))
+        yy = y.float().view(-1, 1, 1, 1).expand(-1, 3, *x.shape[2:])
+        return torch.cat([yy + x[:, :3], 100 + yy], dim=1)
+
+    diffusion = create_gaussian_diffusion(steps=1000, noise_schedule="linear", rescale_timesteps=True)
+    sigma = noise_level(diffusion)
+    abar = diffusion.alphas_cumprod
+    x, y = torch.randn(2, 3, 4, 4), torch.tensor([2, 7])
+    guided = classifier_free_guidance(model, 3.0, null_label=1000, interval=(0.5, 2.0), sigma=sigma)
+    everywhere = classifier_free_guidance(model, 3.0, null_label=1000)
+    for step in (10, 300, 999):  # sigma 0.07, 0.88 and 157
+        t = torch.full((2,), step * 1000 / 1000.0)  # as the model sees it: rescaled to [0, 1000)
+        level = ((1 - abar[step]) / abar[step]) ** 0.5
+        assert float(sigma(t)[0]) == pytest.approx(level)
+        calls.clear()
+        out = guided(x, t, y=y)
+        if 0.5 < level <= 2.0:
+            assert torch.equal(out, everywhere(x, t, y=y)) and calls[0] == 4
+        else:
+            assert torch.equal(out, model(x, t, y=y)) and calls[0] == 2  # exactly: one forward, no guidance
+    # A batch whose timesteps straddle the interval: each image is guided or not by its own noise level.
+    t = torch.tensor([300.0, 999.0])
+    out = guided(x, t, y=y)
+    assert torch.equal(out[0], everywhere(x, t, y=y)[0]) and torch.equal(out[1], model(x, t, y=y)[1])
+
+
+@pytest.fixture(scope="module")
+def guided_run_dir(run_dir, tmp_path_factory):
+    """run_dir's model with a null class (class_dropout_prob 0.1), for guided sampling."""
+    d = tmp_path_factory.mktemp("guided")
+    flags = {**json.loads((run_dir / "config.json").read_text())["model_flags"], "class_dropout_prob": 0.1}
+    torch.manual_seed(0)
+    model, _ = create_model_and_diffusion(**flags)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    torch.save(model.state_dict(), d / "ema_0.9999_000010.pt")
+    (d / "config.json").write_text(json.dumps({"model_flags": flags, "data_classes": 10}))
+    return d
+
+
+def test_dpm_solver_with_a_guidance_interval_gives_the_same_images_at_any_batch_size(
+    guided_run_dir, tmp_path
+):
+    common = ["--run_dir", str(guided_run_dir), "--num_samples", "5", "--sampler", "dpmpp_2m"]
+    common += ["--timestep_respacing", "6", "--guidance_scale", "3", "--guidance_interval", "0.3,5"]
+    outs = [tmp_path / "b5.npz", tmp_path / "b2.npz"]
+    for out, batch in zip(outs, ("5", "2")):
+        proc = run("sample.py", *common, "--batch_size", batch, "--out", str(out))
+    assert "DPM-Solver++(2M), 6 model evaluations" in proc.stdout and "where 0.3 < sigma <= 5" in proc.stdout
+    with np.load(outs[0]) as a, np.load(outs[1]) as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and a["arr_0"].std() > 0
+    # Without the interval (guidance everywhere) the images differ: the interval is in force.
+    run("sample.py", *common[:-2], "--out", str(tmp_path / "all.npz"))
+    with np.load(outs[0]) as a, np.load(tmp_path / "all.npz") as c:
+        assert not np.array_equal(a["arr_0"], c["arr_0"])
+
+
+def test_the_log_says_what_an_ancestral_ddim_respacing_does(run_dir, tmp_path):
+    proc = run("sample.py", "--run_dir", str(run_dir), "--num_samples", "1", "--timestep_respacing", "ddim5",
+               "--out", str(tmp_path / "x.npz"))  # fmt: skip
+    assert "ancestral, 5 of the 50 diffusion steps (respacing 'ddim5' only picks which" in proc.stdout

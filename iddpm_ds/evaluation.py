@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 
 INCEPTION_METRICS = ("fid", "isc", "kid", "prc")
 MNIST_METRICS = ("mnist_acc", "mnist_fd")
-METRICS = INCEPTION_METRICS + MNIST_METRICS
+PIXEL_METRICS = ("colour",)
+METRICS = INCEPTION_METRICS + MNIST_METRICS + PIXEL_METRICS
+FLOOR_DRAWS = 3  # real-data floors average this many draws of real images
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
 WEIGHTS_ENV = "IDDPM_DS_INCEPTION_WEIGHTS"
@@ -304,6 +306,7 @@ class Evaluator:
         self.max_reference, self.batch_size = max_reference, batch_size
         self.extractors = dict(extractors or {})
         self._reference_feats: Dict[str, Dict[str, np.ndarray]] = {}
+        self._floors: Dict[int, float] = {}
         self._weights_id = ""  # which Inception weights made the reference features ('' = injected)
         if any(m in INCEPTION_METRICS for m in self.metrics) and "inception" not in self.extractors:
             weights = resolve_inception_weights(inception_weights)
@@ -335,9 +338,24 @@ class Evaluator:
                 )
         return self._reference_feats[name]
 
+    def mnist_fd_floor(self, n: int) -> float:
+        """mnist_fd of n real images of the reference scored as samples (the mean of FLOOR_DRAWS seeded
+        draws): what samples as good as the data score at this sample count, for the FD is biased upwards
+        by few samples."""
+        if n not in self._floors:
+            real = load_reference(self.reference, self.image_size, self.max_reference)
+            reference = self._reference("digits")["features"]
+            scores = []
+            for seed in range(FLOOR_DRAWS):
+                pick = np.random.default_rng(seed).choice(len(real), size=min(n, len(real)), replace=False)
+                feats = extract(self.extractors["digits"], real[pick], self.batch_size, self.distributed)
+                scores.append(frechet_distance(feats["features"], reference))
+            self._floors[n] = float(np.mean(scores))
+        return self._floors[n]
+
     def __call__(self, images: np.ndarray, labels: Optional[np.ndarray] = None) -> Dict[str, float]:
-        """Metrics of uint8 samples [N, H, W, 3] (labels [N] for mnist_acc). Collective under a process
-        group."""
+        """Metrics of uint8 samples [N, H, W, 3] (labels [N] for mnist_acc); with mnist_fd, also
+        mnist_fd_floor (mnist_fd_floor()). Collective under a process group."""
         out: Dict[str, float] = {}
         if any(m in INCEPTION_METRICS for m in self.metrics):
             feats = extract(self.extractors["inception"], images, self.batch_size, self.distributed)
@@ -353,7 +371,17 @@ class Evaluator:
                 out["mnist_acc"] = float((feats["label"].astype(np.int64) == np.asarray(labels)).mean())
             if "mnist_fd" in self.metrics:
                 out["mnist_fd"] = frechet_distance(feats["features"], self._reference("digits")["features"])
+                out["mnist_fd_floor"] = self.mnist_fd_floor(len(images))
+        if "colour" in self.metrics:
+            out["colour"] = colour(images)
         return out
+
+
+def colour(images: np.ndarray) -> float:
+    """The mean over pixels of (max - min) across R, G and B, / 255, of uint8 images [N, H, W, 3]: 0 for
+    grey images (MNIST's digits), up to 1."""
+    channels = images.astype(np.int16)
+    return float((channels.max(-1) - channels.min(-1)).mean() / 255.0)
 
 
 def digit_extractor() -> Tuple[Extractor, float]:

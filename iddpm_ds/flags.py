@@ -53,6 +53,9 @@ HELP = {
     "where oneDNN/cuDNN prefer it (benchmarks/cpu_speed.md)",
     "class_dropout_prob": "classifier-free guidance: replace a label by the learned null class with this "
     "probability in training (0 = off: improved-diffusion's model and checkpoints)",
+    "snr_gamma": "Min-SNR-gamma loss weighting (Hang et al. 2023): the mse term weighted by "
+    "min(SNR_t, gamma) / SNR_t for eps prediction, min(SNR_t, gamma) for x_0 (0 = off: improved-diffusion's "
+    "loss; 5 is the paper's)",
     "guidance_scale": "classifier-free guidance weight w: eps_uncond + w (eps_cond - eps_uncond); 1 = plain "
     "conditional (needs a model trained with class_dropout_prob > 0 otherwise)",
     "large_size": "super-resolution: output image side in pixels",
@@ -218,7 +221,14 @@ def run_cli(main: Callable[[], Optional[int]]) -> None:
 
 # --------------------------------------------------------------------------- run directories
 # Flags that change how a model is run, never what its weights mean.
-RUNTIME_ONLY_FLAGS = {"timestep_respacing", "use_fused_kernels", "channels_last", "use_checkpoint", "dropout"}
+RUNTIME_ONLY_FLAGS = {
+    "timestep_respacing",
+    "use_fused_kernels",
+    "channels_last",
+    "use_checkpoint",
+    "dropout",
+    "snr_gamma",
+}
 
 
 def read_run_config(run_dir: str) -> Dict:
@@ -408,6 +418,12 @@ def validate_model_flags(flags: Dict, super_res: bool = False) -> None:
         p == 0 or flags["class_cond"], f"--class_dropout_prob {p} needs --class_cond True (labels to drop)"
     )
 
+    gamma = flags.get("snr_gamma", 0.0)
+    _require(gamma >= 0, f"--snr_gamma must not be negative (0 = off), got {gamma}")
+    _require(
+        not (gamma and flags["use_kl"]),
+        f"--snr_gamma {gamma} weights the mse term, and --use_kl True trains on the bound alone: drop one",
+    )
     steps, schedule = flags["diffusion_steps"], flags["noise_schedule"]
     _require(steps >= 1, f"--diffusion_steps must be at least 1, got {steps}")
     _require(schedule in ("linear", "cosine"), f"--noise_schedule must be linear or cosine, got {schedule!r}")

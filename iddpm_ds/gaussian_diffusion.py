@@ -116,6 +116,8 @@ class GaussianDiffusion:
     :param loss_type: the training objective (LossType).
     :param rescale_timesteps: feed the model t * 1000 / T (floats) so that it
         sees the same timestep range whatever T is.
+    :param snr_gamma: Min-SNR-gamma loss weighting (Hang et al. 2023) of the mse term; 0 = off (improved-
+        diffusion's losses).
     """
 
     def __init__(
@@ -126,6 +128,7 @@ class GaussianDiffusion:
         model_var_type: ModelVarType,
         loss_type: LossType,
         rescale_timesteps: bool = False,
+        snr_gamma: float = 0.0,
     ):
         self.model_mean_type = model_mean_type
         self.model_var_type = model_var_type
@@ -160,6 +163,19 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = (
             (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
         )
+
+        # Min-SNR-gamma: the x_0 error weighted by min(SNR_t, gamma), SNR_t = alpha_bar_t / (1 - alpha_bar_t),
+        # so the many low-noise steps, whose x_0 is nearly given, stop dominating the gradient. An eps
+        # error is SNR_t times an x_0 error (x_0 - x0_hat = (eps_hat - eps) / sqrt(SNR_t)), hence min(SNR_t,
+        # gamma) / SNR_t for eps prediction.
+        self.snr_gamma = snr_gamma
+        self.mse_weights = None
+        if snr_gamma:
+            if model_mean_type == ModelMeanType.PREVIOUS_X:
+                raise ValueError("Min-SNR weighting is defined for eps and x_0 prediction, not x_{t-1}")
+            snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
+            clipped = np.minimum(snr, snr_gamma)
+            self.mse_weights = clipped / snr if model_mean_type == ModelMeanType.EPSILON else clipped
 
     # ------------------------------------------------------------------ q
     def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor) -> Moments:
@@ -557,6 +573,8 @@ class GaussianDiffusion:
         }[self.model_mean_type]()
         assert model_output.shape == target.shape == x_start.shape
         terms["mse"] = mean_flat((target - model_output) ** 2)
+        if self.mse_weights is not None:  # the vb term keeps its own weight
+            terms["mse"] = terms["mse"] * _extract_into_tensor(self.mse_weights, t, t.shape)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
 

@@ -58,6 +58,7 @@ def model_and_diffusion_defaults() -> Dict:
         use_fused_kernels=True,
         class_dropout_prob=0.0,
         channels_last=False,
+        snr_gamma=0.0,
     )
 
 
@@ -67,7 +68,7 @@ def create_model_and_diffusion(
     use_kl, predict_xstart, rescale_timesteps, rescale_learned_sigmas, use_checkpoint, use_scale_shift_norm,
     # iddpm_ds's additions: at these defaults, improved-diffusion's model
     channel_mult="", num_head_channels=-1, use_fused_kernels=True, class_dropout_prob=0.0,
-    channels_last=False,
+    channels_last=False, snr_gamma=0.0,
 ) -> Tuple[UNetModel, SpacedDiffusion]:  # fmt: skip
     """Build (UNetModel, SpacedDiffusion) from model_and_diffusion_defaults()-style keywords."""
     return _model_and_diffusion(create_model, locals())
@@ -174,7 +175,7 @@ def sr_create_model_and_diffusion(
     predict_xstart, rescale_timesteps, rescale_learned_sigmas, use_checkpoint, use_scale_shift_norm,
     # iddpm_ds's additions: at these defaults, improved-diffusion's model
     channel_mult="", num_head_channels=-1, use_fused_kernels=True, class_dropout_prob=0.0,
-    channels_last=False,
+    channels_last=False, snr_gamma=0.0,
 ) -> Tuple[SuperResModel, SpacedDiffusion]:  # fmt: skip
     """Build (SuperResModel, SpacedDiffusion) for small_size -> large_size upsampling."""
     return _model_and_diffusion(sr_create_model, locals())
@@ -205,6 +206,7 @@ def create_gaussian_diffusion(
     rescale_timesteps: bool = False,
     rescale_learned_sigmas: bool = False,
     timestep_respacing: Union[str, List[int]] = "",
+    snr_gamma: float = 0.0,
 ) -> SpacedDiffusion:
     """Build the diffusion process; without respacing it is the plain T-step GaussianDiffusion."""
     betas = gd.get_named_beta_schedule(noise_schedule, steps)
@@ -227,6 +229,7 @@ def create_gaussian_diffusion(
         model_var_type=var_type,
         loss_type=loss_type,
         rescale_timesteps=rescale_timesteps,
+        snr_gamma=snr_gamma,
     )
 
 

@@ -70,6 +70,8 @@ TRAIN_CASES = [
     (["--image_size", "32", "--num_head_channels", "48"], "--num_head_channels 48 does not divide"),
     (["--num_res_blocks", "0"], "--num_res_blocks"),
     (["--dropout", "1.5"], "--dropout"),
+    (["--snr_gamma", "-1"], "--snr_gamma must not be negative"),
+    (["--snr_gamma", "5", "--use_kl", "True"], "weights the mse term"),
     (["--noise_schedule", "quadratic"], "linear or cosine"),
     (["--timestep_respacing", "2000"], "does not fit"),
     (["--diffusion_steps", "100", "--timestep_respacing", "ddim33"], "does not fit"),

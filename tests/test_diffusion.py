@@ -307,3 +307,40 @@ def test_normal_kl_float_arguments_round_through_float32_as_improved_diffusion()
         + mean**2 * torch.exp(torch.tensor(-0.2, dtype=torch.float64))
     )
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("predict_xstart", [False, True], ids=["eps", "x0"])
+@pytest.mark.parametrize("learn_sigma", [False, True], ids=["fixed-sigma", "learned-sigma"])
+def test_min_snr_weights_the_mse_term_by_the_float64_formula(schedule, predict_xstart, learn_sigma):
+    """--snr_gamma 5: the mse term of each sample times min(SNR_t, 5) / SNR_t (eps) or min(SNR_t, 5) (x_0),
+    SNR_t = abar_t / (1 - abar_t) computed here in float64 from the betas; the vb term and everything at the
+    default (0) unchanged."""
+    from iddpm_ds.gaussian_diffusion import get_named_beta_schedule
+    from iddpm_ds.script_util import create_gaussian_diffusion
+
+    kwargs = dict(steps=200, noise_schedule=schedule, predict_xstart=predict_xstart, learn_sigma=learn_sigma)
+    plain, weighted = create_gaussian_diffusion(**kwargs), create_gaussian_diffusion(**kwargs, snr_gamma=5.0)
+    assert (
+        plain.mse_weights is None and create_gaussian_diffusion(**kwargs, snr_gamma=0.0).mse_weights is None
+    )
+    channels = 6 if learn_sigma else 3
+
+    def model(x, t, **_):  # a fixed function of its inputs: the same outputs for both diffusions
+        return torch.cat([x * 0.5, x.flip(1)], 1)[:, :channels] + t.float().view(-1, 1, 1, 1) / 100
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(6, 3, 4, 4, generator=g), torch.randn(6, 3, 4, 4, generator=g)
+    t = torch.tensor([0, 1, 20, 80, 150, 199])
+    a = plain.training_losses(model, x0, t, noise=noise)
+    b = weighted.training_losses(model, x0, t, noise=noise)
+    abar = np.cumprod(1.0 - get_named_beta_schedule(schedule, 200))
+    snr = abar / (1.0 - abar)
+    weight = np.minimum(snr, 5.0) if predict_xstart else np.minimum(snr, 5.0) / snr
+    expected = a["mse"].double() * torch.from_numpy(weight[t.numpy()])
+    assert torch.allclose(b["mse"].double(), expected, rtol=1e-6)
+    assert 0 < weight[t.numpy()].min() < 1 or predict_xstart  # some steps are damped for eps
+    if learn_sigma:
+        assert torch.equal(a["vb"], b["vb"]) and torch.equal(b["loss"], b["mse"] + b["vb"])
+    else:
+        assert torch.equal(b["loss"], b["mse"])

@@ -1,4 +1,6 @@
-"""Exponential moving averages of the fp32 master weights, kept where DeepSpeed keeps the master.
+"""Moving averages of the fp32 master weights, kept where DeepSpeed keeps the master: exponential ones at
+fixed rates (improved-diffusion's --ema_rate) and power-function ones of a relative width (post-hoc EMA's
+profiles, phema.py), each keyed by its name.
 
 At ZeRO 1-3 each rank averages only its own shard of the fp32 master, so EMA
 memory per rank falls as 1/ranks and an update needs no communication. At
@@ -6,7 +8,7 @@ ZeRO 0 the master (or DeepSpeed's fp32 copy under fp16/bf16) is replicated,
 and so is the EMA. Consolidating to a full state_dict is collective.
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -102,37 +104,54 @@ class MasterWeights:
         return out
 
 
-class EMA:
-    """One shadow copy of the master shard per rate; update() is theta_ema <- rate * theta_ema + (1 - rate) *
-    theta."""
+Key = Union[float, str]  # an EMA rate, or profile_key(sigma_rel)
 
-    def __init__(self, master: MasterWeights, rates: Sequence[float]):
+
+def profile_key(sigma_rel: float) -> str:
+    """The key of the power-function average of relative width sigma_rel."""
+    return f"sigma_rel={sigma_rel}"
+
+
+class EMA:
+    """One shadow copy of the master shard per average: per rate, theta_ema <- rate * theta_ema + (1 - rate)
+    * theta at every update; per profile (post-hoc EMA's power function of width sigma_rel) the same with a
+    decay that depends on the step, phema.beta(sigma_rel, step)."""
+
+    def __init__(self, master: MasterWeights, rates: Sequence[float], profiles: Sequence[float] = ()):
         self.master = master
         self.rates = list(rates)
-        self.shadow: Dict[float, Dict[str, torch.Tensor]] = {}
-        for rate in self.rates:
-            self.shadow[rate] = {}
+        self.profiles = list(profiles)
+        self.shadow: Dict[Key, Dict[str, torch.Tensor]] = {}
+        for key in self.keys():
+            self.shadow[key] = {}
             for name, p in master.named:
                 local = master.local(p)
                 if local is not None:
-                    self.shadow[rate][name] = local.detach().clone()
+                    self.shadow[key][name] = local.detach().clone()
+
+    def keys(self) -> List[Key]:
+        return [*self.rates, *map(profile_key, self.profiles)]
 
     @torch.no_grad()
-    def update(self) -> None:
-        """Call once per applied optimizer step; no communication."""
-        names = list(self.shadow[self.rates[0]])
+    def update(self, step: int) -> None:
+        """Call once per applied optimizer step, `step` being the optimizer step just taken (1-based); no
+        communication."""
+        from .phema import beta
+
+        decays = {**{r: r for r in self.rates}, **{profile_key(s): beta(s, step) for s in self.profiles}}
+        names = list(self.shadow[self.keys()[0]])
         params = dict(self.master.named)
         current = [self.master.local(params[n]) for n in names]
-        for rate in self.rates:
-            torch._foreach_lerp_([self.shadow[rate][n] for n in names], current, 1.0 - rate)
+        for key, decay in decays.items():
+            torch._foreach_lerp_([self.shadow[key][n] for n in names], current, 1.0 - decay)
 
-    def full_state_dicts(self) -> Dict[float, Dict[str, torch.Tensor]]:
-        """{rate: full fp32 state_dict}. Collective at ZeRO 1-3."""
-        return {rate: self.master.full_state_dict(replace=self.shadow[rate]) for rate in self.rates}
+    def full_state_dicts(self) -> Dict[Key, Dict[str, torch.Tensor]]:
+        """{key: full fp32 state_dict}. Collective at ZeRO 1-3."""
+        return {key: self.master.full_state_dict(replace=self.shadow[key]) for key in self.keys()}
 
-    def load_full(self, rate: float, state_dict: Dict[str, torch.Tensor]) -> None:
-        """Set one rate's shadow from a full state_dict (any world size); no communication."""
+    def load_full(self, key: Key, state_dict: Dict[str, torch.Tensor]) -> None:
+        """Set one average's shadow from a full state_dict (any world size); no communication."""
         for name, p in self.master.named:
             shard = self.master.shard_of(p, state_dict[name])
             if shard is not None:
-                self.shadow[rate][name] = shard
+                self.shadow[key][name] = shard

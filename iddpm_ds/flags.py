@@ -72,6 +72,11 @@ HELP = {
     "microbatch": "images per forward pass, batch_size / microbatch accumulation steps (default: the "
     "DeepSpeed JSON's train_micro_batch_size_per_gpu; given, it overrides it; -1 = batch_size)",
     "ema_rate": "comma-separated EMA decay rates of the weights, each in (0, 1)",
+    "ema_profiles": "post-hoc EMA (Karras et al. 2024): comma-separated relative widths of power-function "
+    "averages to track and snapshot, e.g. 0.05,0.1; launch/posthoc_ema.py makes any other width from them "
+    "('' = off)",
+    "ema_snapshot_interval": "steps between post-hoc EMA snapshots besides the checkpoints' (0 = with the "
+    "checkpoints only)",
     "log_interval": "optimizer steps between log lines (console, log.txt, progress.jsonl, TensorBoard)",
     "save_interval": "optimizer steps between checkpoints (0 = only at the end)",
     "resume_checkpoint": "a run or checkpoint directory to resume, or an improved-diffusion modelNNNNNN.pt "
@@ -258,12 +263,13 @@ def merge_run_flags(
 
 
 def _newest(run_dir: str, prefix: str) -> str:
-    files = sorted(
-        f for f in os.listdir(run_dir) if f.startswith(prefix) and f.endswith(".pt") and ".tmp" not in f
-    )
+    """The newest PREFIX[RATE_]STEP.pt of a run by step: model000100.pt, ema_0.9999_000100.pt (not the
+    post-hoc ema_sigma*.pt, which are asked for by name)."""
+    pattern = re.compile(re.escape(prefix) + r"(?:\d*\.?\d+_)?(\d+)\.pt$")
+    files = [(int(m.group(1)), f) for f in os.listdir(run_dir) for m in [pattern.match(f)] if m]
     if not files:
         raise CheckpointError(f"no {prefix}*.pt in {run_dir}")
-    return os.path.join(run_dir, files[-1])
+    return os.path.join(run_dir, max(files)[1])
 
 
 def resolve_trained_model(
@@ -471,6 +477,16 @@ def validate_train_flags(args: argparse.Namespace, explicit: Iterable[str]) -> N
             raise ConfigError(f"--ema_rate {args.ema_rate!r} must be comma-separated numbers") from None
         _require(0.0 < value < 1.0, f"--ema_rate {rate} must lie strictly between 0 and 1")
     _require(args.log_interval >= 1, f"--log_interval must be at least 1, got {args.log_interval}")
+    for width in [w for w in str(args.ema_profiles).split(",") if w.strip()]:
+        try:
+            value = float(width)
+        except ValueError:
+            raise ConfigError(
+                f"--ema_profiles {args.ema_profiles!r} must be comma-separated numbers"
+            ) from None
+        _require(
+            0.0 < value < 0.289, f"--ema_profiles {width}: a relative width lies in (0, 0.289), e.g. 0.05"
+        )
     if args.eval_interval:
         from .evaluation import training_metrics
 
@@ -484,6 +500,7 @@ def validate_train_flags(args: argparse.Namespace, explicit: Iterable[str]) -> N
         )
         _require(args.eval_steps >= 2, f"--eval_steps must be at least 2, got {args.eval_steps}")
     flags = ("save_interval", "sample_interval", "eval_interval", "max_steps", "lr_anneal_steps")
+    flags += ("ema_snapshot_interval",)
     for flag in (*flags, "num_workers", "seed"):
         _require(getattr(args, flag) >= 0, f"--{flag} must not be negative, got {getattr(args, flag)}")
     _require(

@@ -35,7 +35,7 @@ from .checkpointing import (
 from .console import progress_bar
 from .dist_util import accelerator_is_cpu
 from .ds_config import split_compile
-from .ema import EMA, MasterWeights
+from .ema import EMA, MasterWeights, profile_key
 from .errors import CheckpointError, ConfigError, TrainingDiverged, agreed, first_line
 from .resample import LossAwareSampler, all_gather_columns
 from .seeding import mix_seed, seed_everything
@@ -155,6 +155,11 @@ def drop_labels(y: torch.Tensor, prob: float, null_label: int) -> torch.Tensor:
     return torch.where(torch.rand(y.shape, device=y.device) < prob, torch.full_like(y, null_label), y)
 
 
+def profile_file(sigma_rel: float, step: int) -> str:
+    """The snapshot file of a post-hoc EMA profile, in the run directory."""
+    return f"phema_{sigma_rel}_{step:06d}.pt"
+
+
 def tensor_bytes(tensors: Iterable[Optional[torch.Tensor]]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -167,6 +172,9 @@ class TrainLoop:
     :param data: a DataStream yielding (images, model_kwargs) micro-batches.
     :param schedule_sampler: a ScheduleSampler (uniform or loss-aware).
     :param ema_rate: comma-separated EMA rates, e.g. "0.9999,0.999".
+    :param ema_profiles: comma-separated relative widths of post-hoc EMA's power-function averages (phema.py),
+        e.g. "0.05,0.1" ('' = none); each is saved (phema_WIDTH_STEP.pt) with every checkpoint and every
+        ema_snapshot_interval steps, the snapshots launch/posthoc_ema.py combines.
     :param run_dir: where checkpoints, logs and TensorBoard events go.
     :param max_steps: stop after this many optimizer steps (0 = no limit).
     :param lr_anneal_steps: the LR decays linearly to 0 and training stops there (0 = off).
@@ -205,6 +213,8 @@ class TrainLoop:
         preemption=None,
         class_dropout_prob: float = 0.0,
         null_label: int = -1,
+        ema_profiles: str = "",
+        ema_snapshot_interval: int = 0,
     ):
         self.engine, self.diffusion, self.data, self.sampler = engine, diffusion, data, schedule_sampler
         self.ema_rates = [float(r) for r in str(ema_rate).split(",") if r.strip()]
@@ -220,7 +230,9 @@ class TrainLoop:
         self.device = engine.device
         self.grad_accum_steps = engine.gradient_accumulation_steps()
         self.master = MasterWeights(engine)
-        self.ema = EMA(self.master, self.ema_rates)
+        self.ema_profiles = [float(s) for s in str(ema_profiles).split(",") if s.strip()]
+        self.ema_snapshot_interval = ema_snapshot_interval
+        self.ema = EMA(self.master, self.ema_rates, self.ema_profiles)
         self.writer = writer
         self.progress = progress and self.rank == 0
         self.last_saved_step = -1
@@ -300,7 +312,7 @@ class TrainLoop:
         # Only an applied update may move the sampler's history and the EMA.
         self._sync_sampler(applied)
         if applied:
-            self.ema.update()
+            self.ema.update(self.step)
         return applied
 
     def _next_micro_batch(self):
@@ -554,6 +566,8 @@ class TrainLoop:
                 self.log_eval()
             if self.save_interval and self.step % self.save_interval == 0:
                 self.save()
+            elif self.ema_snapshot_interval and self.step % self.ema_snapshot_interval == 0:
+                self.save_profiles()
             if self._preempted():
                 break
         if self.last_saved_step != self.step:
@@ -574,6 +588,7 @@ class TrainLoop:
         model_sd = self.master.full_state_dict()
         ema_sds = self.ema.full_state_dicts()
         ema_files = {str(rate): f"ema_{rate}_{step:06d}.pt" for rate in self.ema_rates}
+        profile_files = {str(s): profile_file(s, step) for s in self.ema_profiles}
         client_state = {
             "data": self.data.state_dict(),
             "iddpm_ds_step": step,
@@ -590,8 +605,12 @@ class TrainLoop:
             atomic_torch_save(rng_state(self.device), os.path.join(ckpt_dir, f"rng_rank{self.rank:03d}.pt"))
             if self.rank == 0:
                 atomic_torch_save(model_sd, os.path.join(self.run_dir, f"model{step:06d}.pt"))
-                for rate, sd in ema_sds.items():
-                    atomic_torch_save(sd, os.path.join(self.run_dir, ema_files[str(rate)]))
+                for rate in self.ema_rates:
+                    atomic_torch_save(ema_sds[rate], os.path.join(self.run_dir, ema_files[str(rate)]))
+                for s in self.ema_profiles:
+                    atomic_torch_save(
+                        ema_sds[profile_key(s)], os.path.join(self.run_dir, profile_files[str(s)])
+                    )
         except (OSError, RuntimeError) as e:
             error = f"rank {self.rank}: {first_line(e)}"
         errors = [None] * self.world
@@ -612,12 +631,20 @@ class TrainLoop:
                 "zero_stage": self.master.stage,
                 "model": f"model{step:06d}.pt",
                 "ema": ema_files,
+                "phema": profile_files,
             }
             write_complete(ckpt_dir, meta)
             log.info("saved checkpoint %s", ckpt_dir)
         dist.barrier()
         self.last_saved_step = step
         return ckpt_dir
+
+    def save_profiles(self) -> None:
+        """A snapshot of the post-hoc EMA profiles between checkpoints (rank 0 writes). Collective."""
+        sds = self.ema.full_state_dicts()
+        if self.rank == 0:
+            for s in self.ema_profiles:
+                atomic_torch_save(sds[profile_key(s)], os.path.join(self.run_dir, profile_file(s, self.step)))
 
     def resume(self, ckpt_dir: str, load_tag: Optional[str] = None) -> None:
         """Restore everything from a COMPLETE checkpoint directory written by save().
@@ -655,6 +682,14 @@ class TrainLoop:
                     f"{ckpt_dir} has no EMA for rate {rate} (it has {', '.join(meta['ema'])})"
                 )
             self.ema.load_full(rate, load_state_dict_file(os.path.join(run_dir, name)))
+        for s in self.ema_profiles:
+            name = meta.get("phema", {}).get(str(s))
+            if name is None:
+                raise CheckpointError(
+                    f"{ckpt_dir} has no post-hoc EMA profile of width {s} (it has "
+                    f"{', '.join(meta.get('phema', {})) or 'none'}): resume with the --ema_profiles it had"
+                )
+            self.ema.load_full(profile_key(s), load_state_dict_file(os.path.join(run_dir, name)))
         rng_file = os.path.join(ckpt_dir, f"rng_rank{self.rank:03d}.pt")
         if meta["world_size"] == self.world:
             set_rng_state(torch.load(rng_file, weights_only=True), self.device)

@@ -74,6 +74,8 @@ TRAIN_DEFAULTS = dict(
     **OVERRIDE_FLAGS,
     lr_anneal_steps=0,
     ema_rate="0.9999",
+    ema_profiles="",
+    ema_snapshot_interval=0,
     log_interval=10,
     save_interval=10000,
     resume_checkpoint="",
@@ -340,6 +342,8 @@ def main(super_res: bool = False) -> Optional[int]:
         preemption=preemption,
         class_dropout_prob=model_flags["class_dropout_prob"],
         null_label=NULL_CLASS,
+        ema_profiles=args.ema_profiles,
+        ema_snapshot_interval=args.ema_snapshot_interval,
     )
     if resume_dir:
         loop.resume(resume_dir, load_tag)

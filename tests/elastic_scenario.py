@@ -1,6 +1,6 @@
 """Used by test_faults: `train RUN OUT` (2 ranks) trains 3 steps at ZeRO-2 and saves; `resume RUN OUT`
-(any rank count) resumes that checkpoint. Both dump the full fp32 master, EMA, Adam moments,
-sampler history and data position to OUT (rank 0)."""
+(any rank count) resumes that checkpoint. Both dump the full fp32 master, EMA, a post-hoc EMA profile,
+Adam moments, sampler history and data position to OUT (rank 0)."""
 
 import os
 import sys
@@ -12,6 +12,7 @@ from deepspeed.utils import safe_get_full_optimizer_state
 
 from iddpm_ds import dist_util
 from iddpm_ds.checkpointing import find_latest_checkpoint, prepare_resume
+from iddpm_ds.ema import profile_key
 from iddpm_ds.image_datasets import load_data
 from iddpm_ds.resample import LossSecondMomentResampler
 from iddpm_ds.script_util import create_model_and_diffusion
@@ -47,6 +48,7 @@ loop = TrainLoop(
     data=data,
     schedule_sampler=LossSecondMomentResampler(diffusion, history_per_term=2),
     ema_rate="0.9",
+    ema_profiles="0.05,0.1",
     run_dir=run_dir,
     log_interval=10**9,
     save_interval=0,
@@ -61,6 +63,7 @@ else:
 state = {
     "master": loop.master.full_state_dict(),
     "ema": loop.ema.full_state_dicts()[0.9],
+    "phema": loop.ema.full_state_dicts()[profile_key(0.1)],
     "exp_avg": {n: safe_get_full_optimizer_state(p, "exp_avg").clone() for n, p in loop.master.named},
     "exp_avg_sq": {n: safe_get_full_optimizer_state(p, "exp_avg_sq").clone() for n, p in loop.master.named},
     "sampler": torch.from_numpy(loop.sampler._loss_history.copy()),

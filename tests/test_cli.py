@@ -23,6 +23,7 @@ ENTRY_POINTS = [
     "bench_train.py",
     "super_res_train.py",
     "super_res_sample.py",
+    "posthoc_ema.py",
 ]
 _modules = {}
 
@@ -164,11 +165,10 @@ def test_other_entry_points_fail_in_one_line(tmp_path, monkeypatch, capsys):
 def test_abbreviated_flags_are_refused(script, monkeypatch, capsys):
     module = entry_point(script)
     # --batch for --batch_size (or --batches); make_shards has --shard_size and its positionals.
-    argv = (
-        ["src", "out", "--image_size", "8", "--shard", "4"]
-        if script == "make_shards.py"
-        else ["--batch", "8"]
-    )
+    argv = {
+        "make_shards.py": ["src", "out", "--image_size", "8", "--shard", "4"],
+        "posthoc_ema.py": ["run", "--sigma", "0.1"],
+    }.get(script, ["--batch", "8"])
     monkeypatch.setattr(sys, "argv", [script, *argv])
     with pytest.raises(SystemExit) as exit_:
         module.cli() if hasattr(module, "cli") else module.main()
@@ -196,7 +196,8 @@ def test_help_describes_every_flag_with_its_default(script):
         # "--flag VALUE   description (default: x)": a description, not just the metavar.
         description = re.sub(r"^\S+( [A-Z_]+)?", "", entry.strip()).strip()
         assert description and not description.startswith("(default"), f"{script}: {flag} has no description"
-        if entry.split()[1:2] != ["SRC"] and flag not in ("src", "out", "--image_size", "--deepspeed_config"):
+        positionals = ("src", "out", "run_dir", "--image_size", "--deepspeed_config")
+        if entry.split()[1:2] != ["SRC"] and flag not in positionals:
             assert "(default:" in entry, f"{script}: {flag} shows no default"
 
 

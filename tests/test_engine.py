@@ -177,7 +177,7 @@ def final_state(run_dir, step):
 @pytest.mark.parametrize("ranks,compiled", [(2, False), (1, True)])
 def test_exact_resume(tmp_path, ranks, compiled):
     K = 3
-    common = ["--batch_size", "8", "--microbatch", "4"]
+    common = ["--batch_size", "8", "--microbatch", "4", "--ema_profiles", "0.05,0.1"]
     config = "ds_configs/cpu.json"
     if compiled:  # the UNet through engine.compile (aot_eager: the traced graphs without a C++ build)
         settings = json.loads(open(os.path.join(ROOT, config)).read())
@@ -194,6 +194,12 @@ def test_exact_resume(tmp_path, ranks, compiled):
     assert all(torch.equal(a_model[k], b_model[k]) for k in a_model)
     for r in a_ema:
         assert all(torch.equal(a_ema[r][k], b_ema[r][k]) for k in a_ema[r])
+    for width in ("0.05", "0.1"):  # the post-hoc EMA profiles too
+        a, b = (
+            torch.load(d / f"phema_{width}_{2 * K:06d}.pt")
+            for d in (tmp_path / "straight", tmp_path / "resumed")
+        )
+        assert all(torch.equal(a[k], b[k]) for k in a)
     assert a_client["data"] == b_client["data"] and a_client["data"]["position"] == 2 * K * 8 * ranks
     for k in ("loss_history", "loss_counts"):
         assert torch.equal(a_client["sampler"][k], b_client["sampler"][k])
@@ -545,3 +551,29 @@ def test_in_a_terminal_the_log_lines_are_drawn_above_the_progress_bar(tmp_path):
     assert len(lines) == 1
     after_last_redraw = lines[0].rstrip("\r").split("\r")[-1]  # the terminal ends lines with \r\n
     assert after_last_redraw.startswith("20") and "step/s" not in after_last_redraw, repr(lines[0])
+
+
+def test_post_hoc_ema_snapshots_make_any_width_that_sampling_loads(tmp_path):
+    run_dir = tmp_path / "run"
+    profiles = ["--ema_profiles", "0.05,0.1", "--ema_snapshot_interval", "1", "--save_interval", "3"]
+    launch(1, run_dir, "--max_steps", "4", *profiles)
+    snapshots = sorted(p.name for p in run_dir.glob("phema_*.pt"))
+    assert snapshots == [f"phema_{w}_{s:06d}.pt" for w in ("0.05", "0.1") for s in range(1, 5)]
+    meta = json.loads((run_dir / "checkpoints" / "step000003" / "COMPLETE").read_text())
+    assert meta["phema"] == {"0.05": "phema_0.05_000003.pt", "0.1": "phema_0.1_000003.pt"}
+    post = os.path.join(ROOT, "launch", "posthoc_ema.py")
+    proc = run([sys.executable, post, str(run_dir), "--sigma_rel", "0.1,0.07"])
+    assert "sigma_rel 0.07 at step 4 from 8 snapshots" in proc.stdout
+    tracked = torch.load(run_dir / "phema_0.1_000004.pt", weights_only=True)
+    rebuilt = torch.load(run_dir / "ema_sigma0.1_000004.pt", weights_only=True)
+    assert all(torch.allclose(rebuilt[k], tracked[k], atol=1e-6) for k in tracked)
+    sample = os.path.join(ROOT, "launch", "sample.py")
+    model = str(run_dir / "ema_sigma0.07_000004.pt")
+    out = tmp_path / "s.npz"
+    run([sys.executable, sample, "--run_dir", str(run_dir), "--model_path", model, "--num_samples", "2",
+         "--timestep_respacing", "5", "--out", str(out)])  # fmt: skip
+    assert out.exists()
+    # Sampling without --model_path still takes the trained EMA, not a post-hoc file.
+    one = ["--num_samples", "1", "--timestep_respacing", "5", "--out", str(out)]
+    proc = run([sys.executable, sample, "--run_dir", str(run_dir), *one])
+    assert "ema_0.9_000004.pt" in proc.stdout

@@ -53,7 +53,8 @@ from iddpm_ds.script_util import (
     model_and_diffusion_defaults,
 )
 from iddpm_ds.seeding import seed_everything
-from iddpm_ds.train_util import TrainLoop, create_engine, tensor_bytes
+from iddpm_ds.train_log import state_bytes, tensor_bytes
+from iddpm_ds.train_util import TrainLoop, create_engine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,6 +129,11 @@ def bench_loop(engine, diffusion, data, ema_rate: str) -> TrainLoop:
         save_interval=0,
         progress=False,
     )
+
+
+def loop_bytes(loop: TrainLoop) -> dict:
+    """The bytes a TrainLoop's rank holds (train_log.state_bytes)."""
+    return state_bytes(loop.engine, (t for shadow in loop.ema.shadow.values() for t in shadow.values()))
 
 
 def optimizer_state_bytes(opt) -> int:
@@ -301,7 +307,7 @@ def memory_table(flags, base_cfg, args, world) -> list:
         engine.backward(losses["loss"].mean())
         grads = grad_bytes(engine)
         engine.step()
-        rows.append({"zero_stage": stage, "world_size": world, "grads": grads, **loop.state_bytes()})
+        rows.append({"zero_stage": stage, "world_size": world, "grads": grads, **loop_bytes(loop)})
         del loop, engine, model
     return rows
 
@@ -664,7 +670,7 @@ def main() -> None:
     engine = create_engine(model, cfg, lr=args.lr)
     loop = bench_loop(engine, diffusion, SyntheticData(flags, micro_batch), args.ema_rate)
     ds_s = time_steps(loop.run_step, args.steps, args.warmup)
-    ds_mem = loop.state_bytes()
+    ds_mem = loop_bytes(loop)
     gathered = [None] * world
     dist.all_gather_object(gathered, {"plain": plain_mem, "deepspeed": ds_mem})
     if rank != 0:

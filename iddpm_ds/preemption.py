@@ -11,6 +11,7 @@ launcher may never reach the ranks.
 
 import os
 import signal
+import time
 from typing import List, Tuple
 
 # train.py's exit status after such a stop: sysexits' EX_TEMPFAIL, "try again" (a batch script requeues).
@@ -26,6 +27,7 @@ class PreemptionWatch:
         for sig in signals:
             signal.signal(sig, self._handler)
         self.launchers = self._launcher_ancestors()
+        self._launchers_seen = -1.0
 
     def _handler(self, signum, frame):
         self.signal_received = signal.Signals(signum).name
@@ -56,9 +58,14 @@ class PreemptionWatch:
             signal.signal(sig, signal.SIG_IGN)
 
     def reason(self) -> str:
-        """Why this rank wants to stop ('' = it does not)."""
+        """Why this rank wants to stop ('' = it does not). The launchers are looked at once a second at most
+        (asked every step, each look is a few system calls per launcher)."""
         if self.signal_received:
             return f"received {self.signal_received}"
+        now = time.monotonic()
+        if now - self._launchers_seen < 1.0:
+            return ""
+        self._launchers_seen = now
         import psutil
 
         for pid, created in self.launchers:

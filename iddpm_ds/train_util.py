@@ -1,4 +1,5 @@
-"""The training step and loop on a DeepSpeed engine: loss-aware timestep sampling, EMA, logging, checkpoints.
+"""The training step and loop on a DeepSpeed engine: loss-aware timestep sampling, EMA, checkpoints. What the
+run reports (records, previews, metrics) is train_log.py's.
 
 One optimizer step is `gradient_accumulation_steps` micro-batches. After the
 step DeepSpeed reports whether it applied the update (fp16 overflow skips
@@ -11,11 +12,10 @@ What a checkpoint holds on disk, and how it is written atomically, is checkpoint
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from .ema import EMA, MasterWeights, profile_key
 from .errors import CheckpointError, ConfigError, TrainingDiverged, agreed, first_line
 from .resample import LossAwareSampler, all_gather_columns
 from .seeding import mix_seed, seed_everything
+from .train_log import TrainLog
 
 if TYPE_CHECKING:  # imported where the engine is built: DeepSpeed picks its accelerator on import
     import deepspeed
@@ -121,32 +122,6 @@ def create_engine(
     return engine
 
 
-def loss_scale_of(engine: "deepspeed.DeepSpeedEngine") -> Optional[float]:
-    for owner, attr in (
-        (engine.optimizer, "cur_scale"),
-        (getattr(engine.optimizer, "loss_scaler", None), "cur_scale"),
-        (engine.optimizer, "loss_scale"),
-    ):
-        value = getattr(owner, attr, None) if owner is not None else None
-        if isinstance(value, (int, float, torch.Tensor)):
-            return float(value)
-    return None
-
-
-# The numbers of a progress record that make the console and log.txt line, in this order.
-LOG_LINE_KEYS = ("loss", "mse", "vb", "grad_norm", "lr", "loss_scale")
-
-
-def format_record(record: Dict[str, float]) -> str:
-    """One compact line of a progress record, as improved-diffusion's logger prints its table."""
-    parts = [f"step {record['step']}"]
-    parts += [f"{k} {record[k]:.4g}" for k in LOG_LINE_KEYS if k in record]
-    parts.append(f"{record['images_per_s']:.1f} img/s")
-    if "max_memory_gb" in record:
-        parts.append(f"peak {record['max_memory_gb']:.1f} GB")
-    return " | ".join(parts)
-
-
 def drop_labels(y: torch.Tensor, prob: float, null_label: int) -> torch.Tensor:
     """Classifier-free guidance's training: each label becomes null_label with probability prob, so one
     model learns both p(x | y) and p(x). Draws from the global torch RNG (saved with each checkpoint)."""
@@ -158,10 +133,6 @@ def drop_labels(y: torch.Tensor, prob: float, null_label: int) -> torch.Tensor:
 def profile_file(sigma_rel: float, step: int) -> str:
     """The snapshot file of a post-hoc EMA profile, in the run directory."""
     return f"phema_{sigma_rel}_{step:06d}.pt"
-
-
-def tensor_bytes(tensors: Iterable[Optional[torch.Tensor]]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class TrainLoop:
@@ -220,8 +191,7 @@ class TrainLoop:
         self.ema_rates = [float(r) for r in str(ema_rate).split(",") if r.strip()]
         self.run_dir, self.log_interval, self.save_interval = run_dir, log_interval, save_interval
         self.max_steps, self.lr_anneal_steps = max_steps, lr_anneal_steps
-        self.sample_interval, self.preview_fn = sample_interval, preview_fn
-        self.eval_interval, self.eval_fn = eval_interval, eval_fn
+        self.sample_interval, self.eval_interval = sample_interval, eval_interval
         self.max_nonfinite_steps, self.preemption = max_nonfinite_steps, preemption
         self.class_dropout_prob, self.null_label = class_dropout_prob, null_label
         self.nonfinite_steps, self.consecutive_nonfinite = 0, 0
@@ -233,15 +203,12 @@ class TrainLoop:
         self.ema_profiles = [float(s) for s in str(ema_profiles).split(",") if s.strip()]
         self.ema_snapshot_interval = ema_snapshot_interval
         self.ema = EMA(self.master, self.ema_rates, self.ema_profiles)
-        self.writer = writer
+        self.log = TrainLog(engine, diffusion.num_timesteps, data, run_dir, writer, preview_fn, eval_fn)
         self.progress = progress and self.rank == 0
         self.last_saved_step = -1
-        self._stats: Dict[str, torch.Tensor] = {}
         self._pending = []
         self._grad_norm: Optional[float] = None
-        self._t_last, self._samples_last = time.perf_counter(), 0
-        self._graphs_after_first_step: Optional[int] = None
-        self._recompiles_reported = 0
+        self._stop_agreed, self._own_stop_reason = False, ""
 
     # ------------------------------------------------------------------ step
     @property
@@ -256,38 +223,6 @@ class TrainLoop:
             or (self.lr_anneal_steps and self.step >= self.lr_anneal_steps)
         )
 
-    def state_bytes(self) -> Dict[str, int]:
-        """Bytes this rank holds: module parameters (its ZeRO-3 partition at stage 3), fp32 master copies
-        not shared with them plus Adam moments, and the EMA shadows."""
-        module = list(self.engine.module.parameters())
-        module_ptrs = {p.data_ptr() for p in module}
-        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
-        # ZeRO-3 swaps its flat fp32 partitions out of param_groups between steps; they stay listed here.
-        masters = getattr(self.engine.optimizer, "fp32_partitioned_groups_flat", None) or [
-            p for g in inner.param_groups for p in g["params"] if p.data_ptr() not in module_ptrs
-        ]
-        moments = [
-            v for st in inner.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0
-        ]
-        return {
-            "params": tensor_bytes(p.ds_tensor if hasattr(p, "ds_tensor") else p for p in module),
-            "optimizer": tensor_bytes(masters) + tensor_bytes(moments),
-            "ema": tensor_bytes(t for shadow in self.ema.shadow.values() for t in shadow.values()),
-        }
-
-    def log_state_bytes(self) -> None:
-        """One log line per rank with state_bytes(), so the ZeRO split shows in the log. Collective."""
-        per_rank = [None] * self.world
-        dist.all_gather_object(per_rank, self.state_bytes())
-        for rank, b in enumerate(per_rank):
-            log.info(
-                "rank %d holds: params %.1f MB | fp32 master + Adam moments %.1f MB | EMA %.1f MB",
-                rank,
-                b["params"] / 2**20,
-                b["optimizer"] / 2**20,
-                b["ema"] / 2**20,
-            )
-
     def run_step(self) -> bool:
         """One optimizer step over grad_accum_steps micro-batches; returns whether the update was applied."""
         finite = torch.ones((), device=self.device)
@@ -301,7 +236,7 @@ class TrainLoop:
             boundary = i == self.grad_accum_steps - 1
             if boundary:
                 # Before the update: a non-finite loss on any rank skips the step on every rank.
-                all_finite = self._all_ranks_finite(finite)
+                all_finite = self._agree(finite)
                 if self.master.plain_fp32:
                     self._grad_norm = self._plain_grad_norm()  # DeepSpeed reports none at ZeRO-0 fp32
             with self._update_suppressed(boundary and not all_finite):
@@ -325,7 +260,7 @@ class TrainLoop:
     def _record(self, t: torch.Tensor, losses: Dict[str, torch.Tensor], weights: torch.Tensor) -> None:
         """Keep the micro-batch's (t, loss) pairs for the sampler and its weighted losses for the log."""
         self._pending.append(torch.stack([t.to(torch.float64), losses["loss"].detach().to(torch.float64)]))
-        self._accumulate({k: v.detach() * weights for k, v in losses.items()}, t)
+        self.log.accumulate({k: v.detach() * weights for k, v in losses.items()}, t)
 
     def _count_nonfinite(self, all_finite: bool) -> None:
         if all_finite:
@@ -340,12 +275,18 @@ class TrainLoop:
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0
 
-    def _all_ranks_finite(self, finite: torch.Tensor) -> bool:
-        """Agree across ranks whether this step's losses were finite, before the update is applied."""
-        flag = finite.detach().float().reshape(1)
+    def _agree(self, finite: torch.Tensor) -> bool:
+        """The ranks' one agreement of the step, before its update: whether every rank's losses were
+        finite, and whether any rank was asked to stop (a signal, a launcher gone), in one all-reduce and
+        one host sync. Returns the first; _preempted() reads the second after the step."""
+        self._own_stop_reason = self.preemption.reason() if self.preemption is not None else ""
+        asked = torch.tensor(float(bool(self._own_stop_reason)), device=finite.device)
+        flags = torch.stack([1.0 - finite.detach().float(), asked])
         if self.world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        nonfinite, stop = flags.tolist()
+        self._stop_agreed = bool(stop)
+        return not nonfinite
 
     @contextlib.contextmanager
     def _update_suppressed(self, suppress: bool):
@@ -377,135 +318,18 @@ class TrainLoop:
             pairs = local.cpu().numpy()
             self.sampler.update_with_all_losses(pairs[0].astype(np.int64), pairs[1])
 
-    # ------------------------------------------------------------------ logging
-    def _accumulate(self, losses: Dict[str, torch.Tensor], t: torch.Tensor) -> None:
-        """Sum each loss and its four timestep quartiles locally (no host sync)."""
-        quartile = (4 * t // self.diffusion.num_timesteps).clamp(max=3)
-        for key, values in losses.items():
-            v = values.to(torch.float64)
-            sums = torch.zeros(10, dtype=torch.float64, device=v.device)
-            sums[0], sums[1] = v.sum(), v.numel()
-            sums[2:6] = torch.bincount(quartile, weights=v, minlength=4)[:4]
-            sums[6:10] = torch.bincount(quartile, minlength=4)[:4].to(torch.float64)
-            self._stats[key] = self._stats.get(key, 0) + sums
-
-    def log_step(self) -> Optional[Dict[str, float]]:
-        """All-reduce the accumulated losses and write one record (rank 0). Collective."""
-        keys = sorted(self._stats)
-        # Collectives take tensors on this rank's device: NCCL has no CPU tensors.
-        stacked = (
-            torch.stack([self._stats[k] for k in keys])
-            if keys
-            else torch.zeros(0, 10, dtype=torch.float64, device=self.device)
-        )
-        self._stats = {}
-        if self.world > 1:
-            dist.all_reduce(stacked)
-            skipped_data = torch.tensor([float(self.data.skipped)], dtype=torch.float64, device=self.device)
-            dist.all_reduce(skipped_data)
-            data_skips = int(skipped_data.item())
-        else:
-            data_skips = self.data.skipped
-        if self.rank != 0:
-            return None
-        now = time.perf_counter()
-        samples = self.engine.global_samples
-        record = {"step": self.step, "samples": samples}
-        for k, row in zip(keys, stacked.tolist()):
-            record[k] = row[0] / max(row[1], 1)
-            for q in range(4):
-                if row[6 + q]:
-                    record[f"{k}_q{q}"] = row[2 + q] / row[6 + q]
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is None:
-            grad_norm = self._grad_norm
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
-        record["lr"] = float(self.engine.get_lr()[0])
-        scale = loss_scale_of(self.engine) if self.engine.fp16_enabled() else None  # bf16/fp32 report 1
-        if scale is not None:
-            record["loss_scale"] = scale
-        record["skipped_steps"] = int(self.engine.skipped_steps)
-        record["nonfinite_steps"] = self.nonfinite_steps
-        record["data_skipped"] = data_skips
-        record["epoch"] = self.data.epoch
-        graphs = self.compiled_graphs()
-        if graphs is not None and self._graphs_after_first_step is not None:
-            # Fixed shapes compile once; a graph built after the first step means a recompilation.
-            record["recompiles"] = graphs - self._graphs_after_first_step
-            if record["recompiles"] > self._recompiles_reported:
-                log.warning(
-                    "the compiled UNet was rebuilt %d times since the first step: its input shapes or dtypes "
-                    "changed between steps",
-                    record["recompiles"],
-                )
-                self._recompiles_reported = record["recompiles"]
-        if self.device.type == "cuda":
-            record["max_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        record["images_per_s"] = (samples - self._samples_last) / max(now - self._t_last, 1e-9)
-        self._t_last, self._samples_last = now, samples
-        with open(os.path.join(self.run_dir, "progress.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        log.info(format_record(record))
-        if self.writer is not None:
-            for k, v in record.items():
-                if k != "step":
-                    self.writer.add_scalar(f"train/{k}", v, self.step)
-            self.writer.flush()
-        return record
-
     def _preempted(self) -> bool:
-        """True on every rank once any rank's PreemptionWatch has a reason (one small all-reduce per step)."""
-        if self.preemption is None:
+        """True on every rank once any rank's PreemptionWatch had a reason at this step's agreement."""
+        if not self._stop_agreed:
             return False
-        reason = self.preemption.reason()
-        flag = torch.tensor([1.0 if reason else 0.0], device=self.device)
-        if self.world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
-            self.stop_reason = reason or "another rank was asked to stop"
-            log.warning(
-                "stopping after step %d: %s (rank %d); saving a checkpoint",
-                self.step,
-                self.stop_reason,
-                self.rank,
-            )
-            return True
-        return False
-
-    def log_preview(self) -> None:
-        """Sample a small grid from the EMA weights into TensorBoard. Collective (the EMA is gathered)."""
-        state_dict = self.ema.full_state_dicts()[self.ema_rates[0]]
-        if self.rank == 0 and self.preview_fn is not None and self.writer is not None:
-            self.writer.add_image(
-                f"samples/ema_{self.ema_rates[0]}", self.preview_fn(state_dict), self.step, dataformats="HWC"
-            )
-            self.writer.flush()
-
-    def log_eval(self) -> Optional[Dict[str, float]]:
-        """Sample-quality metrics of the EMA weights (rank 0). Collective (the EMA is gathered)."""
-        state_dict = self.ema.full_state_dicts()[self.ema_rates[0]]
-        if self.rank != 0 or self.eval_fn is None:
-            return None
-        start = time.perf_counter()
-        metrics = self.eval_fn(state_dict)
-        seconds = time.perf_counter() - start
-        with open(os.path.join(self.run_dir, "progress.jsonl"), "a") as f:
-            f.write(json.dumps({"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()}}) + "\n")
-        log.info(
-            "eval step %d | ema %s | %s | %.1f s",
+        self.stop_reason = self._own_stop_reason or "another rank was asked to stop"
+        log.warning(
+            "stopping after step %d: %s (rank %d); saving a checkpoint",
             self.step,
-            self.ema_rates[0],
-            " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
-            seconds,
+            self.stop_reason,
+            self.rank,
         )
-        if self.writer is not None:
-            for k, v in metrics.items():
-                self.writer.add_scalar(f"eval/{k}", v, self.step)
-            self.writer.flush()
-        # Sampling is not training: keep it out of the next interval's images/s.
-        self._t_last += seconds
-        return metrics
+        return True
 
     # ------------------------------------------------------------------ loop
     def run_loop(self) -> None:
@@ -515,38 +339,28 @@ class TrainLoop:
             disable=not self.progress,
             unit="step",
         )
-        self._t_last, self._samples_last = time.perf_counter(), self.engine.global_samples
+        self.log.start()
         try:
             self._loop(bar)
         finally:
             bar.close()
 
-    def compiled_graphs(self) -> Optional[int]:
-        """Graphs torch.compile has built in this process so far, or None when the UNet is not compiled."""
-        if not self.engine.is_compiled:
-            return None
-        from torch._dynamo.utils import counters
-
-        return counters["stats"]["unique_graphs"]
+    def _ema_of_first_rate(self) -> Dict[str, torch.Tensor]:
+        """The first EMA rate's full state_dict, for previews and metrics. Collective (gathers the EMA)."""
+        return self.ema.full_state_dicts()[self.ema_rates[0]]
 
     def _loop(self, bar) -> None:
         first = True
         while not self.done():
             start = time.perf_counter()
             self.run_step()
-            if first:  # after one step: the optimizer holds its moments only once it has stepped
-                self.log_state_bytes()
-                self._graphs_after_first_step = self.compiled_graphs()
-                if self._graphs_after_first_step is not None:
-                    log.info(
-                        "compiled the UNet (%d graphs) in the first step: %.1f s",
-                        self._graphs_after_first_step,
-                        time.perf_counter() - start,
-                    )
+            if first:
+                shadows = [t for shadow in self.ema.shadow.values() for t in shadow.values()]
+                self.log.first_step(time.perf_counter() - start, shadows)
                 first = False
             bar.update(1)
             if self.step % self.log_interval == 0:
-                record = self.log_step()
+                record = self.log.record(self.step, self.nonfinite_steps, self._grad_norm)
                 if record is not None:
                     bar.set_postfix(
                         loss=f"{record.get('loss', float('nan')):.4f}", img_s=f"{record['images_per_s']:.1f}"
@@ -561,9 +375,9 @@ class TrainLoop:
                     )
                 )
             if self.sample_interval and self.step % self.sample_interval == 0:
-                self.log_preview()
+                self.log.preview(self.step, str(self.ema_rates[0]), self._ema_of_first_rate())
             if self.eval_interval and self.step % self.eval_interval == 0:
-                self.log_eval()
+                self.log.evaluate(self.step, str(self.ema_rates[0]), self._ema_of_first_rate())
             if self.save_interval and self.step % self.save_interval == 0:
                 self.save()
             elif self.ema_snapshot_interval and self.step % self.ema_snapshot_interval == 0:

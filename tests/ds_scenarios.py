@@ -287,14 +287,14 @@ def compiled_scenarios():
     loop = make_loop(2, "bf16", compiled="aot_eager")
     before = eval_loss(loop, eager=True)
     loop.run_step()
-    graphs_after_first_step = loop.compiled_graphs()
+    graphs_after_first_step = loop.log.compiled_graphs()
     for _ in range(14):
         loop.run_step()
     results["compiled_train_z2_bf16"] = {
         "before": before,
         "after": eval_loss(loop, eager=True),
         "graphs_after_first_step": graphs_after_first_step,
-        "graphs_after_15_steps": loop.compiled_graphs(),
+        "graphs_after_15_steps": loop.log.compiled_graphs(),
     }
 
 

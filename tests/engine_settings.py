@@ -14,7 +14,8 @@ from deepspeed.accelerator import get_accelerator
 from iddpm_ds import dist_util
 from iddpm_ds.ds_config import load, resolve
 from iddpm_ds.script_util import create_model_and_diffusion
-from iddpm_ds.train_util import create_engine, loss_scale_of
+from iddpm_ds.train_log import loss_scale_of
+from iddpm_ds.train_util import create_engine
 
 dist_util.setup_dist()
 # Resolve and build as an fp16-capable device with native bf16 would, on any CPU: fp16 configs stay fp16 and

@@ -187,11 +187,13 @@ def resolve(
     world_size: int,
     fp16_supported: bool,
     native_bf16: bool = False,
+    on_cpu: bool = False,
 ) -> Tuple[Dict, List[str]]:
     """Apply explicit seed flags to a validated config and fill in batch sizes.
 
     :param args: namespace with the OVERRIDE_FLAGS.
     :param explicit: flags given on the command line (explicit_flags).
+    :param on_cpu: the ranks run on CPUs (a fp16 config there gets a warning where bf16 is native).
     :param native_bf16: the device computes bf16 in hardware (dist_util.native_bf16): bf16.enabled "auto"
         becomes true there and false elsewhere, where bf16 would be emulated and slower than fp32.
     :return: (resolved config, log lines saying what was overridden or changed).
@@ -290,6 +292,13 @@ def resolve(
         cfg.setdefault("bf16", {})["enabled"] = True
         notes.append(
             "WARNING: this accelerator cannot train in fp16 (CPU); running the fp16 config in bf16 instead"
+        )
+    if cfg.get("fp16", {}).get("enabled") and on_cpu and native_bf16:
+        # A CPU computes fp16 at best in AVX512-FP16 vectors, bf16 in AMX tiles or AVX512-BF16 dot products.
+        notes.append(
+            "WARNING: training in fp16 on a CPU that computes bf16 natively: fp16 is the far slower one here "
+            "(the GPU configs zero0-3.json are fp16); ds_configs/cpu_bf16_auto.json or --use_fp16 False "
+            "trains in bf16"
         )
     if cfg.get("fp16", {}).get("enabled") and cfg.get("bf16", {}).get("enabled"):
         raise ConfigError("fp16 and bf16 are both enabled in the DeepSpeed config; enable one")

@@ -119,6 +119,8 @@ HELP = {
     "sqrt((1 - abar_t) / abar_t) lies in (LO, HI], the conditional prediction alone elsewhere ('' = every "
     "step)",
     "eta": "DDIM noise: 0 is the deterministic ODE, 1 is ancestral-like",
+    "precision": "the UNet's precision when sampling: fp32, bf16 (autocast), or auto (bf16 where the device "
+    "computes it natively: a GPU with bf16, a CPU with AMX-BF16 or AVX512-BF16)",
     "class_labels": "comma-separated labels to sample, cycled ('' = drawn at random)",
     "out": "output file ('' = $OPENAI_LOGDIR, else beside the model)",
     "base_samples": "super-resolution: .npz of low-resolution images (arr_0 uint8 NHWC, optional labels "
@@ -531,21 +533,25 @@ def guidance_interval(text: str) -> Optional[Tuple[float, float]]:
 
 def validate_sample_flags(args: argparse.Namespace, flags: Dict, num_classes: Optional[int]) -> None:
     """Reject sampling flags that cannot work with the model's flags."""
-    from .sampling import SAMPLERS
+    from .sampling import PRECISIONS, SAMPLERS
 
     _require(
         args.sampler in SAMPLERS, f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler!r}"
+    )
+    _require(
+        args.precision in PRECISIONS,
+        f"--precision must be one of {', '.join(PRECISIONS)}, got {args.precision!r}",
     )
     _require(
         not args.use_ddim or args.sampler in ("ancestral", "ddim"),
         f"--use_ddim True contradicts --sampler {args.sampler}: give one of them",
     )
     respacing = str(flags["timestep_respacing"])
-    if args.sampler == "dpmpp_2m":
+    if args.sampler.startswith("dpmpp"):
         _require(
             respacing.isdigit() and int(respacing) >= 2,
-            f"--sampler dpmpp_2m takes --timestep_respacing N, its number of model evaluations (a plain "
-            f"count of 2 or more, e.g. 20), not {respacing!r}",
+            f"--sampler {args.sampler} takes --timestep_respacing N, its number of model evaluations (a "
+            f"plain count of 2 or more, e.g. 20), not {respacing!r}",
         )
     if guidance_interval(args.guidance_interval) is not None:
         _require(

@@ -435,19 +435,21 @@ class GaussianDiffusion:
     def dpm_solver_sample_loop(
         self, model: Model, shape: Sequence[int], noise: Optional[torch.Tensor] = None,
         clip_denoised: bool = True, denoised_fn: DenoisedFn = None, model_kwargs: ModelKwargs = None,
-        device: Optional[torch.device] = None, progress: bool = False,
+        device: Optional[torch.device] = None, progress: bool = False, sde: bool = False,
+        step_noise: Optional[Callable[[], torch.Tensor]] = None,
     ) -> torch.Tensor:  # fmt: skip
         """Generate samples [N, C, H, W] with DPM-Solver++(2M), one model evaluation per timestep of this
         diffusion (respace it to N steps for N evaluations); returns x_0."""
         steps = self.dpm_solver_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress
+            model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, sde, step_noise
         )
         return _last(steps)["sample"]
 
     def dpm_solver_sample_loop_progressive(
         self, model: Model, shape: Sequence[int], noise: Optional[torch.Tensor] = None,
         clip_denoised: bool = True, denoised_fn: DenoisedFn = None, model_kwargs: ModelKwargs = None,
-        device: Optional[torch.device] = None, progress: bool = False,
+        device: Optional[torch.device] = None, progress: bool = False, sde: bool = False,
+        step_noise: Optional[Callable[[], torch.Tensor]] = None,
     ) -> Iterator[Dict[str, torch.Tensor]]:  # fmt: skip
         """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2): the probability-flow ODE solved in its
         data-prediction form, multistep, second order. Yields {'sample', 'pred_xstart'} after each model
@@ -462,6 +464,12 @@ class GaussianDiffusion:
         s' is the point before s and r = (lambda_s - lambda_{s'}) / h. The last step goes from t = 0 to noise
         level 0, where the solution is the x_0 prediction itself (first order, as DDIM's last step and
         diffusers' final_sigmas_type "zero").
+
+        With sde, SDE-DPM-Solver++(2M) (the paper's stochastic variant, its second-order term the midpoint
+        one): the reverse SDE instead of the ODE, each step
+            x_t = (sigma_t / sigma_s) e^{-h} x_s + alpha_t (1 - e^{-2h}) D' + sigma_t sqrt(1 - e^{-2h}) z,
+        D' = D_s + (D_s - D_{s'}) / (2r) after the first step, z standard normal (step_noise(), else drawn
+        from the global RNG): fresh noise corrects a model's errors on the way, as ancestral sampling does.
         """
         if device is None:
             device = next(model.parameters()).device
@@ -490,7 +498,13 @@ class GaussianDiffusion:
                 else:
                     r = h_prev / h
                     d_eff = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * d_prev
-                x = (sigma[t] / sigma[s]) * x - alpha[t] * np.expm1(-h) * d_eff
+                if sde:
+                    z = step_noise() if step_noise is not None else torch.randn_like(x)
+                    decay = np.exp(-h)
+                    x = (sigma[t] / sigma[s]) * decay * x - alpha[t] * np.expm1(-2 * h) * d_eff
+                    x = x + sigma[t] * np.sqrt(-np.expm1(-2 * h)) * z
+                else:
+                    x = (sigma[t] / sigma[s]) * x - alpha[t] * np.expm1(-h) * d_eff
                 d_prev, h_prev = d, h
             yield {"sample": x, "pred_xstart": d}
 

@@ -10,7 +10,28 @@ import torch
 from .respace import SpacedDiffusion, log_snr_timesteps
 from .seeding import mix_seed
 
-SAMPLERS = ("ancestral", "ddim", "dpmpp_2m")
+SAMPLERS = ("ancestral", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def fast_model(model: torch.nn.Module, precision: str = "fp32", compile: bool = False) -> Callable:
+    """The model as sampling calls it: under bf16 autocast with precision "bf16", or "auto" where the device
+    computes bf16 natively (dist_util.native_bf16, the training JSON's "auto" rule; elsewhere bf16 would be
+    emulated and slower than fp32), outputs back in fp32 for the sampler's arithmetic; through
+    torch.compile with compile (the first call of each batch shape compiles, seconds to a minute: worth it
+    for long runs).
+    """
+    from .dist_util import native_bf16
+
+    net = torch.compile(model) if compile else model
+    if precision == "fp32" or (precision == "auto" and not native_bf16()):
+        return net
+
+    def bf16(x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+            return net(x, t, **kwargs).float()
+
+    return bf16
 
 
 def noise_level(diffusion: SpacedDiffusion) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -64,7 +85,7 @@ def classifier_free_guidance(
 def diffusion_for_sampler(diffusion: SpacedDiffusion, sampler: str) -> SpacedDiffusion:
     """The steps a sampler takes: as respaced for ancestral and DDIM; for dpmpp_2m the same number of model
     evaluations at log-SNR-uniform steps of the base process (respace.log_snr_timesteps)."""
-    if sampler != "dpmpp_2m":
+    if not sampler.startswith("dpmpp"):
         return diffusion
     return diffusion.respaced(log_snr_timesteps(diffusion.base_alphas_cumprod(), diffusion.num_timesteps))
 
@@ -76,8 +97,9 @@ def describe_sampler(
     """One line on what sampling will do, e.g. "ancestral, 50 of the 1000 diffusion steps (respacing 'ddim50'
     only picks which; --sampler ddim samples them with DDIM)"."""
     n, total = diffusion.num_timesteps, diffusion.original_num_steps
-    if sampler == "dpmpp_2m":
-        text = f"DPM-Solver++(2M), {n} model evaluations at log-SNR-uniform steps of the {total}"
+    if sampler.startswith("dpmpp"):
+        name = "SDE-DPM-Solver++(2M)" if sampler == "dpmpp_2m_sde" else "DPM-Solver++(2M)"
+        text = f"{name}, {n} model evaluations at log-SNR-uniform steps of the {total}"
     elif sampler == "ddim":
         text = f"DDIM (eta {eta:g}), {n} of the {total} diffusion steps"
     else:
@@ -123,10 +145,11 @@ def sample_images(
         return torch.stack([torch.randn(*shape, generator=g) for g in gens]).to(device)
 
     x = noise()
-    if sampler == "dpmpp_2m":  # an ODE: x_T is all the noise it takes
+    if sampler.startswith("dpmpp"):
         steps = diffusion.dpm_solver_sample_loop_progressive(
-            model, x.shape, noise=x, clip_denoised=clip_denoised, model_kwargs=model_kwargs, device=device
-        )
+            model, x.shape, noise=x, clip_denoised=clip_denoised, model_kwargs=model_kwargs, device=device,
+            sde=sampler == "dpmpp_2m_sde", step_noise=noise,
+        )  # fmt: skip
         for out in steps:
             x = out["sample"]
             if on_step is not None:

@@ -35,13 +35,18 @@ from iddpm_ds.flags import (
 from iddpm_ds.sampling import (
     classifier_free_guidance,
     describe_sampler,
+    fast_model,
     make_grid,
     noise_level,
     sample_images,
 )
 from iddpm_ds.script_util import NULL_CLASS, NUM_CLASSES
 
-SAMPLE_HELP = {**HELP, "batch_size": "images per sampling forward pass, per rank (memory, not the result)"}
+SAMPLE_HELP = {
+    **HELP,
+    "batch_size": "images per sampling forward pass, per rank (memory, not the result)",
+    "compile": "torch.compile the UNet (each batch shape compiles on its first call: for long runs)",
+}
 SAMPLE_DEFAULTS = dict(
     run_dir="",
     model_path="",
@@ -55,6 +60,8 @@ SAMPLE_DEFAULTS = dict(
     class_labels="",
     guidance_scale=1.0,
     guidance_interval="",
+    precision="fp32",
+    compile=False,
     seed=0,
     out="",
     override=False,
@@ -91,6 +98,7 @@ def main(super_res: bool = False) -> None:
     device = dist_util.dev()
 
     model, diffusion = load_trained_model(path, flags, super_res, device)
+    model = fast_model(model, args.precision, args.compile)
     interval = guidance_interval(args.guidance_interval)
     if args.guidance_scale != 1.0:
         model = classifier_free_guidance(

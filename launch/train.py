@@ -281,7 +281,10 @@ def main(super_res: bool = False) -> Optional[int]:
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     fp16_supported = get_accelerator().is_fp16_supported()
-    ds_cfg, notes = resolve(ds_cfg, args, explicit, world, fp16_supported, dist_util.native_bf16())
+    native = dist_util.native_bf16()
+    ds_cfg, notes = resolve(
+        ds_cfg, args, explicit, world, fp16_supported, native, dist_util.accelerator_is_cpu()
+    )
     run_dir = resolve_run_dir(args.log_dir)
     os.makedirs(run_dir, exist_ok=True)
     run_lock = lock_run_dir(run_dir, rank)  # noqa: F841  (held until the process ends)

@@ -123,9 +123,11 @@ def bare_model(tmp_path):
 
 SAMPLE_CASES = [
     (["--num_samples", "0"], "--num_samples"),
-    (["--sampler", "euler"], "--sampler must be one of ancestral, ddim, dpmpp_2m"),
+    (["--sampler", "euler"], "--sampler must be one of ancestral, ddim, dpmpp_2m, dpmpp_2m_sde"),
+    (["--precision", "fp8"], "--precision must be one of fp32, bf16, auto"),
     (["--sampler", "dpmpp_2m", "--timestep_respacing", "ddim10"], "not 'ddim10'"),
     (["--sampler", "dpmpp_2m", "--timestep_respacing", "5,5"], "a plain count"),
+    (["--sampler", "dpmpp_2m_sde", "--timestep_respacing", "ddim5"], "--sampler dpmpp_2m_sde takes"),
     (["--sampler", "dpmpp_2m", "--use_ddim", "True"], "contradicts"),
     (["--guidance_interval", "5,1"], "needs 0 <= LO < HI"),
     (["--guidance_interval", "0.3"], "two noise levels"),

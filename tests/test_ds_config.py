@@ -233,3 +233,14 @@ def test_optimizer_params_that_adam_does_not_take_are_one_line_errors():
     cfg = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW", "params": {"momentum": 0.9}}}
     with pytest.raises(ConfigError, match=r"optimizer.params \['momentum'\] are not Adam's"):
         create_engine(torch.nn.Linear(2, 2), cfg)
+
+
+def test_fp16_on_a_cpu_with_native_bf16_says_bf16_is_faster():
+    """The GPU configs (zero0-3.json) are fp16; run on a CPU whose fp16 is supported but whose bf16 is native
+    (an AMX or AVX512-BF16 Xeon), they say so in one line at start."""
+    cfg = {"train_micro_batch_size_per_gpu": 2, "fp16": {"enabled": True}}
+    for native, warned in ((True, True), (False, False)):
+        resolved, notes = resolve(cfg, args(), set(), 1, True, native_bf16=native, on_cpu=True)
+        assert resolved["fp16"]["enabled"] and any("fp16 is the far slower one" in n for n in notes) == warned
+    _, notes = resolve(cfg, args(), set(), 1, True, native_bf16=True, on_cpu=False)  # a GPU: no warning
+    assert not any("far slower" in n for n in notes)

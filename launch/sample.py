@@ -127,7 +127,7 @@ def main(super_res: bool = False) -> None:
     starts = range(0, len(mine), args.batch_size)
     # Denoising steps, not batches: one batch of 64 images is minutes of steps on a CPU.
     bar = progress_bar(total=len(starts) * diffusion.num_timesteps, disable=rank != 0, unit="step")
-    for start in starts:
+    for done, start in enumerate(starts, 1):
         idx = mine[start : start + args.batch_size]
         kwargs = {}
         if labels is not None:
@@ -151,6 +151,9 @@ def main(super_res: bool = False) -> None:
                 on_step=lambda: bar.update(1),
             )
         )
+        if bar.disable and rank == 0:
+            # Without a terminal (a batch job's file), one line per batch is the progress report.
+            print(f"created {min(done * args.batch_size * world, args.num_samples)} samples", flush=True)
     bar.close()
     local = (
         mine,

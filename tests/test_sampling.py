@@ -465,22 +465,23 @@ def test_the_log_says_what_an_ancestral_ddim_respacing_does(run_dir, tmp_path):
 
 
 def test_sde_dpm_solver_samples_the_data_distribution_and_each_image_keeps_its_seed():
-    """SDE-DPM-Solver++(2M) on Gaussian data: 20 model evaluations give samples with the data's mean and
-    spread (N(0.3, 0.5^2)); and, as with every sampler, image i depends on (seed, i) alone, not its batch."""
+    """SDE-DPM-Solver++(2M) on Gaussian data (N(0.3, 0.5^2)): the samples' mean and spread converge to the
+    data's as model evaluations grow (a 20-step chain is off by under 4% in spread, 160 steps by under 1%);
+    and, as with every sampler, image i depends on (seed, i) alone, not its batch."""
     from iddpm_ds.sampling import diffusion_for_sampler, sample_images
     from iddpm_ds.script_util import create_gaussian_diffusion
 
-    diffusion = create_gaussian_diffusion(steps=1000, noise_schedule="linear", timestep_respacing="20")
-    model = GaussianDataDenoiser(diffusion.base_alphas_cumprod(), 0.3, 0.5)
     x_T = torch.randn(512, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    gen = torch.Generator().manual_seed(1)
-    out = diffusion_for_sampler(diffusion, "dpmpp_2m_sde").dpm_solver_sample_loop(
-        model, x_T.shape, noise=x_T, clip_denoised=False, sde=True,
-        step_noise=lambda: torch.randn(x_T.shape, generator=gen),
-    )  # fmt: skip
-    assert float(out.mean()) == pytest.approx(0.3, abs=0.01) and float(out.std()) == pytest.approx(
-        0.5, rel=0.03
-    )
+    for steps, spread_tol in ((20, 0.04), (160, 0.01)):
+        diffusion = create_gaussian_diffusion(steps=1000, noise_schedule="linear", timestep_respacing=str(steps))
+        model = GaussianDataDenoiser(diffusion.base_alphas_cumprod(), 0.3, 0.5)
+        gen = torch.Generator().manual_seed(1)
+        out = diffusion_for_sampler(diffusion, "dpmpp_2m_sde").dpm_solver_sample_loop(
+            model, x_T.shape, noise=x_T, clip_denoised=False, sde=True,
+            step_noise=lambda: torch.randn(x_T.shape, generator=gen),
+        )  # fmt: skip
+        assert float(out.mean()) == pytest.approx(0.3, abs=0.01), steps
+        assert float(out.std()) == pytest.approx(0.5, rel=spread_tol), steps
     kwargs = dict(
         image_size=8, seed=0, sampler="dpmpp_2m_sde", clip_denoised=False, device=torch.device("cpu")
     )

@@ -97,31 +97,6 @@ def test_a_right_kernel_passes_its_check_once_and_stays_in_use(caplog):
     assert len(self_check.results) == 3 and all(r.ok for r in self_check.results)
 
 
-@pytest.mark.parametrize("broken", ["forward", "backward"])
-def test_a_wrong_group_norm_kernel_is_caught_and_replaced_by_the_reference(
-    monkeypatch, caplog, broken, group_norm_triton
-):
-    fn = getattr(group_norm_triton, broken)
-    monkeypatch.setattr(group_norm_triton, broken, perturbed(fn))
-    inputs = gn_inputs()
-    with caplog.at_level(logging.WARNING, logger="kernels"):
-        got = gn_values_and_grads(group_norm_silu, *inputs)
-        got_again = gn_values_and_grads(group_norm_silu, *inputs)
-    want = gn_values_and_grads(group_norm_silu_reference, *inputs)
-    assert all(torch.equal(g, r) for g, r in zip(got + got_again, want + want))
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1  # once, not per call
-    assert (
-        "kernel self-check group_norm_silu on cpu torch.float32 [2, 8, 4, 4] (4 groups): MISMATCH"
-        in warnings[0]
-    )
-    assert "uses the PyTorch reference from now on" in warnings[0]
-    result = self_check.results[0]
-    error = result.output_error if broken == "forward" else result.gradient_error
-    assert error == pytest.approx(0.01, rel=0.05)  # the injected 1% is what the check measured
-    assert kernels.dispatch.launches["group_norm_silu"] == 0 and len(kernels.dispatch.fallbacks()) == 1
-
-
 def attention_inputs(seed=0):
     torch.manual_seed(seed)
     return torch.randn(1, 3 * 2 * 16, 20).requires_grad_()
@@ -132,22 +107,45 @@ def attention_values_and_grads(fn, qkv):
     return [y.detach(), *torch.autograd.grad(y, qkv, torch.ones_like(y))]
 
 
+# op -> (its kernels' module, the op, its reference, inputs, what the check names it with)
+WRONG_KERNEL_CASES = {
+    "group_norm_silu": (
+        "group_norm_triton", group_norm_silu, group_norm_silu_reference, gn_inputs, "[2, 8, 4, 4] (4 groups)"
+    ),
+    "qkv_attention": (
+        "attention_triton", qkv_attention, qkv_attention_reference, lambda: (attention_inputs(),),
+        "[1, 96, 20] (2 heads, legacy order)",
+    ),
+}  # fmt: skip
+
+
+def values_and_grads(op, fn, inputs):
+    if op == "group_norm_silu":
+        return gn_values_and_grads(fn, *inputs)
+    return attention_values_and_grads(fn, *inputs)
+
+
 @pytest.mark.parametrize("broken", ["forward", "backward"])
-def test_a_wrong_attention_kernel_is_caught_and_replaced_by_the_reference(
-    monkeypatch, caplog, broken, attention_triton
+@pytest.mark.parametrize("op", list(WRONG_KERNEL_CASES))
+def test_a_wrong_kernel_is_caught_warned_about_once_and_replaced_by_the_reference(
+    monkeypatch, caplog, request, broken, op
 ):
-    fn = getattr(attention_triton, broken)
-    monkeypatch.setattr(attention_triton, broken, perturbed(fn))
-    qkv = attention_inputs()
+    module_name, fn, reference, make_inputs, shape = WRONG_KERNEL_CASES[op]
+    module = request.getfixturevalue(module_name)
+    monkeypatch.setattr(module, broken, perturbed(getattr(module, broken)))
+    inputs = make_inputs()
     with caplog.at_level(logging.WARNING, logger="kernels"):
-        got = attention_values_and_grads(qkv_attention, qkv)
-    want = attention_values_and_grads(qkv_attention_reference, qkv)
-    assert all(torch.equal(g, r) for g, r in zip(got, want))
-    assert (
-        "kernel self-check qkv_attention on cpu torch.float32 [1, 96, 20] (2 heads, legacy order): MISMATCH"
-        in (caplog.text)
-    )
-    assert kernels.dispatch.launches["qkv_attention"] == 0
+        got = values_and_grads(op, fn, inputs) + values_and_grads(op, fn, inputs)
+    want = values_and_grads(op, reference, inputs)
+    assert all(torch.equal(g, r) for g, r in zip(got, want + want))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # once, not per call
+    assert f"kernel self-check {op} on cpu torch.float32 {shape}: MISMATCH" in warnings[0]
+    assert "uses the PyTorch reference from now on" in warnings[0]
+    result = self_check.results[0]
+    error = result.output_error if broken == "forward" else result.gradient_error
+    assert error == pytest.approx(0.01, rel=0.05)  # the injected 1% is what the check measured
+    assert kernels.dispatch.launches[op] == 0 and len(kernels.dispatch.fallbacks()) == 1
 
 
 def test_a_right_attention_kernel_passes_and_a_new_shape_class_is_checked_anew():

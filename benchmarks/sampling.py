@@ -1,14 +1,17 @@
 """Sampling: quality per sampler, step count, guidance scale and guidance interval, and speed against
 improved-diffusion's own sampler, on a trained digits model (the README demo's recipe).
 
-    python benchmarks/sampling.py quality --run RUN --steps 1000,3000 [--samples 500] [--out OUT]
+    python benchmarks/sampling.py quality --run RUN --steps 1000,3000 [--weights phema_0.05] [--samples 500]
+        [--samplers ancestral:250,dpmpp_2m_sde:20] [--guidance 1,3] [--out OUT]
     python benchmarks/sampling.py speed --run RUN --step 1000 --improved_diffusion DIR [--out ...]
 
-quality: for each trained step (its ema_RATE_STEP.pt), every cell of ancestral at 250/100/50 steps, DDIM at
-50/25 and DPM-Solver++(2M) at 10/15/20/25 model evaluations, at guidance 1, 2, 3 and 5, the guided ones with
-and without the guidance interval: --samples images (labels cycled 0-9, image i from seed (0, i), so every
-cell starts from the same noise), scored by class accuracy, mnist_fd beside the real-data floor at the same
-count (real digits scored as samples) and the colour measure (evaluation.colour), and timed. Writes
+quality: for each trained step (its WEIGHTS_STEP.pt: a rate EMA, ema_0.995, or a post-hoc EMA profile,
+phema_0.05), every cell of the samplers (by default ancestral at 250/100/50 steps, DDIM at 50/25 and
+DPM-Solver++(2M) and its SDE variant at 10/15/20/25 model evaluations) at each guidance scale (by default 1,
+2, 3 and 5), the guided ones with and without the guidance interval: --samples images (labels cycled 0-9,
+image i from seed (0, i), so every cell starts from the same noise), scored by class accuracy, mnist_fd
+beside the real-data floor at the same count (real digits scored as samples) and the colour measure
+(evaluation.colour), and timed. Writes
 OUT.json after every cell (a run cut short keeps what it measured; --reuse continues it), then OUT.md and
 OUT.png (a grid of the best cell by mnist_fd among those at >= 98% class accuracy).
 
@@ -32,20 +35,21 @@ from iddpm_ds.flags import load_trained_model, read_run_config
 from iddpm_ds.sampling import classifier_free_guidance, fast_model, make_grid, noise_level, sample_images
 from iddpm_ds.script_util import NULL_CLASS
 
-SAMPLERS = [("ancestral", 250), ("ancestral", 100), ("ancestral", 50), ("ddim", 50), ("ddim", 25)]
-SAMPLERS += [("dpmpp_2m", n) for n in (10, 15, 20, 25)]
-GUIDANCE = (1.0, 2.0, 3.0, 5.0)
+SAMPLERS = "ancestral:250,ancestral:100,ancestral:50,ddim:50,ddim:25"
+SAMPLERS += "".join(f",{s}:{n}" for s in ("dpmpp_2m", "dpmpp_2m_sde") for n in (10, 15, 20, 25))
+GUIDANCE = "1,2,3,5"
 
 
 def respacing(sampler: str, n: int) -> str:
     return f"ddim{n}" if sampler == "ddim" else str(n)
 
 
-def load(run: str, step: int, sampler: str, n: int):
-    """(model, diffusion, flags) of the run's first-rate EMA at `step`, respaced for the sampler."""
+def load(run: str, step: int, sampler: str, n: int, weights: str = ""):
+    """(model, diffusion, flags) of the run's weights file WEIGHTS_STEP.pt (by default its first-rate EMA),
+    respaced for the sampler."""
     flags = dict(read_run_config(run)["model_flags"], timestep_respacing=respacing(sampler, n))
-    rate = str(read_run_config(run)["train_flags"]["ema_rate"]).split(",")[0]
-    path = os.path.join(run, f"ema_{rate}_{step:06d}.pt")
+    weights = weights or "ema_" + str(read_run_config(run)["train_flags"]["ema_rate"]).split(",")[0]
+    path = os.path.join(run, f"{weights}_{step:06d}.pt")
     model, diffusion = load_trained_model(path, flags, False, torch.device("cpu"))
     return model, diffusion, flags
 
@@ -70,20 +74,21 @@ def quality(args) -> None:
     out_json = args.out + ".json"
     results = json.load(open(out_json)) if args.reuse and os.path.exists(out_json) else {"cells": {}}
     results["meta"] = {
-        "run": args.run, "samples": args.samples, "interval": args.interval, "precision": args.precision,
+        "run": args.run, "weights": args.weights, "samples": args.samples, "interval": args.interval,
+        "precision": args.precision,
         "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "threads": torch.get_num_threads(),
     }  # fmt: skip
     interval = tuple(float(x) for x in args.interval.split(","))
     labels = np.arange(args.samples) % 10
     evaluator = Evaluator(["mnist_acc", "mnist_fd", "colour"], "builtin:mnist", 32)
     for step in [int(s) for s in args.steps.split(",")]:
-        for w in GUIDANCE:
-            for sampler, n in SAMPLERS:
+        for w in [float(g) for g in args.guidance.split(",")]:
+            for sampler, n in [(c.split(":")[0], int(c.split(":")[1])) for c in args.samplers.split(",")]:
                 for iv in [None] if w == 1.0 else [None, interval]:
                     key = cell_key(step, sampler, n, w, iv)
                     if key in results["cells"]:
                         continue
-                    model, diffusion, _ = load(args.run, step, sampler, n)
+                    model, diffusion, _ = load(args.run, step, sampler, n, args.weights)
                     net = fast_model(model, args.precision)
                     if w != 1.0:
                         net = classifier_free_guidance(
@@ -161,7 +166,7 @@ def speed(args) -> None:
     sys.path.insert(0, args.improved_diffusion)
     from improved_diffusion import script_util as theirs
 
-    model, diffusion, flags = load(args.run, args.step, "ancestral", args.nfe)
+    model, diffusion, flags = load(args.run, args.step, "ancestral", args.nfe, args.weights)
     their_flags = {k: v for k, v in flags.items() if k in theirs.model_and_diffusion_defaults()}
     their_model, their_diffusion = theirs.create_model_and_diffusion(**their_flags)
     state = model.state_dict()
@@ -182,7 +187,7 @@ def speed(args) -> None:
         ("ours bf16 compiled", args.precision, True),
     ):
         for sampler in ("ancestral", "dpmpp_2m"):
-            _, d, _ = load(args.run, args.step, sampler, args.nfe)
+            _, d, _ = load(args.run, args.step, sampler, args.nfe, args.weights)
             net = fast_model(model, precision, compiled)
 
             def ours_run(net=net, d=d, sampler=sampler):
@@ -221,7 +226,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["quality", "speed"])
     p.add_argument("--run", required=True, help="a run directory of the README demo's recipe")
-    p.add_argument("--steps", default="1000", help="quality: the trained steps to score (their EMA files)")
+    p.add_argument("--steps", default="1000", help="quality: the trained steps to score")
+    p.add_argument("--weights", default="", help="the weights files' prefix (default: the first rate EMA)")
+    p.add_argument("--samplers", default=SAMPLERS, help="quality: SAMPLER:MODEL_EVALUATIONS,...")
+    p.add_argument("--guidance", default=GUIDANCE, help="quality: the guidance scales")
     p.add_argument("--samples", type=int, default=500)
     p.add_argument("--batch", type=int, default=250, help="images per sampling batch")
     p.add_argument("--interval", default="0.3,5", help="the guidance interval's LO,HI in sigma")

@@ -35,6 +35,16 @@ def pytest_configure(config):
         os.environ["TRITON_INTERPRET"] = previous
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, as CI runs), keep a module's tests that share a
+    module-scoped fixture (a training run, the GPU script's dry run, a private SLURM) on one worker, so the
+    fixture is built once rather than once per worker; every other test goes wherever a worker is free."""
+    for item in items:
+        fixtures = item._fixtureinfo.name2fixturedefs.values()
+        if any(defs[-1].scope == "module" for defs in fixtures):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 # The tiny UNet's shape: 8 px, two levels, attention at 4 px.
 TINY_SHAPE = dict(
     image_size=8,

@@ -473,7 +473,9 @@ def test_sde_dpm_solver_samples_the_data_distribution_and_each_image_keeps_its_s
 
     x_T = torch.randn(512, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     for steps, spread_tol in ((20, 0.04), (160, 0.01)):
-        diffusion = create_gaussian_diffusion(steps=1000, noise_schedule="linear", timestep_respacing=str(steps))
+        diffusion = create_gaussian_diffusion(
+            steps=1000, noise_schedule="linear", timestep_respacing=str(steps)
+        )
         model = GaussianDataDenoiser(diffusion.base_alphas_cumprod(), 0.3, 0.5)
         gen = torch.Generator().manual_seed(1)
         out = diffusion_for_sampler(diffusion, "dpmpp_2m_sde").dpm_solver_sample_loop(

@@ -113,8 +113,8 @@ HELP = {
     "num_samples": "number of images",
     "clip_denoised": "clip each predicted x_0 to [-1, 1]",
     "use_ddim": "DDIM sampling (deterministic with eta 0) instead of ancestral (= --sampler ddim)",
-    "sampler": "ancestral (improved-diffusion's), ddim, or dpmpp_2m (DPM-Solver++(2M): "
-    "--timestep_respacing N is its number of model evaluations)",
+    "sampler": "ancestral (improved-diffusion's), ddim, dpmpp_2m (DPM-Solver++(2M): --timestep_respacing N "
+    "is its number of model evaluations) or dpmpp_2m_sde (its stochastic variant)",
     "guidance_interval": "LO,HI: classifier-free guidance only where the noise level sigma = "
     "sqrt((1 - abar_t) / abar_t) lies in (LO, HI], the conditional prediction alone elsewhere ('' = every "
     "step)",

@@ -1,5 +1,5 @@
 """Sample quality against minutes of training on this machine: improved-diffusion's own trainer and sampler
-against ours with the README demo's recipe, side by side, and each of our techniques switched off alone.
+against ours (the recipe below), side by side, and each of our techniques switched off alone.
 
     python benchmarks/time_to_quality.py --improved_diffusion DIR [--minutes 1,2,4,8] [--samples 500]
 
@@ -13,7 +13,7 @@ EMA profile's snapshots); at each time point the newest snapshot written by then
   timesteps, linear schedule), --batch_size 32 as ours; its UNet cannot take channel_mult 1,2,2, so it has its
   32 px default (1,2,2,2). Sampled with its own p_sample_loop at 100 respaced steps, labels 0-9 cycled (its
   image_sample.py would draw labels from 1,000 ImageNet classes), from its EMA and from its raw weights.
-- ours: launch/train.py as the README demo runs it (2 CPU ranks, bf16 where native, x_0 prediction, Min-SNR
+- ours: launch/train.py (2 CPU ranks, bf16 where native, x_0 prediction, Min-SNR
   5, lr 1e-3, the post-hoc EMA profile of width 0.05), sampled with SDE-DPM-Solver++(2M) at 20 model
   evaluations, guidance --guidance.
 - ablations at --ablation_minutes: ours with eps prediction, without Min-SNR, in fp32; and at the end of the
@@ -21,7 +21,8 @@ EMA profile's snapshots); at each time point the newest snapshot written by then
   (ancestral, 100 steps) against ours.
 
 Each sample set is scored by class accuracy, mnist_fd beside the real-data floor at the same count and the
-colour measure. Writes OUT.json, OUT.md and OUT.png (mnist_fd against minutes).
+colour measure. Writes OUT.json and OUT.png (mnist_fd against minutes); time_to_quality.md reads the recorded
+run.
 """
 
 import argparse

@@ -169,6 +169,19 @@ def speed(args) -> None:
     model, diffusion, flags = load(args.run, args.step, "ancestral", args.nfe, args.weights)
     their_flags = {k: v for k, v in flags.items() if k in theirs.model_and_diffusion_defaults()}
     their_model, their_diffusion = theirs.create_model_and_diffusion(**their_flags)
+    if flags["channel_mult"]:  # its factory takes no channel_mult: its UNet class does
+        from improved_diffusion.unet import UNetModel
+
+        size = flags["image_size"]
+        their_model = UNetModel(
+            in_channels=3, model_channels=flags["num_channels"], num_res_blocks=flags["num_res_blocks"],
+            out_channels=6 if flags["learn_sigma"] else 3, dropout=flags["dropout"],
+            attention_resolutions=tuple(size // int(r) for r in flags["attention_resolutions"].split(",")),
+            channel_mult=tuple(int(c) for c in flags["channel_mult"].split(",")),
+            num_classes=theirs.NUM_CLASSES if flags["class_cond"] else None, num_heads=flags["num_heads"],
+            num_heads_upsample=flags["num_heads_upsample"],
+            use_scale_shift_norm=flags["use_scale_shift_norm"],
+        )  # fmt: skip
     state = model.state_dict()
     # Our null class is one more label-embedding row; unguided sampling never reads it.
     state["label_emb.weight"] = state["label_emb.weight"][: their_model.label_emb.weight.shape[0]]

@@ -24,7 +24,7 @@ def dry_run(tmp_path_factory):
     assert wheels.returncode == 0, wheels.stdout + wheels.stderr
     proc = subprocess.run(
         ["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=600,
+        timeout=1200,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:]
     return proc.stdout, tmp / "out"

@@ -23,7 +23,7 @@ setup(
         "ninja",
     ],
     extras_require={
-        "test": ["pytest", "ruff==0.17.6"],
+        "test": ["pytest", "pytest-xdist==3.8.0", "ruff==0.17.6"],
         # fid/isc/kid/prc in launch/evaluate.py. torchvision must match torch: PyPI's Linux wheel is a CUDA
         # build that cannot load beside a CPU-only torch (the digit metrics need neither).
         "eval": ["torch-fidelity==0.4.0", "torchvision"],

@@ -35,6 +35,19 @@ def pytest_configure(config):
         os.environ["TRITON_INTERPRET"] = previous
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the markers into the scheduling groups
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, as the README's command runs), keep the tests that share a
+    module-scoped fixture (a training run, the GPU script's dry run, a private SLURM) on one worker, so the
+    fixture is built once rather than once per worker; every other test goes wherever a worker is free."""
+    for item in items:
+        shared = sorted(
+            name for name, defs in item._fixtureinfo.name2fixturedefs.items() if defs[-1].scope == "module"
+        )
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{'+'.join(shared)}"))
+
+
 # The tiny UNet's shape: 8 px, two levels, attention at 4 px.
 TINY_SHAPE = dict(
     image_size=8,

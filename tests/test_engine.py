@@ -94,8 +94,9 @@ def compiled_scenarios(tmp_path_factory):
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_compiled_unet_steps_like_the_eager_one(compiled_scenarios, stage):
-    """The compiled UNet (inductor at ZeRO 0-2, aot_eager at ZeRO-3, whose parameters are gathered between
-    compiled pieces) with accumulation: the weights after 4 steps (2 at ZeRO-3) are eager's to rounding."""
+    """The compiled UNet (inductor at ZeRO-2, aot_eager's same traced graphs at the other stages; ZeRO-3
+    gathers parameters between compiled pieces) with accumulation: the weights after 4 steps (2 at ZeRO-3)
+    are eager's to rounding."""
     assert compiled_scenarios[f"compiled_vs_eager_z{stage}"] < 1e-6
 
 

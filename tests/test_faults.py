@@ -3,6 +3,7 @@ tampered file."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -238,34 +239,30 @@ def test_divergence_stops_with_a_checkpoint_from_before(tmp_path, config):
     )
 
 
+ELASTIC = os.path.join(ROOT, "tests", "elastic_scenario.py")
+
+
+def elastic(ranks, mode, run_dir, out):
+    launcher = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port())]
+    cmd = [*launcher, ELASTIC, mode, str(run_dir), str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, env=env(), cwd=ROOT, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def zero2_checkpoint(tmp_path_factory):
+    """(a 2-rank ZeRO-2 run directory after 3 steps, the state it dumped), made once for both rank counts."""
+    tmp = tmp_path_factory.mktemp("elastic")
+    elastic(2, "train", tmp / "run", tmp / "ref.pt")
+    return tmp / "run", torch.load(tmp / "ref.pt", weights_only=False)
+
+
 @pytest.mark.parametrize("ranks", [1, 4])
-def test_elastic_resume_of_a_2_rank_zero2_checkpoint(tmp_path, ranks):
-    script = os.path.join(ROOT, "tests", "elastic_scenario.py")
+def test_elastic_resume_of_a_2_rank_zero2_checkpoint(tmp_path, zero2_checkpoint, ranks):
+    source, ref = zero2_checkpoint
     run_dir = tmp_path / "run"
-
-    def launch(n, mode, out):
-        subprocess.run(
-            [
-                "deepspeed",
-                "--num_gpus",
-                str(n),
-                "--master_port",
-                str(free_port()),
-                script,
-                mode,
-                str(run_dir),
-                str(out),
-            ],
-            check=True,
-            capture_output=True,
-            env=env(),
-            cwd=ROOT,
-            timeout=300,
-        )
-
-    launch(2, "train", tmp_path / "ref.pt")
-    launch(ranks, "resume", tmp_path / "resumed.pt")
-    ref, got = (torch.load(tmp_path / f, weights_only=False) for f in ("ref.pt", "resumed.pt"))
+    shutil.copytree(source, run_dir)  # a resume converts the checkpoint in place
+    elastic(ranks, "resume", run_dir, tmp_path / "resumed.pt")
+    got = torch.load(tmp_path / "resumed.pt", weights_only=False)
     for key in ("master", "ema", "phema", "exp_avg", "exp_avg_sq"):
         assert all(torch.equal(ref[key][n], got[key][n]) for n in ref[key]), key
     assert (

@@ -39,8 +39,9 @@ def test_every_step_runs_and_the_wheels_install_for_the_gpu_python(dry_run):
     assert re.search(
         r"wheels: .*deepspeed-0\.19\.8-py3-none-any\.whl .*install for Python 3\.12", log.replace("\n", " ")
     )
-    ends = re.findall(r"^== (.+): (exit \d+|skipped)", log, re.M)
-    assert len(ends) == 10 and all(end == "exit 0" for _, end in ends), ends
+    ends = dict(re.findall(r"^== (.+): (exit \d+|skipped)", log, re.M))
+    assert len(ends) == 10 and ends.pop("engine bf16, kernels on") == "skipped", ends
+    assert all(end == "exit 0" for end in ends.values()), ends
     assert sorted(os.listdir(out)) == sorted(
         [
             "gpu_check.txt",
@@ -87,14 +88,15 @@ def test_the_engine_trains_resumes_and_samples_in_both_precisions_kernels_on_and
     log, out = dry_run
     engine = read(out, "engine.json")
     runs = engine["runs"]
-    assert sorted(runs) == ["bf16_kernels", "bf16_reference", "fp16_kernels", "fp16_reference"]
+    # The dry run skips bf16 with kernels: its command differs from fp16's by the JSON alone.
+    assert sorted(runs) == ["bf16_reference", "fp16_kernels", "fp16_reference"]
     assert runs["fp16_kernels"]["steps"] == 2 and "resumed from" in runs["fp16_kernels"]["resumed"][0]
     for name, run in runs.items():
         assert run["images_per_s"] > 0 and run["loss_last"] > 0, name
         # The interpreter runs the kernels' self-check on the CPU; with the kernels off there is none.
         assert bool(run["self_check"]) == name.endswith("_kernels"), name
         assert all(": passed" in line for line in run["self_check"]), name
-    assert set(engine["kernel_speedup"]) == {"bf16", "fp16"}
+    assert set(engine["kernel_speedup"]) == {"fp16"}
     assert (out / "samples.png").stat().st_size > 0
     assert "fp16: kernels on" in log
 

@@ -13,12 +13,15 @@ EMA profile's snapshots); at each time point the newest snapshot written by then
   timesteps, linear schedule), --batch_size 32 as ours; its UNet cannot take channel_mult 1,2,2, so it has its
   32 px default (1,2,2,2). Sampled with its own p_sample_loop at 100 respaced steps, labels 0-9 cycled (its
   image_sample.py would draw labels from 1,000 ImageNet classes), from its EMA and from its raw weights.
-- ours: launch/train.py (2 CPU ranks, bf16 where native, x_0 prediction, Min-SNR
-  5, lr 1e-3, the post-hoc EMA profile of width 0.05), sampled with SDE-DPM-Solver++(2M) at 20 model
+- ours: launch/train.py with the README demo's recipe (2 CPU ranks, bf16 where native, x_0 prediction,
+  lr 1e-3, the post-hoc EMA profile of width 0.05), sampled with SDE-DPM-Solver++(2M) at 20 model
   evaluations, guidance --guidance.
-- ablations at --ablation_minutes: ours with eps prediction, without Min-SNR, in fp32; and at the end of the
-  full run the fixed EMA (--ema_rate 0.995) against the profile, and improved-diffusion's sampler settings
-  (ancestral, 100 steps) against ours.
+- ablations at --ablation_minutes (0: none): ours with eps prediction, with Min-SNR 5, in fp32; and at the
+  end of the full run the fixed EMA (--ema_rate 0.995) against the profile, and improved-diffusion's sampler
+  settings (ancestral, 100 steps) against ours.
+
+--reuse_theirs FILE takes improved-diffusion's rows from an earlier run's OUT.json (same machine, same
+--samples) instead of training it again; the output says so.
 
 Each sample set is scored by class accuracy, mnist_fd beside the real-data floor at the same count and the
 colour measure. Writes OUT.json and OUT.png (mnist_fd against minutes); time_to_quality.md reads the recorded
@@ -55,12 +58,12 @@ MODEL = (
 )
 OURS = (
     "--deepspeed_config ds_configs/cpu_bf16_auto.json --channel_mult 1,2,2 --class_dropout_prob 0.1 "
-    "--predict_xstart True --snr_gamma 5 --lr 1e-3 --ema_rate 0.995 --ema_profiles 0.05 "
+    "--predict_xstart True --lr 1e-3 --ema_rate 0.995 --ema_profiles 0.05 "
     "--ema_snapshot_interval 25 --save_interval 1000000 --log_interval 100 --max_steps 1000000"
 ).split()
 ABLATIONS = {
     "eps prediction": ["--predict_xstart", "False"],
-    "no Min-SNR": ["--snr_gamma", "0"],
+    "Min-SNR 5": ["--snr_gamma", "5"],
     "fp32": ["--deepspeed_config", "ds_configs/cpu.json"],
 }
 
@@ -188,7 +191,9 @@ def run_ours(args, data, work, name, extra, minutes_list, evaluator, labels) -> 
         row.update(score(evaluator, ours_images(run, path, labels, args.guidance), labels))
         print(row, flush=True)
         rows.append(row)
-    if name == "full":  # at the end: the fixed EMA, and improved-diffusion's sampler settings
+    if (
+        name == "full" and args.ablation_minutes
+    ):  # at the end: the fixed EMA, and improved-diffusion's sampler settings
         step = max(s for _, s in snaps)
         ema = [f for f in os.listdir(run) if f.startswith("ema_0.995_")]
         if ema:
@@ -247,7 +252,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--improved_diffusion", required=True, help="a checkout of openai/improved-diffusion")
     p.add_argument("--minutes", default="1,2,4,8")
-    p.add_argument("--ablation_minutes", type=float, default=4)
+    p.add_argument("--ablation_minutes", type=float, default=4, help="0: no ablations")
+    p.add_argument(
+        "--reuse_theirs", default="", help="an earlier OUT.json whose improved-diffusion rows to keep"
+    )
     p.add_argument("--samples", type=int, default=500)
     p.add_argument("--guidance", type=float, default=2.0, help="our classifier-free guidance scale")
     p.add_argument("--their_save", type=int, default=50, help="improved-diffusion's save_interval (steps)")
@@ -261,9 +269,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         data = os.path.join(work, "digits")
         write_digits(data)
-        results["rows"] += run_theirs(args, data, work, evaluator, labels)["rows"]
+        if args.reuse_theirs:
+            with open(args.reuse_theirs) as f:
+                earlier = json.load(f)
+            if earlier["meta"]["samples"] != args.samples:
+                sys.exit(
+                    f"{args.reuse_theirs} scored {earlier['meta']['samples']} samples, not {args.samples}"
+                )
+            results["meta"]["theirs_from"] = {"file": args.reuse_theirs, **earlier["meta"]}
+            results["rows"] += [r for r in earlier["rows"] if r["side"] == "improved-diffusion"]
+        else:
+            results["rows"] += run_theirs(args, data, work, evaluator, labels)["rows"]
         results["rows"] += run_ours(args, data, work, "full", [], args.minutes, evaluator, labels)
-        for name, extra in ABLATIONS.items():
+        for name, extra in ABLATIONS.items() if args.ablation_minutes else ():
             results["rows"] += run_ours(
                 args, data, work, name, extra, [args.ablation_minutes], evaluator, labels
             )

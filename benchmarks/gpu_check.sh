@@ -96,12 +96,12 @@ python3 -c "import torch, triton; print(f'torch {torch.__version__}, triton {tri
 step kernels 150 python3 kernels/bench.py "${SMOKE[@]}" --out "$OUT/kernels.json"
 
 # 2. The engine end to end: fp16 (dynamic loss scaling) and bf16, kernels on and off.
-# A port per run: a finished run's processes (its data workers inherit the rendezvous socket) can hold its
-# port a while after it ends, and the next run would fail with EADDRINUSE.
-PORT=29630
+# A free port per run, not a fixed one: a fixed port was found held (EADDRINUSE) when the dry run ran beside
+# the other tests, and a finished run's processes can hold theirs a while after it ends.
 train() {  # train TITLE SECONDS RUN_NAME JSON KERNELS MAX_STEPS
-  PORT=$((PORT + 1))
-  step "$1" "$2" deepspeed --num_gpus 1 --master_port "$PORT" launch/train.py --deepspeed_config "ds_configs/$4" \
+  local port
+  port=$(python3 -c "from iddpm_ds.dist_util import free_port; print(free_port())")
+  step "$1" "$2" deepspeed --num_gpus 1 --master_port "$port" launch/train.py --deepspeed_config "ds_configs/$4" \
     --log_dir "$RUNS/$3" --data_dir builtin:mnist --num_workers 2 --max_steps "$6" --log_interval 1 \
     --save_interval "$STEPS" --use_fused_kernels "$5" "${MODEL[@]}"
 }

@@ -191,9 +191,8 @@ def run_ours(args, data, work, name, extra, minutes_list, evaluator, labels) -> 
         row.update(score(evaluator, ours_images(run, path, labels, args.guidance), labels))
         print(row, flush=True)
         rows.append(row)
-    if (
-        name == "full" and args.ablation_minutes
-    ):  # at the end: the fixed EMA, and improved-diffusion's sampler settings
+    # At the end of the full run, unless ablations are off: the fixed EMA, and improved-diffusion's sampler.
+    if name == "full" and args.ablation_minutes:
         step = max(s for _, s in snaps)
         ema = [f for f in os.listdir(run) if f.startswith("ema_0.995_")]
         if ema:

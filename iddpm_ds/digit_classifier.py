@@ -6,6 +6,7 @@ It is trained once (seeded, 4,000 of the 5,000 built-in digits; the other 1,000 
 its printed test accuracy) and cached; a missing or unreadable cache file is retrained.
 """
 
+import fcntl
 import logging
 import os
 from typing import Tuple
@@ -127,20 +128,23 @@ def cache_dir() -> str:
 
 
 def load_classifier() -> Tuple[LeNet, float]:
-    """The cached classifier and its held-out accuracy; trained (about half a minute on 2 cores) and cached
-    when the file is missing or unreadable."""
+    """The cached classifier and its held-out accuracy; trained (about a minute on 2 cores) and cached
+    when the file is missing or unreadable. Processes that need it at once (ranks evaluating, tests beside a
+    run) wait for the one that trains it rather than each training their own."""
     path = os.path.join(cache_dir(), CACHE_NAME)
-    model = LeNet()
-    if os.path.isfile(path):
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            model.load_state_dict(saved["state_dict"])
-            return model.eval(), float(saved["test_accuracy"])
-        except Exception as e:  # a torn or foreign file is rebuilt, not trusted
-            log.warning("retraining the digit classifier: %s is unreadable (%s)", path, first_line(e))
-    model, accuracy = train_classifier()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_torch_save({"state_dict": model.state_dict(), "test_accuracy": accuracy}, path)
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        model = LeNet()
+        if os.path.isfile(path):
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                model.load_state_dict(saved["state_dict"])
+                return model.eval(), float(saved["test_accuracy"])
+            except Exception as e:  # a torn or foreign file is rebuilt, not trusted
+                log.warning("retraining the digit classifier: %s is unreadable (%s)", path, first_line(e))
+        model, accuracy = train_classifier()
+        atomic_torch_save({"state_dict": model.state_dict(), "test_accuracy": accuracy}, path)
     log.info(
         "trained the digit classifier: %.1f%% on %d held-out digits; cached at %s",
         100 * accuracy,

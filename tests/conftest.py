@@ -34,6 +34,12 @@ def pytest_configure(config):
     else:
         os.environ["TRITON_INTERPRET"] = previous
 
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # A worker per core: one compute thread each, and for the processes it starts, rather than two
+        # OpenMP pools of two threads contending for the same two cores.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the markers into the scheduling groups
 def pytest_collection_modifyitems(config, items):

@@ -88,8 +88,23 @@ def scenarios(tmp_path_factory):
 def compiled_scenarios(tmp_path_factory):
     out = tmp_path_factory.mktemp("compiled_scenarios") / "out.json"
     script = os.path.join(ROOT, "tests", "ds_scenarios.py")
-    run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), script, "--compiled", str(out)])
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), script, "--compiled", str(out)]
+    run(cmd, timeout=600)  # a cold inductor cache beside the other tests: minutes
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def annealed_run(tmp_path_factory):
+    """One 4-step 1-rank run for the tests that read a finished run (each launch costs seconds of start-up):
+    the lr annealed to zero over the 4 steps, labels dropped for guidance, an evaluation at the last step and
+    post-hoc EMA snapshots every step with a checkpoint at step 3."""
+    run_dir = tmp_path_factory.mktemp("annealed") / "run"
+    launch(
+        1, run_dir, "--lr_anneal_steps", "4", "--lr", "1e-3", "--class_dropout_prob", "0.5",
+        "--eval_interval", "4", "--eval_samples", "4",
+        "--ema_profiles", "0.05,0.1", "--ema_snapshot_interval", "1", "--save_interval", "3",
+    )  # fmt: skip
+    return run_dir
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -389,10 +404,10 @@ def test_config_errors_are_one_line(tmp_path):
     assert proc.returncode == 2 and "multiple" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_lr_anneal_steps_decays_to_zero_and_stops(tmp_path):
-    run_dir = tmp_path / "run"
-    launch(1, run_dir, "--lr_anneal_steps", "4", "--lr", "1e-3")
-    log = [json.loads(line) for line in open(run_dir / "progress.jsonl")]
+def test_lr_anneal_steps_decays_to_zero_and_stops(annealed_run):
+    run_dir = annealed_run
+    records = [json.loads(line) for line in open(run_dir / "progress.jsonl")]
+    log = [r for r in records if "lr" in r]  # the evaluation at step 4 has a record of its own
     assert [r["step"] for r in log] == [1, 2, 3, 4]  # stopped at lr_anneal_steps
     # The lr for the next step: 1e-3 * (1 - step/4).
     assert [r["lr"] for r in log] == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0])
@@ -475,10 +490,9 @@ def test_suggested_fixes_of_run_errors_work_and_sampling_finds_the_run(tmp_path)
     assert "\r" not in proc.stderr
 
 
-def test_classifier_free_guidance_trains_a_null_class_and_samples_with_it(tmp_path):
-    run_dir = tmp_path / "run"
-    # Zero-initialised output convs pass no gradient to the label embedding before the third step.
-    launch(1, run_dir, "--max_steps", "4", "--class_dropout_prob", "0.5")
+def test_classifier_free_guidance_trains_a_null_class_and_samples_with_it(annealed_run, tmp_path):
+    # 4 steps: zero-initialised output convs pass no gradient to the label embedding before the third.
+    run_dir = annealed_run
     assert json.loads((run_dir / "config.json").read_text())["model_flags"]["class_dropout_prob"] == 0.5
     trained = torch.load(run_dir / "model000004.pt", weights_only=True)["label_emb.weight"]
     assert trained.shape[0] == 1001  # the learned null class
@@ -511,13 +525,12 @@ def test_classifier_free_guidance_trains_a_null_class_and_samples_with_it(tmp_pa
     assert out.exists()
 
 
-def test_eval_interval_logs_sample_metrics_of_the_ema(tmp_path):
-    run_dir = tmp_path / "run"
-    launch(1, run_dir, "--max_steps", "2", "--eval_interval", "2", "--eval_samples", "4")
+def test_eval_interval_logs_sample_metrics_of_the_ema(annealed_run):
+    run_dir = annealed_run
     records = [json.loads(line) for line in (run_dir / "progress.jsonl").read_text().splitlines()]
     (evaluated,) = [r for r in records if "eval/mnist_acc" in r]
-    assert evaluated["step"] == 2 and 0 <= evaluated["eval/mnist_acc"] <= 1 and evaluated["eval/mnist_fd"] > 0
-    assert "eval step 2 | ema 0.9 | mnist_acc" in (run_dir / "log.txt").read_text()
+    assert evaluated["step"] == 4 and 0 <= evaluated["eval/mnist_acc"] <= 1 and evaluated["eval/mnist_fd"] > 0
+    assert "eval step 4 | ema 0.9 | mnist_acc" in (run_dir / "log.txt").read_text()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tb")).Reload()
@@ -555,10 +568,8 @@ def test_in_a_terminal_the_log_lines_are_drawn_above_the_progress_bar(tmp_path):
     assert after_last_redraw.startswith("20") and "step/s" not in after_last_redraw, repr(lines[0])
 
 
-def test_post_hoc_ema_snapshots_make_any_width_that_sampling_loads(tmp_path):
-    run_dir = tmp_path / "run"
-    profiles = ["--ema_profiles", "0.05,0.1", "--ema_snapshot_interval", "1", "--save_interval", "3"]
-    launch(1, run_dir, "--max_steps", "4", *profiles)
+def test_post_hoc_ema_snapshots_make_any_width_that_sampling_loads(annealed_run, tmp_path):
+    run_dir = annealed_run  # posthoc_ema.py adds its ema_sigma*.pt files beside the trained EMA
     snapshots = sorted(p.name for p in run_dir.glob("phema_*.pt"))
     assert snapshots == [f"phema_{w}_{s:06d}.pt" for w in ("0.05", "0.1") for s in range(1, 5)]
     meta = json.loads((run_dir / "checkpoints" / "step000003" / "COMPLETE").read_text())

@@ -10,6 +10,9 @@ from kernels import group_norm_silu, group_norm_silu_reference, qkv_attention, q
 def interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("KERNELS_FORCE_REFERENCE", raising=False)
+    # The kernels themselves: with the self-check on, a wrong kernel would give way to the reference and its
+    # test would pass (test_self_check.py tests the check).
+    monkeypatch.setenv("KERNELS_SELF_CHECK", "0")
 
 
 def rel_err(a, ref):

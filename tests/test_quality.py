@@ -5,6 +5,8 @@ metrics on real digits, evaluate.py end to end, and the Inception weights' one-l
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -172,23 +174,12 @@ def test_features_extracted_on_two_ranks_come_back_in_image_order(tmp_path):
     np.testing.assert_allclose(np.load(out), extract(MeanColour(), images)["features"])
 
 
-@pytest.fixture(scope="module")
-def classifier_cache(tmp_path_factory):
-    """One trained classifier for this module's tests (about half a minute)."""
-    path = str(tmp_path_factory.mktemp("cache"))
-    old = os.environ.get("IDDPM_DS_CACHE")
-    os.environ["IDDPM_DS_CACHE"] = path
-    yield path
-    if old is None:
-        os.environ.pop("IDDPM_DS_CACHE")
-    else:
-        os.environ["IDDPM_DS_CACHE"] = old
-
-
-def test_digit_classifier_reads_held_out_digits_and_is_cached(classifier_cache, monkeypatch):
+# The tests below use the user's classifier cache, as evaluate.py and training's evaluation do: on a fresh
+# machine the first test or run that needs the classifier trains it (about a minute), the rest read it.
+def test_digit_classifier_reads_held_out_digits_and_is_cached(monkeypatch):
     model, accuracy = digit_classifier.load_classifier()
     assert accuracy >= 0.95
-    assert os.path.isfile(os.path.join(classifier_cache, digit_classifier.CACHE_NAME))
+    assert os.path.isfile(os.path.join(digit_classifier.cache_dir(), digit_classifier.CACHE_NAME))
     # The second load reads the cache: training is not called again.
     monkeypatch.setattr(digit_classifier, "train_classifier", lambda: pytest.fail("retrained"))
     again, same = digit_classifier.load_classifier()
@@ -213,7 +204,26 @@ def test_a_torn_classifier_cache_is_retrained(tmp_path, monkeypatch):
     assert calls == [1] and accuracy == 0.5
 
 
-def test_real_digits_score_as_digits_and_noise_does_not(classifier_cache):
+def test_processes_needing_the_classifier_at_once_train_it_once(tmp_path, monkeypatch):
+    """Ranks evaluating together, or tests beside a run: one trains, the others wait and read its file."""
+    monkeypatch.setenv("IDDPM_DS_CACHE", str(tmp_path))
+    calls = []
+
+    def slow_train():
+        calls.append(1)
+        time.sleep(0.5)  # the others arrive while it trains
+        return digit_classifier.LeNet(), 0.5
+
+    monkeypatch.setattr(digit_classifier, "train_classifier", slow_train)
+    threads = [threading.Thread(target=digit_classifier.load_classifier) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [1]
+
+
+def test_real_digits_score_as_digits_and_noise_does_not():
     digits, labels = digit_classifier.builtin_digits()
     pick = np.random.default_rng(0).permutation(len(digits))[:500]
     ev = Evaluator(["mnist_acc", "mnist_fd"], "builtin:mnist", 32)
@@ -237,7 +247,7 @@ def run_evaluate(*argv, env=None):
     )
 
 
-def test_evaluate_cli_reports_digit_metrics_of_an_npz(classifier_cache, tmp_path):
+def test_evaluate_cli_reports_digit_metrics_of_an_npz(tmp_path):
     digits, labels = digit_classifier.builtin_digits()
     path = tmp_path / "samples_200x32x32x3.npz"
     np.savez(path, digits[:200], labels[:200])

@@ -129,7 +129,7 @@ def test_flags_that_contradict_the_run_are_one_line_errors(run_dir, tmp_path):
         load_official_state_dict(model, torch.load(run_dir / "model000010.pt"))
 
 
-def train_tiny(steps=150):
+def train_tiny(steps=80):
     """A tiny eps-model fitted to 16 MNIST digits at 8 px (seconds on CPU)."""
     from iddpm_ds.image_datasets import load_data
 

@@ -23,7 +23,9 @@ setup(
         "ninja",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist==3.8.0", "ruff==0.17.6"],
+        # pytest 9.2 stops xdist 3.8's --dist loadgroup from grouping (pytest-xdist#1386): every shared
+        # module fixture (GPU dry run, scenario runs) was then built once per worker.
+        "test": ["pytest==9.0.3", "pytest-xdist==3.8.0", "ruff==0.17.6"],
         # fid/isc/kid/prc in launch/evaluate.py. torchvision must match torch: PyPI's Linux wheel is a CUDA
         # build that cannot load beside a CPU-only torch (the digit metrics need neither).
         "eval": ["torch-fidelity==0.4.0", "torchvision"],

@@ -202,7 +202,8 @@ def test_a_batch_job_survives_its_time_limit_a_sigterm_a_requeue_and_a_hard_kill
     job = job.stdout.strip()
 
     def tail():
-        return out.read_text()[-4000:] if out.exists() else "(no job output)"
+        state = f"job {job}: {job_field(job, 'JobState', slurm)} ({job_field(job, 'Reason', slurm)})"
+        return state + "\n" + (out.read_text()[-4000:] if out.exists() else "(no job output)")
 
     def restarts():
         return int(job_field(job, "Restarts", slurm) or 0)

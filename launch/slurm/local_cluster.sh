@@ -59,7 +59,9 @@ mkdir -p "$DIR/munge" "$DIR/state" "$DIR/spool"
 chmod 700 "$DIR/munge"
 NODE=$(hostname -s)
 PORT=${SLURM_LOCAL_PORT:-16817}
-CPUS=$(nproc)
+# nproc reports OMP_NUM_THREADS when it is set (1 in many training shells), which would make a 2-task job
+# unschedulable (PENDING, PartitionConfig): the node has the CPUs this process may run on.
+CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 MEM=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10))
 
 # munge: a fresh key and a socket of our own.

@@ -128,7 +128,7 @@ def cache_dir() -> str:
 
 
 def load_classifier() -> Tuple[LeNet, float]:
-    """The cached classifier and its held-out accuracy; trained (about a minute on 2 cores) and cached
+    """The cached classifier and its held-out accuracy; trained (about half a minute on 2 cores) and cached
     when the file is missing or unreadable. Processes that need it at once (ranks evaluating, tests beside a
     run) wait for the one that trains it rather than each training their own."""
     path = os.path.join(cache_dir(), CACHE_NAME)

@@ -175,7 +175,7 @@ def test_features_extracted_on_two_ranks_come_back_in_image_order(tmp_path):
 
 
 # The tests below use the user's classifier cache, as evaluate.py and training's evaluation do: on a fresh
-# machine the first test or run that needs the classifier trains it (about a minute), the rest read it.
+# machine the first test or run that needs the classifier trains it (tens of seconds), the rest read it.
 def test_digit_classifier_reads_held_out_digits_and_is_cached(monkeypatch):
     model, accuracy = digit_classifier.load_classifier()
     assert accuracy >= 0.95

@@ -40,12 +40,17 @@ def entry_point(script: str):
     return _modules[script]
 
 
+def call_cli(module) -> None:
+    """An entry point's command line as its `__main__` runs it: its cli(), else its main under run_cli."""
+    module.cli() if hasattr(module, "cli") else run_cli(module.main)
+
+
 def fails_in_one_line(script, argv, monkeypatch, capsys):
     """Run the entry point's main in this process; return its one stderr line after exit status 2."""
     module = entry_point(script)
     monkeypatch.setattr(sys, "argv", [script, *argv])
     with pytest.raises(SystemExit) as exit_:
-        module.cli() if hasattr(module, "cli") else run_cli(module.main)
+        call_cli(module)
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.strip()]
     assert exit_.value.code == 2, captured.err
@@ -183,7 +188,7 @@ def test_help_describes_every_flag_with_its_default(script, monkeypatch, capsys)
     monkeypatch.setattr(sys, "argv", [script, "--help"])
     monkeypatch.setenv("COLUMNS", "200")
     with pytest.raises(SystemExit) as exit_:
-        module.cli() if hasattr(module, "cli") else run_cli(module.main)
+        call_cli(module)
     assert exit_.value.code == 0
     options = capsys.readouterr().out.split("options:", 1)[1]
     entries = re.split(r"\n  (?=-)", "\n" + options)[1:]

@@ -12,13 +12,15 @@ DPM-Solver++(2M) and its SDE variant at 10/15/20/25 model evaluations) at each g
 image i from seed (0, i), so every cell starts from the same noise), scored by class accuracy, mnist_fd
 beside the real-data floor at the same count (real digits scored as samples) and the colour measure
 (evaluation.colour), and timed. Writes
-OUT.json after every cell (a run cut short keeps what it measured; --reuse continues it), then OUT.md and
-OUT.png (a grid of the best cell by mnist_fd among those at >= 98% class accuracy).
+OUT.json after every cell (a run cut short keeps what it measured; --reuse continues it), then OUT.md (the
+table; its text from the "## Findings" heading on is kept across reruns) and OUT.png (a grid of the best
+cell by mnist_fd among those at >= 98% class accuracy).
 
 speed: images/s at equal model evaluations, in one process, alternating rounds: improved-diffusion's own
 p_sample_loop (its UNet, fp32, eager, the model's weights loaded) against ours at the same number of model
 evaluations, fp32 and with the fast paths (bf16 where the CPU has it natively, compiled; compile time
-reported apart).
+reported apart). With --compile, quality samples through one compiled UNet per trained step, compiled
+before the first cell is timed (compile seconds in OUT.json's meta).
 """
 
 import argparse
@@ -38,6 +40,7 @@ from iddpm_ds.script_util import NULL_CLASS
 SAMPLERS = "ancestral:250,ancestral:100,ancestral:50,ddim:50,ddim:25"
 SAMPLERS += "".join(f",{s}:{n}" for s in ("dpmpp_2m", "dpmpp_2m_sde") for n in (10, 15, 20, 25))
 GUIDANCE = "1,2,3,5"
+FINDINGS = "## Findings"
 
 
 def respacing(sampler: str, n: int) -> str:
@@ -75,21 +78,30 @@ def quality(args) -> None:
     results = json.load(open(out_json)) if args.reuse and os.path.exists(out_json) else {"cells": {}}
     results["meta"] = {
         "run": args.run, "weights": args.weights, "samples": args.samples, "interval": args.interval,
-        "precision": args.precision,
+        "precision": args.precision, "compiled": args.compile,
         "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "threads": torch.get_num_threads(),
     }  # fmt: skip
     interval = tuple(float(x) for x in args.interval.split(","))
     labels = np.arange(args.samples) % 10
     evaluator = Evaluator(["mnist_acc", "mnist_fd", "colour"], "builtin:mnist", 32)
     for step in [int(s) for s in args.steps.split(",")]:
+        # One UNet per trained step, shared by every cell (only the respaced process differs between cells),
+        # so with --compile it compiles once per batch shape: the plain and the guided (doubled) batch.
+        model, two_steps, _ = load(args.run, step, "ancestral", 2, args.weights)
+        base = fast_model(model, args.precision, args.compile)
+        if args.compile:  # two steps unguided and two guided compile both shapes before any cell is timed
+            start = time.perf_counter()
+            for net in (base, classifier_free_guidance(base, 2.0, NULL_CLASS)):
+                sample_all(net, two_steps, labels[: args.batch], "ancestral", args.batch)
+            results["meta"].setdefault("compile_s", {})[str(step)] = time.perf_counter() - start
         for w in [float(g) for g in args.guidance.split(",")]:
             for sampler, n in [(c.split(":")[0], int(c.split(":")[1])) for c in args.samplers.split(",")]:
                 for iv in [None] if w == 1.0 else [None, interval]:
                     key = cell_key(step, sampler, n, w, iv)
                     if key in results["cells"]:
                         continue
-                    model, diffusion, _ = load(args.run, step, sampler, n, args.weights)
-                    net = fast_model(model, args.precision)
+                    _, diffusion, _ = load(args.run, step, sampler, n, args.weights)
+                    net = base
                     if w != 1.0:
                         net = classifier_free_guidance(
                             net, w, NULL_CLASS, interval=iv, sigma=noise_level(diffusion)
@@ -150,8 +162,11 @@ def write_markdown(results, path) -> None:
             f"{c['mnist_acc']:.3f} | {c['mnist_fd']:.1f} | {c['mnist_fd_floor']:.1f} | {c['colour']:.3f} | "
             f"{c['seconds']:.0f} |"
         )
+    # What a person concluded from the numbers lives under FINDINGS and survives a rerun of the table.
+    old = open(path).read() if os.path.exists(path) else ""
+    findings = old[old.index(FINDINGS) :] if FINDINGS in old else FINDINGS + "\n"
     with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(lines) + "\n\n" + findings)
 
 
 def cpu_name() -> str:
@@ -247,6 +262,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=250, help="images per sampling batch")
     p.add_argument("--interval", default="0.3,5", help="the guidance interval's LO,HI in sigma")
     p.add_argument("--precision", default="auto", help="the UNet's sampling precision (fast_model)")
+    p.add_argument("--compile", action="store_true", help="quality: sample through a compiled UNet")
     p.add_argument("--reuse", action="store_true", help="quality: keep the cells OUT.json already has")
     p.add_argument("--step", type=int, default=1000, help="speed: the trained step")
     p.add_argument("--nfe", type=int, default=50, help="speed: model evaluations per image")

@@ -155,7 +155,12 @@ def write_markdown(results, path) -> None:
         "| step | sampler | NFE | guidance | interval | class acc | mnist_fd | floor | colour | seconds |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in results["cells"].values():
+    order = ("ancestral", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
+    cells = sorted(
+        results["cells"].values(),
+        key=lambda c: (c["step"], c["guidance"], order.index(c["sampler"]), -c["nfe"], bool(c["interval"])),
+    )
+    for c in cells:
         iv = f"({c['interval'][0]:g}, {c['interval'][1]:g}]" if c["interval"] else "-"
         lines.append(
             f"| {c['step']} | {c['sampler']} | {c['nfe']} | {c['guidance']:g} | {iv} | "

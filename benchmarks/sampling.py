@@ -34,6 +34,7 @@ import torch
 
 from iddpm_ds.evaluation import Evaluator
 from iddpm_ds.flags import load_trained_model, read_run_config
+from iddpm_ds.sampling import SAMPLERS as SAMPLER_NAMES
 from iddpm_ds.sampling import classifier_free_guidance, fast_model, make_grid, noise_level, sample_images
 from iddpm_ds.script_util import NULL_CLASS
 
@@ -155,10 +156,15 @@ def write_markdown(results, path) -> None:
         "| step | sampler | NFE | guidance | interval | class acc | mnist_fd | floor | colour | seconds |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    order = ("ancestral", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
     cells = sorted(
         results["cells"].values(),
-        key=lambda c: (c["step"], c["guidance"], order.index(c["sampler"]), -c["nfe"], bool(c["interval"])),
+        key=lambda c: (
+            c["step"],
+            c["guidance"],
+            SAMPLER_NAMES.index(c["sampler"]),
+            -c["nfe"],
+            bool(c["interval"]),
+        ),
     )
     for c in cells:
         iv = f"({c['interval'][0]:g}, {c['interval'][1]:g}]" if c["interval"] else "-"

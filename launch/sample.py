@@ -9,11 +9,11 @@
 --sampler is ancestral (improved-diffusion's; over the --timestep_respacing steps, "250", "ddim50", ...),
 ddim (--eta; --use_ddim True is the same), dpmpp_2m (DPM-Solver++(2M): --timestep_respacing N, a plain
 count, is its number of model evaluations) or dpmpp_2m_sde (its stochastic variant: fresh noise each step,
-which corrects a model's errors; on an eps-predicting model trained for minutes it measured far better than
-the ODE). Classifier-free guidance: --guidance_scale W for a model trained with --class_dropout_prob > 0, at
-every step or, with --guidance_interval LO,HI, only where the noise level
-sigma = sqrt((1 - abar_t) / abar_t) lies in (LO, HI]. Image i is drawn from (--seed, i) alone, so the same
-seed gives the same images whatever the batch size or number of ranks.
+which corrects a model's errors; better than the ODE on an eps-prediction model, no better on an x_0 one:
+benchmarks/sampling_eps.md, benchmarks/sampling.md). Classifier-free guidance: --guidance_scale W for a
+model trained with --class_dropout_prob > 0, at every step or, with --guidance_interval LO,HI, only where
+the noise level sigma = sqrt((1 - abar_t) / abar_t) lies in (LO, HI]. Image i is drawn from (--seed, i)
+alone, so the same seed gives the same images whatever the batch size or number of ranks.
 """
 
 import os

@@ -186,7 +186,7 @@ def test_a_batch_job_survives_its_time_limit_a_sigterm_a_requeue_and_a_hard_kill
     checkpoint, exit 75, requeue; (3) an admin's `scontrol requeue`: checkpoint, SLURM requeues; (4) the
     ranks SIGKILLed: the job fails, and the same sbatch command resumes from the last complete checkpoint,
     losing only the steps since. Its model, EMAs, sampler state and data position at the end are bitwise
-    those of one uninterrupted srun of the same steps."""
+    those of one uninterrupted srun of the same steps (from the last checkpoint before the first stop)."""
     run_dir, out = tmp_path / "run", tmp_path / "job.out"
     options = ["--parsable", "--time=1", "--signal=B:USR1@10", f"--output={out}"]  # before the script
     template = [os.path.join(ROOT, "launch", "slurm", "train.sbatch"), "--log_dir", str(run_dir), *FLAGS]
@@ -258,10 +258,20 @@ def test_a_batch_job_survives_its_time_limit_a_sigterm_a_requeue_and_a_hard_kill
     assert log.count("SIGUSR1 received") >= 1 and log.count(" requeued: the next start resumes") >= 2
     assert "stopped by SLURM with a complete checkpoint" in log  # the admin's requeue
     assert "train.py ended with exit status 137" in log and "ended with exit status 0" in log  # killed; done
-    assert f"resumed from {run_dir}/checkpoints/step{saved_before:06d}" in (run_dir / "log.txt").read_text()
+    run_log = (run_dir / "log.txt").read_text()
+    assert f"resumed from {run_dir}/checkpoints/step{saved_before:06d}" in run_log
     assert "\r" not in log  # a file: no progress bar fragments
 
+    # The replay starts from the newest checkpoint written before the first interruption (the first
+    # allocation ran uninterrupted up to it), so it needs not retrain the steps no signal came near.
+    first_stop = int(run_log.split(f"resumed from {run_dir}/checkpoints/step", 1)[1][:6])
+    before = [s for s in complete_checkpoints(run_dir) if s < first_stop]
     reference = tmp_path / "uninterrupted"
+    if before:
+        tag = f"{before[-1]:06d}"
+        shutil.copytree(run_dir / "checkpoints" / f"step{tag}", reference / "checkpoints" / f"step{tag}")
+        for f in run_dir.glob(f"*_{tag}.pt"):
+            shutil.copy(f, reference)
     srun = [
         "srun",
         "-n",
@@ -277,6 +287,8 @@ def test_a_batch_job_survives_its_time_limit_a_sigterm_a_requeue_and_a_hard_kill
     straight = subprocess.run(srun, env=slurm, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
     assert "| 2 ranks x 1 threads |" in straight.stdout
+    if before:
+        assert f"resumed from {reference}/checkpoints/step{tag}" in straight.stdout
     (a_model, a_emas, a_client), (b_model, b_emas, b_client) = (
         final_state(run_dir, total),
         final_state(reference, total),

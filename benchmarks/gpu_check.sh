@@ -65,7 +65,7 @@ if [ "$DRY" = 1 ]; then
   fi
   echo "device: cpu (dry run), $(date -u +%Y-%m-%d)"
   SMOKE=(--smoke)
-  TINY=(--image_size 8 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 --attention_resolutions 4
+  TINY=(--image_size 8 --num_channels 32 --num_res_blocks 1 --channel_mult 1 --attention_resolutions 8
     --num_heads 2 --diffusion_steps 20 --noise_schedule cosine)
   MODEL=("${TINY[@]}" --learn_sigma True --batch_size 1)
   STEPS=1 MORE=1 RESPACING=ddim10  # a step with interpreted kernels takes seconds

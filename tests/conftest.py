@@ -64,6 +64,9 @@ TINY_SHAPE = dict(
     num_heads=2,
     noise_schedule="cosine",
 )
+# One level, attention at 8 px: the tiny UNet with the fewest GroupNorm shapes, for tests that run the Triton
+# kernels in the interpreter (each shape costs seconds there).
+ONE_LEVEL = dict(channel_mult="1", attention_resolutions="8")
 
 
 def tiny_flags(**overrides):

@@ -97,12 +97,14 @@ def test_compiled_unet_with_kernels_traces_them_as_custom_ops():
     UNet compiles as one graph (fullgraph=True fails on any break) holding both ops, and the compiled
     forward and backward give eager's loss and gradients. aot_eager runs the same AOTAutograd graphs as
     inductor without code generation (minutes saved here)."""
-    from conftest import tiny_flags
+    from conftest import ONE_LEVEL, tiny_flags
 
     from iddpm_ds.script_util import create_model_and_diffusion
 
     torch.manual_seed(0)
-    model, diffusion = create_model_and_diffusion(**tiny_flags(learn_sigma=True, use_fused_kernels=True))
+    model, diffusion = create_model_and_diffusion(
+        **tiny_flags(learn_sigma=True, use_fused_kernels=True, **ONE_LEVEL)
+    )
     for p in model.parameters():  # zero-initialised output convs would hide the blocks they gate
         torch.nn.init.normal_(p, std=0.1)
     x, t, noise = torch.randn(1, 3, 8, 8), torch.tensor([7]), torch.randn(1, 3, 8, 8)
@@ -226,14 +228,16 @@ def test_force_reference_switch(monkeypatch):
 
 
 def test_unet_with_kernels_on_matches_off():
-    from conftest import tiny_flags
+    from conftest import ONE_LEVEL, tiny_flags
 
     from iddpm_ds.script_util import create_model_and_diffusion
 
     results = []
     for fused in (False, True):
         torch.manual_seed(0)
-        model, diffusion = create_model_and_diffusion(**tiny_flags(learn_sigma=True, use_fused_kernels=fused))
+        model, diffusion = create_model_and_diffusion(
+            **tiny_flags(learn_sigma=True, use_fused_kernels=fused, **ONE_LEVEL)
+        )
         for (
             p
         ) in model.parameters():  # zero-initialised output convs would hide errors in the blocks they gate

@@ -167,12 +167,14 @@ def test_the_check_can_be_turned_off(monkeypatch, group_norm_triton):
 
 
 def tiny_unet():
-    from conftest import tiny_flags
+    from conftest import ONE_LEVEL, tiny_flags
 
     from iddpm_ds.script_util import create_model_and_diffusion
 
     torch.manual_seed(0)
-    model, diffusion = create_model_and_diffusion(**tiny_flags(learn_sigma=True, use_fused_kernels=True))
+    model, diffusion = create_model_and_diffusion(
+        **tiny_flags(learn_sigma=True, use_fused_kernels=True, **ONE_LEVEL)
+    )
     for p in model.parameters():  # zero-initialised output convs would hide the blocks they gate
         torch.nn.init.normal_(p, std=0.1)
     return model, diffusion

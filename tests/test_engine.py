@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -200,29 +201,33 @@ def test_exact_resume(tmp_path, ranks, compiled):
         settings["compile"] = {"enabled": True, "backend": "aot_eager"}
         config = str(tmp_path / "compiled.json")
         open(config, "w").write(json.dumps(settings))
-    run_dir = tmp_path / "straight"
-    launch(ranks, run_dir, "--max_steps", str(2 * K), "--save_interval", "100", *common, config=config)
-    launch(ranks, tmp_path / "resumed", "--max_steps", str(K), *common, config=config)
-    # picks up step K by itself
-    launch(ranks, tmp_path / "resumed", "--max_steps", str(2 * K), *common, config=config)
-    a_model, a_ema, a_client = final_state(tmp_path / "straight", 2 * K)
-    b_model, b_ema, b_client = final_state(tmp_path / "resumed", 2 * K)
+    run_dir, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch(ranks, run_dir, "--max_steps", str(2 * K), "--save_interval", str(K), *common, config=config)
+    # The run directory as it stood at step K (its checkpoint, the weights files saved with it, the first K
+    # progress records), and a run that picks up step K by itself from it.
+    tag = f"{K:06d}"
+    shutil.copytree(run_dir / "checkpoints" / f"step{tag}", resumed / "checkpoints" / f"step{tag}")
+    for f in run_dir.glob(f"*_{tag}.pt"):
+        shutil.copy(f, resumed)
+    progress = (run_dir / "progress.jsonl").read_text().splitlines(keepends=True)
+    (resumed / "progress.jsonl").write_text("".join(progress[:K]))
+    launch(ranks, resumed, "--max_steps", str(2 * K), "--save_interval", str(K), *common, config=config)
+    assert f"resumed from {resumed}/checkpoints/step{tag}" in (resumed / "log.txt").read_text()
+    a_model, a_ema, a_client = final_state(run_dir, 2 * K)
+    b_model, b_ema, b_client = final_state(resumed, 2 * K)
     assert all(torch.equal(a_model[k], b_model[k]) for k in a_model)
     for r in a_ema:
         assert all(torch.equal(a_ema[r][k], b_ema[r][k]) for k in a_ema[r])
     for width in ("0.05", "0.1"):  # the post-hoc EMA profiles too
-        a, b = (
-            torch.load(d / f"phema_{width}_{2 * K:06d}.pt")
-            for d in (tmp_path / "straight", tmp_path / "resumed")
-        )
+        a, b = (torch.load(d / f"phema_{width}_{2 * K:06d}.pt") for d in (run_dir, resumed))
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert a_client["data"] == b_client["data"] and a_client["data"]["position"] == 2 * K * 8 * ranks
     for k in ("loss_history", "loss_counts"):
         assert torch.equal(a_client["sampler"][k], b_client["sampler"][k])
-    log = [json.loads(line) for line in open(tmp_path / "resumed" / "progress.jsonl")]
+    log = [json.loads(line) for line in open(resumed / "progress.jsonl")]
     assert [r["step"] for r in log] == list(range(1, 2 * K + 1))
     if compiled:
-        assert (tmp_path / "resumed" / "log.txt").read_text().count("compiled the UNet") == 2
+        assert (resumed / "log.txt").read_text().count("compiled the UNet") == 1
         assert all(r["recompiles"] == 0 for r in log)
 
 

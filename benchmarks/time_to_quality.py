@@ -14,8 +14,8 @@ EMA profile's snapshots); at each time point the newest snapshot written by then
   32 px default (1,2,2,2). Sampled with its own p_sample_loop at 100 respaced steps, labels 0-9 cycled (its
   image_sample.py would draw labels from 1,000 ImageNet classes), from its EMA and from its raw weights.
 - ours: launch/train.py with the README demo's recipe (2 CPU ranks, bf16 where native, x_0 prediction,
-  lr 1e-3, the post-hoc EMA profile of width 0.05), sampled with SDE-DPM-Solver++(2M) at 20 model
-  evaluations, guidance --guidance.
+  lr 1e-3, the post-hoc EMA profile of width 0.05), sampled as the README demo samples: ancestral at 50
+  respaced steps, guidance --guidance where the noise level sigma lies in (0.3, 5].
 - ablations at --ablation_minutes (0: none): ours with eps prediction, with Min-SNR 5, in fp32; and at the
   end of the full run the fixed EMA (--ema_rate 0.995) against the profile, and improved-diffusion's sampler
   settings (ancestral, 100 steps) against ours.
@@ -50,7 +50,7 @@ from sampling import sample_all  # noqa: E402
 
 from iddpm_ds.evaluation import Evaluator  # noqa: E402
 from iddpm_ds.flags import load_trained_model, read_run_config  # noqa: E402
-from iddpm_ds.sampling import classifier_free_guidance, fast_model  # noqa: E402
+from iddpm_ds.sampling import classifier_free_guidance, fast_model, noise_level  # noqa: E402
 from iddpm_ds.script_util import NULL_CLASS  # noqa: E402
 
 MODEL = (
@@ -61,6 +61,7 @@ OURS = (
     "--predict_xstart True --lr 1e-3 --ema_rate 0.995 --ema_profiles 0.05 "
     "--ema_snapshot_interval 25 --save_interval 1000000 --log_interval 100 --max_steps 1000000"
 ).split()
+INTERVAL = (0.3, 5.0)  # our guidance's noise-level interval, as in the README demo
 ABLATIONS = {
     "eps prediction": ["--predict_xstart", "False"],
     "Min-SNR 5": ["--snr_gamma", "5"],
@@ -150,12 +151,15 @@ def run_theirs(args, data, work, evaluator, labels) -> dict:
     return {"rows": rows}
 
 
-def ours_images(run: str, path: str, labels, guidance: float, sampler: str = "dpmpp_2m_sde", steps: int = 20):
+def ours_images(run: str, path: str, labels, guidance: float, sampler: str = "ancestral", steps: int = 50):
+    """Sampled as the README demo samples (its best cell in sampling.md): guidance in INTERVAL."""
     flags = dict(read_run_config(run)["model_flags"], timestep_respacing=str(steps))
     model, diffusion = load_trained_model(path, flags, False, torch.device("cpu"))
     net = fast_model(model, "auto")
     if guidance != 1.0:
-        net = classifier_free_guidance(net, guidance, NULL_CLASS)
+        net = classifier_free_guidance(
+            net, guidance, NULL_CLASS, interval=INTERVAL, sigma=noise_level(diffusion)
+        )
     return sample_all(net, diffusion, labels, sampler, 250)
 
 

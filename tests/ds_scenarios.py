@@ -12,7 +12,7 @@ import deepspeed.runtime.engine as ds_engine
 import numpy as np
 import torch
 import torch.distributed as dist
-from conftest import tiny_flags
+from conftest import ONE_LEVEL, tiny_flags
 from deepspeed.accelerator import get_accelerator
 
 from iddpm_ds import dist_util
@@ -35,7 +35,8 @@ RUN_DIR = os.path.join(os.path.dirname(OUT), "run")
 
 def tiny():
     seed_everything(0)
-    return create_model_and_diffusion(**tiny_flags(learn_sigma=True))
+    # Compiled, the one-level UNet: inductor's code generation grows with the graph (a minute here).
+    return create_model_and_diffusion(**tiny_flags(learn_sigma=True, **(ONE_LEVEL if COMPILED else {})))
 
 
 def make_loop(
@@ -263,10 +264,10 @@ def eager_scenarios():
 def compiled_scenarios():
     """A UNet compiled through the JSON's compile section, at fixed shapes: it matches the eager engine step
     for step at ZeRO 0-3 with accumulation, keeps the EMA formula and skips a non-finite step; in bf16 it
-    trains and compiles once (no graph built after the first step). Inductor builds one graph (its C++ build
-    takes about a minute here), used at ZeRO-2 and for the EMA and the non-finite step; the other stages and
-    bf16 go through aot_eager, the same traced graphs without code generation (what the stage changes is
-    DeepSpeed's handling of the gradients the graph gives back)."""
+    trains and compiles once (no graph built after the first step). Inductor builds one graph of the
+    one-level UNet (its C++ build takes most of a minute here), used at ZeRO-2 and for the EMA and the
+    non-finite step; the other stages and bf16 go through aot_eager, the same traced graphs without code
+    generation (what the stage changes is DeepSpeed's handling of the gradients the graph gives back)."""
     # Before ZeRO-3, which swaps torch.nn.functional.linear for its own (a guard on it would recompile).
     results["compiled_nonfinite_z0_fp32"] = nonfinite_case(0, "fp32", compiled="inductor")
     for stage, backend, steps in (

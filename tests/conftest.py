@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 import torch
@@ -64,9 +65,18 @@ TINY_SHAPE = dict(
     num_heads=2,
     noise_schedule="cosine",
 )
-# One level, attention at 8 px: the tiny UNet with the fewest GroupNorm shapes, for tests that run the Triton
-# kernels in the interpreter (each shape costs seconds there).
+# One level, attention at 8 px: the tiny UNet with the fewest layers and GroupNorm shapes, for tests whose
+# cost grows with the graph (the Triton interpreter, seconds per shape; inductor's code generation).
 ONE_LEVEL = dict(channel_mult="1", attention_resolutions="8")
+
+
+def copy_checkpoint(src_run, dst_run, step: int) -> None:
+    """Put src_run's checkpoint of `step` and the weights files saved with it into dst_run (pathlib paths):
+    dst_run is then the run directory as it stood at that step, for a run that resumes from it."""
+    tag = f"{step:06d}"
+    shutil.copytree(src_run / "checkpoints" / f"step{tag}", dst_run / "checkpoints" / f"step{tag}")
+    for f in src_run.glob(f"*_{tag}.pt"):
+        shutil.copy(f, dst_run)
 
 
 def tiny_flags(**overrides):

@@ -2,14 +2,13 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from conftest import tiny_cli
+from conftest import copy_checkpoint, tiny_cli
 
 from iddpm_ds.dist_util import free_port
 
@@ -205,14 +204,11 @@ def test_exact_resume(tmp_path, ranks, compiled):
     launch(ranks, run_dir, "--max_steps", str(2 * K), "--save_interval", str(K), *common, config=config)
     # The run directory as it stood at step K (its checkpoint, the weights files saved with it, the first K
     # progress records), and a run that picks up step K by itself from it.
-    tag = f"{K:06d}"
-    shutil.copytree(run_dir / "checkpoints" / f"step{tag}", resumed / "checkpoints" / f"step{tag}")
-    for f in run_dir.glob(f"*_{tag}.pt"):
-        shutil.copy(f, resumed)
+    copy_checkpoint(run_dir, resumed, K)
     progress = (run_dir / "progress.jsonl").read_text().splitlines(keepends=True)
     (resumed / "progress.jsonl").write_text("".join(progress[:K]))
     launch(ranks, resumed, "--max_steps", str(2 * K), "--save_interval", str(K), *common, config=config)
-    assert f"resumed from {resumed}/checkpoints/step{tag}" in (resumed / "log.txt").read_text()
+    assert f"resumed from {resumed}/checkpoints/step{K:06d}" in (resumed / "log.txt").read_text()
     a_model, a_ema, a_client = final_state(run_dir, 2 * K)
     b_model, b_ema, b_client = final_state(resumed, 2 * K)
     assert all(torch.equal(a_model[k], b_model[k]) for k in a_model)

@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import ROOT, tiny_cli
+from conftest import ROOT, copy_checkpoint, tiny_cli
 
 from iddpm_ds import dist_util
 from iddpm_ds.dist_util import free_port
@@ -268,10 +268,7 @@ def test_a_batch_job_survives_its_time_limit_a_sigterm_a_requeue_and_a_hard_kill
     before = [s for s in complete_checkpoints(run_dir) if s < first_stop]
     reference = tmp_path / "uninterrupted"
     if before:
-        tag = f"{before[-1]:06d}"
-        shutil.copytree(run_dir / "checkpoints" / f"step{tag}", reference / "checkpoints" / f"step{tag}")
-        for f in run_dir.glob(f"*_{tag}.pt"):
-            shutil.copy(f, reference)
+        copy_checkpoint(run_dir, reference, before[-1])
     srun = [
         "srun",
         "-n",
@@ -288,7 +285,7 @@ def test_a_batch_job_survives_its_time_limit_a_sigterm_a_requeue_and_a_hard_kill
     assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
     assert "| 2 ranks x 1 threads |" in straight.stdout
     if before:
-        assert f"resumed from {reference}/checkpoints/step{tag}" in straight.stdout
+        assert f"resumed from {reference}/checkpoints/step{before[-1]:06d}" in straight.stdout
     (a_model, a_emas, a_client), (b_model, b_emas, b_client) = (
         final_state(run_dir, total),
         final_state(reference, total),

@@ -14,7 +14,9 @@ import argparse
 import contextlib
 import logging
 import os
+import sys
 import time
+import types
 from typing import TYPE_CHECKING, Callable, Dict, Optional
 
 import numpy as np
@@ -50,6 +52,36 @@ log = logging.getLogger("iddpm_ds")
 # The JSON optimizer params an Adam/AdamW takes; torch_adam and fused choose DeepSpeed's implementation, which
 # torch's fused one replaces.
 ADAM_PARAMS = {"lr", "betas", "eps", "weight_decay", "adam_w_mode", "torch_adam", "fused"}
+
+
+# DeepSpeed 0.19.8 imports its Muon optimizer's two modules on every ZeRO run: the optimizer class for
+# isinstance checks (ZeRO's optimizer check, each gradient reduce) and muon_update in ZeRO-2's gradient copy,
+# called there only for a Muon optimizer. Importing them runs torch.compile on Muon's kernels, which loads
+# inductor: 1.5-2.5 s of CPU at each rank's start on a 2-core EPYC (a 2-step tiny run: 6.3-7.9 s ->
+# 4.5-5.3 s), on every restart of a preempted run too.
+_MUON_MODULES = ("deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.runtime.zero.muon.original_muon")
+
+
+class _NoMuon:
+    """Nothing is an instance of it: the optimizer is torch's AdamW."""
+
+
+def _muon_update(*args, **kwargs):
+    raise RuntimeError("iddpm_ds: DeepSpeed called Muon's update on a run whose optimizer is AdamW")
+
+
+def _answer_muon_checks_without_importing_it(ours: bool) -> None:
+    """Where the optimizer is built here (torch's AdamW), no Muon instance can exist, so stand-ins answer
+    DeepSpeed's checks; where DeepSpeed builds the optimizer (another JSON type, on a GPU), its real modules
+    come back."""
+    for name in _MUON_MODULES:
+        present = sys.modules.get(name)
+        if ours and present is None:
+            stand_in = types.ModuleType(name)
+            stand_in.MuonWithAuxAdam, stand_in.muon_update = _NoMuon, _muon_update
+            sys.modules[name] = stand_in
+        elif not ours and getattr(present, "MuonWithAuxAdam", None) is _NoMuon:
+            del sys.modules[name]
 
 
 def create_engine(
@@ -100,6 +132,8 @@ def create_engine(
 
         def optimizer(ps):
             return adam(ps, fused=True, **kwargs)
+
+    _answer_muon_checks_without_importing_it(optimizer is not None)
 
     if lr_anneal_steps and "scheduler" in cfg:
         raise ConfigError("--lr_anneal_steps and a JSON 'scheduler' both set the learning rate; keep one")

@@ -235,6 +235,25 @@ def test_optimizer_params_that_adam_does_not_take_are_one_line_errors():
         create_engine(torch.nn.Linear(2, 2), cfg)
 
 
+def test_deepspeeds_muon_modules_are_stood_in_for_our_adamw_and_restored_for_its_own_optimizers(monkeypatch):
+    """Our AdamW: DeepSpeed's Muon checks are answered without importing Muon (which loads inductor, seconds
+    per rank); an optimizer DeepSpeed builds itself gets the real modules back."""
+    import sys
+
+    from iddpm_ds import train_util
+
+    names = train_util._MUON_MODULES
+    for name in names:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    train_util._answer_muon_checks_without_importing_it(ours=True)
+    stand_ins = [sys.modules[name] for name in names]
+    assert not isinstance(torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()), stand_ins[0].MuonWithAuxAdam)
+    with pytest.raises(RuntimeError, match="Muon's update on a run whose optimizer is AdamW"):
+        stand_ins[1].muon_update(torch.zeros(2, 2))
+    train_util._answer_muon_checks_without_importing_it(ours=False)
+    assert not any(name in sys.modules for name in names)
+
+
 def test_fp16_on_a_cpu_with_native_bf16_says_bf16_is_faster():
     """The GPU configs (zero0-3.json) are fp16; run on a CPU whose fp16 is supported but whose bf16 is native
     (an AMX or AVX512-BF16 Xeon), they say so in one line at start."""

@@ -415,6 +415,20 @@ def test_lr_anneal_steps_decays_to_zero_and_stops(annealed_run):
     assert (run_dir / "checkpoints" / "step000004" / "COMPLETE").exists()
 
 
+def test_a_longer_lr_anneal_continues_an_annealed_run(annealed_run, tmp_path):
+    """An annealed run stops with lr 0 (the README demo); rerun with a longer --lr_anneal_steps it resumes
+    and the lr follows the longer schedule from the step reached."""
+    run_dir = tmp_path / "run"
+    copy_checkpoint(annealed_run, run_dir, 4)
+    launch(
+        1, run_dir, "--lr_anneal_steps", "8", "--max_steps", "5", "--lr", "1e-3",
+        "--class_dropout_prob", "0.5", "--ema_profiles", "0.05,0.1", "--ema_snapshot_interval", "1",
+    )  # fmt: skip
+    assert f"resumed from {run_dir}/checkpoints/step000004" in (run_dir / "log.txt").read_text()
+    log = [r for r in map(json.loads, open(run_dir / "progress.jsonl")) if "lr" in r]
+    assert [r["step"] for r in log] == [5] and log[0]["lr"] == pytest.approx(1e-3 * (1 - 5 / 8))
+
+
 def test_fine_tune_from_an_improved_diffusion_checkpoint(tmp_path):
     from iddpm_ds.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 

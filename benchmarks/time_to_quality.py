@@ -13,9 +13,11 @@ EMA profile's snapshots); at each time point the newest snapshot written by then
   timesteps, linear schedule), --batch_size 32 as ours; its UNet cannot take channel_mult 1,2,2, so it has its
   32 px default (1,2,2,2). Sampled with its own p_sample_loop at 100 respaced steps, labels 0-9 cycled (its
   image_sample.py would draw labels from 1,000 ImageNet classes), from its EMA and from its raw weights.
-- ours: launch/train.py with the README demo's recipe (2 CPU ranks, bf16 where native, x_0 prediction,
-  lr 1e-3, the post-hoc EMA profile of width 0.05), sampled as the README demo samples: ancestral at 50
-  respaced steps, guidance --guidance where the noise level sigma lies in (0.3, 5].
+- ours: launch/train.py with the README demo's recipe as it was before its cosine schedule and lr annealing
+  (a run stopped by the clock cannot anneal to its end; benchmarks/demo_recipe.md measures those at a fixed
+  step count): 2 CPU ranks, bf16 where native, x_0 prediction, linear schedule, constant lr 1e-3, the
+  post-hoc EMA profile of width 0.05; sampled as the README demo samples: ancestral at 50 respaced steps,
+  guidance --guidance where the noise level sigma lies in (0.3, 5].
 - ablations at --ablation_minutes (0: none): ours with eps prediction, with Min-SNR 5, in fp32; and at the
   end of the full run the fixed EMA (--ema_rate 0.995) against the profile, and improved-diffusion's sampler
   settings (ancestral, 100 steps) against ours.

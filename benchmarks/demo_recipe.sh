@@ -25,6 +25,7 @@ declare -A VARIANTS=(
   [cosine_constant]="--lr 1e-3 --noise_schedule cosine"
   [cosine_anneal]="--lr 1e-3 --lr_anneal_steps 1000 --noise_schedule cosine"  # the demo now
 )
+declare -A CONFIG=([linear_anneal_betas99]="$BETAS99")  # the others: the demo's JSON
 [ $# -gt 0 ] || set -- linear_constant linear_anneal linear_anneal_lr2e-3 linear_anneal_betas99 cosine_constant \
   cosine_anneal
 
@@ -36,10 +37,9 @@ evaluate() {  # evaluate VARIANT WEIGHTS SAMPLES
 }
 
 for v in "$@"; do
-  config=ds_configs/cpu_bf16_auto.json
-  [ "$v" = linear_anneal_betas99 ] && config=$BETAS99
   # shellcheck disable=SC2086  # the variant's flags are words
-  DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/train.py --deepspeed_config "$config" \
+  DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/train.py \
+    --deepspeed_config "${CONFIG[$v]:-ds_configs/cpu_bf16_auto.json}" \
     --log_dir "$OUT/$v" --image_size 32 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2,2 \
     --attention_resolutions 8 --class_cond True --class_dropout_prob 0.1 --predict_xstart True --ema_rate 0.995 \
     --ema_profiles 0.05,0.1 --max_steps 1000 --log_interval 100 --save_interval 500 ${VARIANTS[$v]} \

@@ -2,6 +2,7 @@
 against ours (the recipe below), side by side, and each of our techniques switched off alone.
 
     python benchmarks/time_to_quality.py --improved_diffusion DIR [--minutes 1,2,4,8] [--samples 500]
+    python benchmarks/time_to_quality.py --reuse_theirs EARLIER.json [...]   # ours only
 
 Both sides train on the built-in 5,000 digits written out as a PNG folder (improved-diffusion's class
 naming), class-conditional, the demo's model flags, 2 threads in all, the wall clock counted from each
@@ -255,7 +256,7 @@ def plot(results, path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--improved_diffusion", required=True, help="a checkout of openai/improved-diffusion")
+    p.add_argument("--improved_diffusion", default="", help="a checkout of openai/improved-diffusion")
     p.add_argument("--minutes", default="1,2,4,8")
     p.add_argument("--ablation_minutes", type=float, default=4, help="0: no ablations")
     p.add_argument(
@@ -267,6 +268,8 @@ def main() -> None:
     p.add_argument("--out", default=os.path.join(HERE, "time_to_quality"))
     args = p.parse_args()
     args.minutes = [float(m) for m in args.minutes.split(",")]
+    if not (args.improved_diffusion or args.reuse_theirs):
+        p.error("give --improved_diffusion DIR, or --reuse_theirs FILE to keep an earlier run's rows")
     labels = np.arange(args.samples) % 10
     evaluator = Evaluator(["mnist_acc", "mnist_fd", "colour"], "builtin:mnist", 32)
     results = {"meta": {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "samples": args.samples,

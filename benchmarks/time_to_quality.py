@@ -232,9 +232,12 @@ def plot(results, path) -> None:
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
     series = {}
+    # Rows kept from another run were trained at another hour, and this machine's speed varies by hour.
+    theirs_from = results["meta"].get("theirs_from")
+    reused = f", reused from a run of {theirs_from['date']}" if theirs_from else ""
     for r in results["rows"]:
         if isinstance(r["minutes"], (int, float)):
-            key = r.get("variant") or f"improved-diffusion ({r['weights']})"
+            key = r.get("variant") or f"improved-diffusion ({r['weights']}){reused}"
             series.setdefault(key, []).append((r["minutes"], r["mnist_fd"]))
     top = max(fd for pts in series.values() for _, fd in pts) * 1.05
     right = max(m for pts in series.values() for m, _ in pts)
@@ -248,6 +251,8 @@ def plot(results, path) -> None:
     for i, (key, pts) in enumerate(sorted(series.items())):
         pts = sorted(pts)
         draw.line([xy(*p) for p in pts], fill=colours[i % len(colours)], width=2)
+        for x, y in (xy(*p) for p in pts):  # a variant measured at one time point is a dot
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colours[i % len(colours)])
         draw.text((pad + 10, pad + 14 * i), key, fill=colours[i % len(colours)])
     draw.text((width // 2 - 60, height - pad + 15), "minutes of training", fill="black")
     draw.text((5, pad - 20), f"mnist_fd (0 .. {top:.0f})", fill="black")

@@ -249,11 +249,11 @@ def plot(results, path) -> None:
     draw.line([(pad, pad), (pad, height - pad)], fill="black")
     colours = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
     for i, (key, pts) in enumerate(sorted(series.items())):
-        pts = sorted(pts)
-        draw.line([xy(*p) for p in pts], fill=colours[i % len(colours)], width=2)
+        pts, colour = sorted(pts), colours[i % len(colours)]
+        draw.line([xy(*p) for p in pts], fill=colour, width=2)
         for x, y in (xy(*p) for p in pts):  # a variant measured at one time point is a dot
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colours[i % len(colours)])
-        draw.text((pad + 10, pad + 14 * i), key, fill=colours[i % len(colours)])
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        draw.text((pad + 10, pad + 14 * i), key, fill=colour)
     draw.text((width // 2 - 60, height - pad + 15), "minutes of training", fill="black")
     draw.text((5, pad - 20), f"mnist_fd (0 .. {top:.0f})", fill="black")
     img.save(path)

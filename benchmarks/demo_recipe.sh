@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The README demo's training recipe, varied one setting at a time at its fixed 1,000 steps (2 CPU ranks, bf16
-# where native, x_0 prediction, label dropout 0.1): each variant trained from scratch, then sampled as the demo
-# samples (ancestral 50, guidance 2 in sigma (0.3, 5]) from its post-hoc EMA profiles, and scored by
-# launch/evaluate.py at the demo's 64 samples (its seeds) and at 500 (where class accuracy has a standard
-# error of about 0.01 and mnist_fd is no longer mostly sampling noise).
+# The README demo's training recipe, varied one setting at a time (2 CPU ranks, bf16 where native, x_0
+# prediction, label dropout 0.1; 1,000 steps of batch 32, or as many images in smaller batches): each variant
+# trained from scratch, then sampled as the demo samples (ancestral 50, guidance 2 in sigma (0.3, 5]) from its
+# post-hoc EMA profiles at its last step, and scored by launch/evaluate.py at the demo's 64 samples (its seeds)
+# and at 500 (where class accuracy has a standard error of about 0.01 and mnist_fd is no longer mostly sampling
+# noise).
 #
 #   bash benchmarks/demo_recipe.sh OUT_DIR [VARIANT...]     (about 10 minutes a variant on 2 cores)
+#
+# Without VARIANTs it runs the first table's six (linear_constant ... cosine_anneal); the levers tried at the
+# demo's minutes (cosine_anneal_seed1, _loss_aware, _batch16, _batch16_lr7e-4, _batch16_loss_aware, _batch8)
+# run when named.
 #
 # Prints one "EVAL variant weights samples: ..." line per evaluation; the results are benchmarks/demo_recipe.md.
 set -euo pipefail
@@ -13,9 +18,14 @@ cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash benchmarks/demo_recipe.sh OUT_DIR [VARIANT...]}
 shift
 mkdir -p "$OUT"
-BETAS99="$OUT/betas_0.9_0.99.json"
-python3 -c "import json; c = json.load(open('ds_configs/cpu_bf16_auto.json'))
-c['optimizer']['params']['betas'] = [0.9, 0.99]; json.dump(c, open('$BETAS99', 'w'))"
+derive_config() {  # derive_config NAME PYTHON_STATEMENT: the demo's JSON with one change, as $OUT/NAME.json
+  python3 -c "import json; c = json.load(open('ds_configs/cpu_bf16_auto.json')); $2
+json.dump(c, open('$OUT/$1.json', 'w'))"
+}
+derive_config betas_0.9_0.99 "c['optimizer']['params']['betas'] = [0.9, 0.99]"
+derive_config micro_batch_8 "c['train_micro_batch_size_per_gpu'] = 8"  # batch 16 on the 2 ranks
+derive_config micro_batch_4 "c['train_micro_batch_size_per_gpu'] = 4"  # batch 8
+COSINE="--lr 1e-3 --noise_schedule cosine"
 
 declare -A VARIANTS=(
   [linear_constant]="--lr 1e-3"  # the previous demo
@@ -23,9 +33,25 @@ declare -A VARIANTS=(
   [linear_anneal_lr2e-3]="--lr 2e-3 --lr_anneal_steps 1000"
   [linear_anneal_betas99]="--lr 1e-3 --lr_anneal_steps 1000"
   [cosine_constant]="--lr 1e-3 --noise_schedule cosine"
-  [cosine_anneal]="--lr 1e-3 --lr_anneal_steps 1000 --noise_schedule cosine"  # the demo now
+  [cosine_anneal]="$COSINE --lr_anneal_steps 1000"  # the demo now
+  [cosine_anneal_seed1]="$COSINE --lr_anneal_steps 1000 --seed 1"  # the run-to-run spread
+  [cosine_anneal_loss_aware]="$COSINE --lr_anneal_steps 1000 --schedule_sampler loss-second-moment"
+  [cosine_anneal_batch16]="$COSINE --lr_anneal_steps 2000"
+  [cosine_anneal_batch16_lr7e-4]="--lr 7e-4 --noise_schedule cosine --lr_anneal_steps 2000"
+  [cosine_anneal_batch16_loss_aware]="$COSINE --lr_anneal_steps 2000 --schedule_sampler loss-second-moment"
+  [cosine_anneal_batch8]="$COSINE --lr_anneal_steps 4000"
 )
-declare -A CONFIG=([linear_anneal_betas99]="$BETAS99")  # the others: the demo's JSON
+declare -A CONFIG=(  # the others: the demo's JSON
+  [linear_anneal_betas99]="$OUT/betas_0.9_0.99.json"
+  [cosine_anneal_batch16]="$OUT/micro_batch_8.json"
+  [cosine_anneal_batch16_lr7e-4]="$OUT/micro_batch_8.json"
+  [cosine_anneal_batch16_loss_aware]="$OUT/micro_batch_8.json"
+  [cosine_anneal_batch8]="$OUT/micro_batch_4.json"
+)
+declare -A STEPS=(  # the same 32,000 training images; the others: 1,000
+  [cosine_anneal_batch16]=2000 [cosine_anneal_batch16_lr7e-4]=2000 [cosine_anneal_batch16_loss_aware]=2000
+  [cosine_anneal_batch8]=4000
+)
 [ $# -gt 0 ] || set -- linear_constant linear_anneal linear_anneal_lr2e-3 linear_anneal_betas99 cosine_constant \
   cosine_anneal
 
@@ -37,14 +63,20 @@ evaluate() {  # evaluate VARIANT WEIGHTS SAMPLES
 }
 
 for v in "$@"; do
+  [ -n "${VARIANTS[$v]+set}" ] || { echo "demo_recipe.sh: unknown variant $v (known: ${!VARIANTS[*]})" >&2; exit 2; }
+done
+for v in "$@"; do
+  steps=${STEPS[$v]:-1000}
+  start=$SECONDS
   # shellcheck disable=SC2086  # the variant's flags are words
   DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/train.py \
     --deepspeed_config "${CONFIG[$v]:-ds_configs/cpu_bf16_auto.json}" \
     --log_dir "$OUT/$v" --image_size 32 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2,2 \
     --attention_resolutions 8 --class_cond True --class_dropout_prob 0.1 --predict_xstart True --ema_rate 0.995 \
-    --ema_profiles 0.05,0.1 --max_steps 1000 --log_interval 100 --save_interval 500 ${VARIANTS[$v]} \
+    --ema_profiles 0.05,0.1 --max_steps "$steps" --log_interval 100 --save_interval $((steps / 2)) ${VARIANTS[$v]} \
     >"$OUT/$v.log" 2>&1
-  for w in phema_0.05_001000 phema_0.1_001000; do
+  echo "TRAIN $v: $steps steps in $((SECONDS - start)) s (launch to exit)"
+  for w in $(printf 'phema_0.05_%06d phema_0.1_%06d' "$steps" "$steps"); do
     evaluate "$v" "$w" 64
     evaluate "$v" "$w" 500
   done

@@ -10,7 +10,7 @@
 #
 # Without VARIANTs it runs the first table's six (linear_constant ... cosine_anneal); the levers tried at the
 # demo's minutes (cosine_anneal_seed1, _loss_aware, _batch16, _batch16_lr7e-4, _batch16_loss_aware, _batch8)
-# run when named.
+# and with more steps (cosine_anneal_1500, _1500_seed1, _2000) run when named.
 #
 # Prints one "EVAL variant weights samples: ..." line per evaluation; the results are benchmarks/demo_recipe.md.
 set -euo pipefail
@@ -40,6 +40,9 @@ declare -A VARIANTS=(
   [cosine_anneal_batch16_lr7e-4]="--lr 7e-4 --noise_schedule cosine --lr_anneal_steps 2000"
   [cosine_anneal_batch16_loss_aware]="$COSINE --lr_anneal_steps 2000 --schedule_sampler loss-second-moment"
   [cosine_anneal_batch8]="$COSINE --lr_anneal_steps 4000"
+  [cosine_anneal_1500]="$COSINE --lr_anneal_steps 1500"  # more training: 1.5x and 2x the demo's
+  [cosine_anneal_1500_seed1]="$COSINE --lr_anneal_steps 1500 --seed 1"
+  [cosine_anneal_2000]="$COSINE --lr_anneal_steps 2000"
 )
 declare -A CONFIG=(  # the others: the demo's JSON
   [linear_anneal_betas99]="$OUT/betas_0.9_0.99.json"
@@ -48,9 +51,9 @@ declare -A CONFIG=(  # the others: the demo's JSON
   [cosine_anneal_batch16_loss_aware]="$OUT/micro_batch_8.json"
   [cosine_anneal_batch8]="$OUT/micro_batch_4.json"
 )
-declare -A STEPS=(  # the same 32,000 training images; the others: 1,000
+declare -A STEPS=(  # the others: 1,000
   [cosine_anneal_batch16]=2000 [cosine_anneal_batch16_lr7e-4]=2000 [cosine_anneal_batch16_loss_aware]=2000
-  [cosine_anneal_batch8]=4000
+  [cosine_anneal_batch8]=4000 [cosine_anneal_1500]=1500 [cosine_anneal_1500_seed1]=1500 [cosine_anneal_2000]=2000
 )
 [ $# -gt 0 ] || set -- linear_constant linear_anneal linear_anneal_lr2e-3 linear_anneal_betas99 cosine_constant \
   cosine_anneal

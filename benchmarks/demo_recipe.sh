@@ -54,11 +54,6 @@ declare -A CONFIG=(  # the others: the demo's JSON
   [cosine_anneal_batch16_loss_aware_seed1]="$OUT/micro_batch_8.json"
   [cosine_anneal_batch8]="$OUT/micro_batch_4.json"
 )
-declare -A STEPS=(  # the others: 1,000
-  [cosine_anneal_batch16]=2000 [cosine_anneal_batch16_lr7e-4]=2000 [cosine_anneal_batch16_loss_aware]=2000
-  [cosine_anneal_batch16_loss_aware_seed1]=2000 [cosine_anneal_batch8]=4000
-  [cosine_anneal_1500]=1500 [cosine_anneal_1500_seed1]=1500 [cosine_anneal_2000]=2000
-)
 [ $# -gt 0 ] || set -- linear_constant linear_anneal linear_anneal_lr2e-3 linear_anneal_betas99 cosine_constant \
   cosine_anneal
 
@@ -73,7 +68,8 @@ for v in "$@"; do
   [ -n "${VARIANTS[$v]+set}" ] || { echo "demo_recipe.sh: unknown variant $v (known: ${!VARIANTS[*]})" >&2; exit 2; }
 done
 for v in "$@"; do
-  steps=${STEPS[$v]:-1000}
+  steps=1000  # a variant that anneals the lr trains to the end of its schedule
+  [[ ${VARIANTS[$v]} =~ --lr_anneal_steps\ ([0-9]+) ]] && steps=${BASH_REMATCH[1]}
   start=$SECONDS
   # shellcheck disable=SC2086  # the variant's flags are words
   DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/train.py \

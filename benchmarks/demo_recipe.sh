@@ -10,7 +10,10 @@
 #
 # Without VARIANTs it runs the first table's six (linear_constant ... cosine_anneal); the levers tried at the
 # demo's minutes (cosine_anneal_seed1, _loss_aware, _batch16, _batch16_lr7e-4, _batch16_loss_aware[_seed1],
-# _batch8) and with more steps (cosine_anneal_1500, _1500_seed1, _2000) run when named.
+# _batch8), with more steps (cosine_anneal_1500, _1500_seed1, _2000) and with improved-diffusion's 32 px
+# channel_mult 1,2,2,2 (cosine_anneal_mult2222[_seed1], its _batch16[_seed1], _1500[_seed1] and _3000; the
+# demo's since the fourth session: the base command below keeps the 1,2,2 the earlier tables measured) run when
+# named.
 #
 # Prints one "EVAL variant weights samples: ..." line per evaluation; the results are benchmarks/demo_recipe.md.
 set -euo pipefail
@@ -45,6 +48,13 @@ declare -A VARIANTS=(
   [cosine_anneal_1500]="$COSINE --lr_anneal_steps 1500"  # more training: 1.5x and 2x the demo's
   [cosine_anneal_1500_seed1]="$COSINE --lr_anneal_steps 1500 --seed 1"
   [cosine_anneal_2000]="$COSINE --lr_anneal_steps 2000"
+  [cosine_anneal_mult2222]="$COSINE --lr_anneal_steps 1000 --channel_mult 1,2,2,2"  # a 4 px level: no slower
+  [cosine_anneal_mult2222_seed1]="$COSINE --lr_anneal_steps 1000 --channel_mult 1,2,2,2 --seed 1"
+  [cosine_anneal_mult2222_batch16]="$COSINE --lr_anneal_steps 2000 --channel_mult 1,2,2,2"
+  [cosine_anneal_mult2222_batch16_seed1]="$COSINE --lr_anneal_steps 2000 --channel_mult 1,2,2,2 --seed 1"
+  [cosine_anneal_mult2222_1500]="$COSINE --lr_anneal_steps 1500 --channel_mult 1,2,2,2"
+  [cosine_anneal_mult2222_1500_seed1]="$COSINE --lr_anneal_steps 1500 --channel_mult 1,2,2,2 --seed 1"
+  [cosine_anneal_mult2222_3000]="$COSINE --lr_anneal_steps 3000 --channel_mult 1,2,2,2"
 )
 declare -A CONFIG=(  # the others: the demo's JSON
   [linear_anneal_betas99]="$OUT/betas_0.9_0.99.json"
@@ -53,6 +63,8 @@ declare -A CONFIG=(  # the others: the demo's JSON
   [cosine_anneal_batch16_loss_aware]="$OUT/micro_batch_8.json"
   [cosine_anneal_batch16_loss_aware_seed1]="$OUT/micro_batch_8.json"
   [cosine_anneal_batch8]="$OUT/micro_batch_4.json"
+  [cosine_anneal_mult2222_batch16]="$OUT/micro_batch_8.json"
+  [cosine_anneal_mult2222_batch16_seed1]="$OUT/micro_batch_8.json"
 )
 [ $# -gt 0 ] || set -- linear_constant linear_anneal linear_anneal_lr2e-3 linear_anneal_betas99 cosine_constant \
   cosine_anneal

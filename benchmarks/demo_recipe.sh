@@ -11,9 +11,9 @@
 # Without VARIANTs it runs the first table's six (linear_constant ... cosine_anneal); the levers tried at the
 # demo's minutes (cosine_anneal_seed1, _loss_aware, _batch16, _batch16_lr7e-4, _batch16_loss_aware[_seed1],
 # _batch8), with more steps (cosine_anneal_1500, _1500_seed1, _2000) and with improved-diffusion's 32 px
-# channel_mult 1,2,2,2 (cosine_anneal_mult2222[_seed1], its _batch16[_seed1], _1500[_seed1] and _3000; the
-# demo's since the fourth session: the base command below keeps the 1,2,2 the earlier tables measured) run when
-# named.
+# channel_mult 1,2,2,2 (cosine_anneal_mult2222[_seed1], its _batch16[_seed1], _1500[_seed1], _3000 and label
+# dropout 0.2, _drop0.2[_seed1]; the demo's shape since the fourth session: the base command below keeps the
+# 1,2,2 the earlier tables measured) run when named.
 #
 # Prints one "EVAL variant weights samples: ..." line per evaluation; the results are benchmarks/demo_recipe.md.
 set -euo pipefail
@@ -55,6 +55,9 @@ declare -A VARIANTS=(
   [cosine_anneal_mult2222_1500]="$COSINE --lr_anneal_steps 1500 --channel_mult 1,2,2,2"
   [cosine_anneal_mult2222_1500_seed1]="$COSINE --lr_anneal_steps 1500 --channel_mult 1,2,2,2 --seed 1"
   [cosine_anneal_mult2222_3000]="$COSINE --lr_anneal_steps 3000 --channel_mult 1,2,2,2"
+  [cosine_anneal_mult2222_drop0.2]="$COSINE --lr_anneal_steps 1000 --channel_mult 1,2,2,2 --class_dropout_prob 0.2"
+  [cosine_anneal_mult2222_drop0.2_seed1]="$COSINE --lr_anneal_steps 1000 --channel_mult 1,2,2,2 --class_dropout_prob 0.2
+    --seed 1"
 )
 declare -A CONFIG=(  # the others: the demo's JSON
   [linear_anneal_betas99]="$OUT/betas_0.9_0.99.json"

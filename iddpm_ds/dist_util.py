@@ -188,17 +188,20 @@ def setup_if_launched(master_port: Optional[int] = None) -> Tuple[int, int, bool
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), True
 
 
-def shutdown() -> None:
-    """Leave the process group together at the end of a successful run.
+def close() -> None:
+    """Close this rank's process-group connections, waiting for no other rank: a process that exits while
+    gloo's and the rendezvous store's threads still run can abort ("terminate called without an active
+    exception", status -6) after it has said why it stops."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
-    Every rank waits for the others (so rank 0's outputs exist once the job
-    reports success), then closes its connections: a rank that exits while
-    gloo's threads still run can abort ("terminate called without an active
-    exception") and fail a job that had finished.
-    """
+
+def shutdown() -> None:
+    """Leave the process group together at the end of a successful run: every rank waits for the others (so
+    rank 0's outputs exist once the job reports success), then closes its connections."""
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        close()
 
 
 def local_world_size() -> int:

@@ -212,8 +212,9 @@ def prints_here(error: Exception) -> bool:
 
 def run_cli(main: Callable[[], Optional[int]]) -> None:
     """Run an entry point's main: a user error becomes one `NAME: error: ...` line (prints_here) and exit
-    status 2 (3 for a diverged run); after success the process group is left together and the exit status
-    is main's return value (None: 0)."""
+    status 2 (3 for a diverged run), this rank's process-group connections closed so that the exit status is
+    that one; after success the process group is left together and the exit status is main's return value
+    (None: 0)."""
     name = os.path.basename(sys.argv[0])
     try:
         status = main()
@@ -222,7 +223,8 @@ def run_cli(main: Callable[[], Optional[int]]) -> None:
             sys.exit(status)
     except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
         if prints_here(e):
-            print(f"{name}: error: {e}", file=sys.stderr)
+            print(f"{name}: error: {e}", file=sys.stderr, flush=True)
+        dist_util.close()
         sys.exit(3 if isinstance(e, TrainingDiverged) else 2)
 
 

@@ -8,8 +8,11 @@ import subprocess
 import sys
 
 import pytest
+import torch.distributed as dist
 from conftest import script_path
 
+from iddpm_ds.dist_util import free_port
+from iddpm_ds.errors import ConfigError
 from iddpm_ds.flags import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,6 +169,29 @@ def test_other_entry_points_fail_in_one_line(tmp_path, monkeypatch, capsys):
     )
     assert "--batch_size" in fails_in_one_line("bench_data.py", ["--batch_size", "0"], monkeypatch, capsys)
     assert "--sizes" in fails_in_one_line("bench_data.py", ["--sizes", "big"], monkeypatch, capsys)
+
+
+def test_an_error_met_after_the_ranks_meet_closes_the_process_group(monkeypatch, capsys):
+    """A user error met once the process group is up (a run directory another training holds, a corrupt
+    checkpoint) exits 2 with its one line and this rank's connections closed: left open at exit, gloo's and
+    the store's threads can abort the process (status -6) after the line (seen once in a full suite run)."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+
+    def main():
+        raise ConfigError("runs/x is being written by another live training")
+
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(main)
+        assert exit_.value.code == 2
+        assert not dist.is_initialized()
+        assert (
+            capsys.readouterr().err == "train.py: error: runs/x is being written by another live training\n"
+        )
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("script", ENTRY_POINTS)

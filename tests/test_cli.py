@@ -11,7 +11,7 @@ import pytest
 import torch.distributed as dist
 from conftest import script_path
 
-from iddpm_ds.dist_util import free_port
+from iddpm_ds.dist_util import close, free_port
 from iddpm_ds.errors import ConfigError
 from iddpm_ds.flags import run_cli
 
@@ -190,8 +190,7 @@ def test_an_error_met_after_the_ranks_meet_closes_the_process_group(monkeypatch,
             capsys.readouterr().err == "train.py: error: runs/x is being written by another live training\n"
         )
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close()
 
 
 @pytest.mark.parametrize("script", ENTRY_POINTS)
@@ -258,8 +257,6 @@ def test_sampling_batch_size_is_described_as_sampling(capsys, monkeypatch):
 def test_a_bad_flag_under_a_launcher_is_one_line_from_rank_0_alone(tmp_path):
     """Every rank parses the same command line: under deepspeed the mistake is told once, with no usage
     block, and the job ends."""
-    from iddpm_ds.dist_util import free_port
-
     cmd = [
         "deepspeed",
         "--num_gpus",

@@ -62,7 +62,9 @@ HELP = {
     "small_size": "super-resolution: low-resolution input side in pixels",
     # training
     "data_dir": "image folder, tar shard(s), builtin:NAME, or '' for the built-in MNIST",
-    "schedule_sampler": "timestep sampler: uniform or loss-second-moment (paper Sec. 3.3)",
+    "schedule_sampler": "timestep sampler: uniform, loss-second-moment (paper Sec. 3.3; the same objective) "
+    "or high-noise (p_t proportional to 1/2 + t/T, not weighted back: a changed objective, more weight where "
+    "the class is decided)",
     "lr": "learning rate (default: the DeepSpeed JSON's optimizer.params.lr; given, it overrides it)",
     "weight_decay": "AdamW weight decay (default: the DeepSpeed JSON's optimizer.params.weight_decay; given, "
     "it overrides it)",

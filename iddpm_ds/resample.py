@@ -1,8 +1,10 @@
-"""Timestep samplers: uniform, and the paper's loss-aware importance sampling of L_vlb (Sec. 3.3).
+"""Timestep samplers: uniform, the paper's loss-aware importance sampling of L_vlb (Sec. 3.3), and a
+high-noise tilt that changes the objective.
 
-A sampler draws t with probability p_t and returns the importance weight
-1 / (T p_t) for each draw, so E_p[w_t L_t] = mean_t L_t: the objective's
-expectation is unchanged while its variance falls.
+A sampler draws t with probability p_t. The uniform and loss-aware samplers return the importance weight
+1 / (T p_t) for each draw, so E_p[w_t L_t] = mean_t L_t: the objective's expectation is unchanged while its
+variance falls. The high-noise sampler returns weight 1: its p_t is the training distribution over noise
+levels (as EDM's p_train(sigma) and SD3's timestep densities are), so it moves the objective itself.
 """
 
 from abc import ABC, abstractmethod
@@ -14,16 +16,18 @@ import torch.distributed as dist
 
 from .gaussian_diffusion import GaussianDiffusion
 
-SAMPLER_NAMES = ("uniform", "loss-second-moment")
+SAMPLER_NAMES = ("uniform", "loss-second-moment", "high-noise")
 
 
 def create_named_schedule_sampler(name: str, diffusion: GaussianDiffusion) -> "ScheduleSampler":
-    """Build a sampler by name: "uniform" or "loss-second-moment"."""
+    """Build a sampler by name: one of SAMPLER_NAMES."""
     if name == "uniform":
         return UniformSampler(diffusion)
     if name == "loss-second-moment":
         return LossSecondMomentResampler(diffusion)
-    raise ValueError(f"unknown schedule sampler: {name!r} (expected 'uniform' or 'loss-second-moment')")
+    if name == "high-noise":
+        return HighNoiseSampler(diffusion)
+    raise ValueError(f"unknown schedule sampler: {name!r} (expected one of {', '.join(SAMPLER_NAMES)})")
 
 
 def all_gather_columns(local: torch.Tensor) -> torch.Tensor:
@@ -40,7 +44,8 @@ def all_gather_columns(local: torch.Tensor) -> torch.Tensor:
 
 
 class ScheduleSampler(ABC):
-    """A distribution over the diffusion's timesteps, used to reduce the objective's variance."""
+    """A distribution over the diffusion's timesteps: one that reduces the objective's variance, or (the
+    high-noise sampler) one that is part of the objective."""
 
     @abstractmethod
     def weights(self) -> np.ndarray:
@@ -69,6 +74,32 @@ class UniformSampler(ScheduleSampler):
 
     def weights(self) -> np.ndarray:
         return self._weights
+
+
+class HighNoiseSampler(ScheduleSampler):
+    """p_t proportional to 1/2 + (t + 1/2) / T, not weighted back: the noisiest timestep is drawn 3x as
+    often as the cleanest, and the loss at t counts in proportion.
+
+    Why: with x_0 prediction the high-noise steps are where a class-conditional model learns which digit
+    (which layout) it draws, and a short run on a small model gets its class accuracy there
+    (`benchmarks/demo_recipe.md`, fifth session); Min-SNR-gamma, which all but switches those steps off,
+    costs class accuracy. The density is linear in t, so each p_t is the mean of the continuous density
+    1/2 + u over its 1/T-wide bin of u = t / T.
+    """
+
+    def __init__(self, diffusion: GaussianDiffusion):
+        self.diffusion = diffusion
+        T = diffusion.num_timesteps
+        self._weights = 0.5 + (np.arange(T, dtype=np.float64) + 0.5) / T
+
+    def weights(self) -> np.ndarray:
+        return self._weights
+
+    def sample(self, batch_size: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Draw batch_size timesteps (long [B]) from p_t, with weights of 1 (float32 [B]): the tilt is the
+        objective, not a variance reduction to undo."""
+        t, _ = super().sample(batch_size, device)
+        return t, torch.ones(batch_size, dtype=torch.float32, device=device)
 
 
 class LossAwareSampler(ScheduleSampler):

@@ -175,7 +175,7 @@ class TrainLoop:
     :param engine: the deepspeed engine wrapping the UNet.
     :param diffusion: a GaussianDiffusion (training_losses).
     :param data: a DataStream yielding (images, model_kwargs) micro-batches.
-    :param schedule_sampler: a ScheduleSampler (uniform or loss-aware).
+    :param schedule_sampler: a ScheduleSampler (uniform, loss-aware or high-noise).
     :param ema_rate: comma-separated EMA rates, e.g. "0.9999,0.999".
     :param ema_profiles: comma-separated relative widths of post-hoc EMA's power-function averages (phema.py),
         e.g. "0.05,0.1" ('' = none); each is saved (phema_WIDTH_STEP.pt) with every checkpoint and every

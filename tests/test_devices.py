@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import ROOT, tiny_flags
 
-from iddpm_ds.resample import create_named_schedule_sampler
+from iddpm_ds.resample import SAMPLER_NAMES, create_named_schedule_sampler
 from iddpm_ds.sampling import classifier_free_guidance
 from iddpm_ds.script_util import NULL_CLASS, create_model_and_diffusion
 from iddpm_ds.train_util import drop_labels
@@ -32,7 +32,7 @@ META = torch.device("meta")
     ids=["learned-sigma", "class-cond", "respaced", "x0"],
 )
 def test_training_and_sampling_math_keeps_to_the_models_device(flags):
-    """The UNet, both timestep samplers, label dropout, the losses and the sampling loops (guided too) on the
+    """The UNet, the timestep samplers, label dropout, the losses and the sampling loops (guided too) on the
     meta device: any tensor built on the CPU inside them would raise."""
     model, diffusion = create_model_and_diffusion(**tiny_flags(**flags))
     model.to(META)
@@ -40,7 +40,7 @@ def test_training_and_sampling_math_keeps_to_the_models_device(flags):
     kwargs = {}
     if flags.get("class_cond"):
         kwargs["y"] = drop_labels(torch.zeros(2, dtype=torch.long, device=META), 0.5, NULL_CLASS)
-    for name in ("uniform", "loss-second-moment"):
+    for name in SAMPLER_NAMES:
         t, weights = create_named_schedule_sampler(name, diffusion).sample(2, META)
         losses = diffusion.training_losses(model, x, t, model_kwargs=kwargs)
         assert t.device == weights.device == losses["loss"].device == META

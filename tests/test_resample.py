@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from iddpm_ds.resample import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
+from iddpm_ds.resample import (
+    HighNoiseSampler,
+    LossSecondMomentResampler,
+    UniformSampler,
+    create_named_schedule_sampler,
+)
 
 
 class FakeDiffusion:
@@ -26,6 +31,7 @@ def test_named_samplers():
     assert isinstance(create_named_schedule_sampler("uniform", d), UniformSampler)
     s = create_named_schedule_sampler("loss-second-moment", d)
     assert isinstance(s, LossSecondMomentResampler) and s.history_per_term == 10 and s.uniform_prob == 0.001
+    assert isinstance(create_named_schedule_sampler("high-noise", d), HighNoiseSampler)
     with pytest.raises(ValueError, match="unknown schedule sampler"):
         create_named_schedule_sampler("nope", d)
 
@@ -83,6 +89,24 @@ def test_uniform_sampler_weights_are_one():
     np.random.seed(0)
     t, w = UniformSampler(FakeDiffusion(10)).sample(64, "cpu")
     assert (w == 1).all() and t.min() >= 0 and t.max() < 10
+
+
+@pytest.mark.parametrize("T", [10, 1000])
+def test_high_noise_sampler_draws_the_linear_density_and_does_not_weight_it_back(T):
+    # p_t is the continuous density 1/2 + u integrated over t's bin [t/T, (t+1)/T], in float64.
+    lo = np.arange(T, dtype=np.float64) / T
+    hi = lo + 1.0 / T
+    p = 0.5 * (hi - lo) + (hi**2 - lo**2) / 2  # the density integrates to 1 over [0, 1]
+    s = HighNoiseSampler(FakeDiffusion(T))
+    assert np.allclose(s.weights() / s.weights().sum(), p, rtol=1e-12, atol=0)
+    np.random.seed(0)
+    t, w = s.sample(400000, "cpu")
+    assert t.dtype == torch.long and w.dtype == torch.float32 and (w == 1).all()
+    if T == 10:
+        assert np.allclose(np.bincount(t.numpy(), minlength=T) / len(t), p, atol=0.003)
+    else:  # the noisiest tenth drawn about 3x as often as the cleanest: (1.45 / 0.55) at the bins' means
+        tenth = np.bincount(t.numpy() * 10 // T, minlength=10) / len(t)
+        assert tenth[-1] / tenth[0] == pytest.approx(1.45 / 0.55, rel=0.02)
 
 
 def test_state_dict_round_trip_and_shape_check():

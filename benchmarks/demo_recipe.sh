@@ -13,7 +13,9 @@
 # _batch8), with more steps (cosine_anneal_1500, _1500_seed1, _2000) and with improved-diffusion's 32 px
 # channel_mult 1,2,2,2 (cosine_anneal_mult2222[_seed1], its _batch16[_seed1], _1500[_seed1], _3000 and label
 # dropout 0.2, _drop0.2[_seed1]; the demo's shape since the fourth session: the base command below keeps the
-# 1,2,2 the earlier tables measured) run when named.
+# 1,2,2 the earlier tables measured), and the fifth session's attention at 4 px too (_mult2222_att84), a 4 px
+# level of 128 channels (cosine_anneal_mult2224) and the high-noise timestep sampler (_mult2222_high_noise),
+# each with _seed1 (and _seed2 for cosine_anneal_mult2222 and its _high_noise), run when named.
 #
 # Prints one "EVAL variant weights samples: ..." line per evaluation; the results are benchmarks/demo_recipe.md.
 set -euo pipefail
@@ -59,6 +61,17 @@ declare -A VARIANTS=(
   [cosine_anneal_mult2222_drop0.2]="$COSINE --lr_anneal_steps 1000 $MULT2222 --class_dropout_prob 0.2"
   [cosine_anneal_mult2222_drop0.2_seed1]="$COSINE --lr_anneal_steps 1000 $MULT2222 --class_dropout_prob 0.2
     --seed 1"
+  [cosine_anneal_mult2222_att84]="$COSINE --lr_anneal_steps 1000 $MULT2222 --attention_resolutions 8,4"
+  [cosine_anneal_mult2222_att84_seed1]="$COSINE --lr_anneal_steps 1000 $MULT2222 --attention_resolutions 8,4
+    --seed 1"
+  [cosine_anneal_mult2224]="$COSINE --lr_anneal_steps 1000 --channel_mult 1,2,2,4"
+  [cosine_anneal_mult2224_seed1]="$COSINE --lr_anneal_steps 1000 --channel_mult 1,2,2,4 --seed 1"
+  [cosine_anneal_mult2222_high_noise]="$COSINE --lr_anneal_steps 1000 $MULT2222 --schedule_sampler high-noise"
+  [cosine_anneal_mult2222_high_noise_seed1]="$COSINE --lr_anneal_steps 1000 $MULT2222 --schedule_sampler high-noise
+    --seed 1"
+  [cosine_anneal_mult2222_seed2]="$COSINE --lr_anneal_steps 1000 $MULT2222 --seed 2"
+  [cosine_anneal_mult2222_high_noise_seed2]="$COSINE --lr_anneal_steps 1000 $MULT2222 --schedule_sampler high-noise
+    --seed 2"
 )
 declare -A CONFIG=(  # the others: the demo's JSON
   [linear_anneal_betas99]="$OUT/betas_0.9_0.99.json"

@@ -104,7 +104,7 @@ def test_high_noise_sampler_draws_the_linear_density_and_does_not_weight_it_back
     assert t.dtype == torch.long and w.dtype == torch.float32 and (w == 1).all()
     if T == 10:
         assert np.allclose(np.bincount(t.numpy(), minlength=T) / len(t), p, atol=0.003)
-    else:  # the noisiest tenth drawn about 3x as often as the cleanest: (1.45 / 0.55) at the bins' means
+    else:  # the noisiest tenth of the timesteps drawn 1.45 / 0.55 = 2.6x as often as the cleanest tenth
         tenth = np.bincount(t.numpy() * 10 // T, minlength=10) / len(t)
         assert tenth[-1] / tenth[0] == pytest.approx(1.45 / 0.55, rel=0.02)
 

@@ -15,7 +15,8 @@
 # dropout 0.2, _drop0.2[_seed1]; the demo's shape since the fourth session: the base command below keeps the
 # 1,2,2 the earlier tables measured), and the fifth session's attention at 4 px too (_mult2222_att84), a 4 px
 # level of 128 channels (cosine_anneal_mult2224) and the high-noise timestep sampler (_mult2222_high_noise),
-# each with _seed1 (and _seed2 for cosine_anneal_mult2222 and its _high_noise), run when named.
+# each with _seed1 (and _seed2 for cosine_anneal_mult2222 and its _high_noise; the latter also at 3,000 steps,
+# _high_noise_3000), run when named.
 #
 # Prints one "EVAL variant weights samples: ..." line per evaluation; the results are benchmarks/demo_recipe.md.
 set -euo pipefail
@@ -69,6 +70,7 @@ declare -A VARIANTS=(
   [cosine_anneal_mult2222_high_noise]="$COSINE --lr_anneal_steps 1000 $MULT2222 --schedule_sampler high-noise"
   [cosine_anneal_mult2222_high_noise_seed1]="$COSINE --lr_anneal_steps 1000 $MULT2222 --schedule_sampler high-noise
     --seed 1"
+  [cosine_anneal_mult2222_high_noise_3000]="$COSINE --lr_anneal_steps 3000 $MULT2222 --schedule_sampler high-noise"
   [cosine_anneal_mult2222_seed2]="$COSINE --lr_anneal_steps 1000 $MULT2222 --seed 2"
   [cosine_anneal_mult2222_high_noise_seed2]="$COSINE --lr_anneal_steps 1000 $MULT2222 --schedule_sampler high-noise
     --seed 2"

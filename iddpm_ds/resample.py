@@ -47,12 +47,16 @@ class ScheduleSampler(ABC):
     """A distribution over the diffusion's timesteps: one that reduces the objective's variance, or (the
     high-noise sampler) one that is part of the objective."""
 
+    # True: each draw carries 1 / (T p_t), so the objective is uniform over t whatever p is; False: weight 1.
+    importance_weighted = True
+
     @abstractmethod
     def weights(self) -> np.ndarray:
         """Unnormalised positive float64 weights [T], one per timestep."""
 
     def sample(self, batch_size: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Draw batch_size timesteps (long [B]) and their importance weights (float32 [B]).
+        """Draw batch_size timesteps (long [B]) and their weights (float32 [B]): 1 / (T p_t) where the
+        sampler is importance_weighted, else 1.
 
         Draws from numpy's global RNG, so seeding or restoring np.random
         reproduces them.
@@ -60,7 +64,7 @@ class ScheduleSampler(ABC):
         w = self.weights()
         p = w / np.sum(w)
         indices_np = np.random.choice(len(p), size=(batch_size,), p=p)
-        weights_np = 1.0 / (len(p) * p[indices_np])
+        weights_np = 1.0 / (len(p) * p[indices_np]) if self.importance_weighted else np.ones(batch_size)
         return (
             torch.from_numpy(indices_np).long().to(device),
             torch.from_numpy(weights_np).float().to(device),
@@ -87,6 +91,8 @@ class HighNoiseSampler(ScheduleSampler):
     1/2 + u over its 1/T-wide bin of u = t / T.
     """
 
+    importance_weighted = False  # the tilt is the objective, not a variance reduction to undo
+
     def __init__(self, diffusion: GaussianDiffusion):
         self.diffusion = diffusion
         T = diffusion.num_timesteps
@@ -94,12 +100,6 @@ class HighNoiseSampler(ScheduleSampler):
 
     def weights(self) -> np.ndarray:
         return self._weights
-
-    def sample(self, batch_size: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Draw batch_size timesteps (long [B]) from p_t, with weights of 1 (float32 [B]): the tilt is the
-        objective, not a variance reduction to undo."""
-        t, _ = super().sample(batch_size, device)
-        return t, torch.ones(batch_size, dtype=torch.float32, device=device)
 
 
 class LossAwareSampler(ScheduleSampler):

@@ -11,17 +11,17 @@ the weights is kept as training goes (theirs: its checkpoints every --their_save
 EMA profile's snapshots); at each time point the newest snapshot written by then is sampled.
 
 - improved-diffusion: scripts/image_train.py with its defaults (lr 1e-4, fp32, EMA 0.9999, uniform
-  timesteps, linear schedule), --batch_size 32 as ours; its UNet cannot take channel_mult 1,2,2, so it has its
-  32 px default (1,2,2,2). Sampled with its own p_sample_loop at 100 respaced steps, labels 0-9 cycled (its
-  image_sample.py would draw labels from 1,000 ImageNet classes), from its EMA and from its raw weights.
-- ours: launch/train.py with the README demo's recipe as it was before its cosine schedule and lr annealing
-  (a run stopped by the clock cannot anneal to its end; benchmarks/demo_recipe.md measures those at a fixed
-  step count): 2 CPU ranks, bf16 where native, x_0 prediction, linear schedule, constant lr 1e-3, the
-  post-hoc EMA profile of width 0.05; sampled as the README demo samples: ancestral at 50 respaced steps,
-  guidance --guidance where the noise level sigma lies in (0.3, 5].
-- ablations at --ablation_minutes (0: none): ours with eps prediction, with Min-SNR 5, in fp32; and at the
-  end of the full run the fixed EMA (--ema_rate 0.995) against the profile, and improved-diffusion's sampler
-  settings (ancestral, 100 steps) against ours.
+  timesteps, linear schedule), --batch_size 32 as ours, its 32 px UNet (channel_mult 1,2,2,2) as ours.
+  Sampled with its own p_sample_loop at 100 respaced steps, labels 0-9 cycled (its image_sample.py would
+  draw labels from 1,000 ImageNet classes), from its EMA and from its raw weights.
+- ours: launch/train.py with the README demo's recipe but for its lr annealing (a run stopped by the clock
+  cannot anneal to its end; benchmarks/demo_recipe.md measures that at a fixed step count): 2 CPU ranks,
+  bf16 where native, x_0 prediction, cosine schedule, the high-noise timestep density, constant lr 1e-3,
+  the post-hoc EMA profile of width PROFILE; sampled as the README demo samples: ancestral at 50 respaced
+  steps, guidance --guidance where the noise level sigma lies in (0.3, 5].
+- ablations at --ablation_minutes (0: none): ours with eps prediction, with Min-SNR 5, in fp32, with
+  uniform timesteps, with the linear schedule; and at the end of the full run the fixed EMA (--ema_rate
+  0.995) against the profile, and improved-diffusion's sampler settings (ancestral, 100 steps) against ours.
 
 --reuse_theirs FILE takes improved-diffusion's rows from an earlier run's OUT.json (same machine, same
 --samples) instead of training it again; the output says so.
@@ -60,15 +60,18 @@ MODEL = (
     "--image_size 32 --num_channels 32 --num_res_blocks 1 --attention_resolutions 8 --class_cond True".split()
 )
 OURS = (
-    "--deepspeed_config ds_configs/cpu_bf16_auto.json --channel_mult 1,2,2 --class_dropout_prob 0.1 "
-    "--predict_xstart True --lr 1e-3 --ema_rate 0.995 --ema_profiles 0.05 "
+    "--deepspeed_config ds_configs/cpu_bf16_auto.json --class_dropout_prob 0.1 --predict_xstart True "
+    "--noise_schedule cosine --schedule_sampler high-noise --lr 1e-3 --ema_rate 0.995 --ema_profiles 0.1 "
     "--ema_snapshot_interval 25 --save_interval 1000000 --log_interval 100 --max_steps 1000000"
 ).split()
+PROFILE = "0.1"  # the post-hoc EMA width sampled, as in the README demo
 INTERVAL = (0.3, 5.0)  # our guidance's noise-level interval, as in the README demo
 ABLATIONS = {
     "eps prediction": ["--predict_xstart", "False"],
     "Min-SNR 5": ["--snr_gamma", "5"],
     "fp32": ["--deepspeed_config", "ds_configs/cpu.json"],
+    "uniform timesteps": ["--schedule_sampler", "uniform"],
+    "linear schedule": ["--noise_schedule", "linear"],
 }
 
 
@@ -187,7 +190,7 @@ def run_ours(args, data, work, name, extra, minutes_list, evaluator, labels) -> 
     snaps = [
         (os.path.join(run, f), int(f.rsplit("_", 1)[1][:-3]))
         for f in os.listdir(run)
-        if f.startswith("phema_0.05_")
+        if f.startswith(f"phema_{PROFILE}_")
     ]
     rows = []
     for minutes in minutes_list:
@@ -213,7 +216,7 @@ def run_ours(args, data, work, name, extra, minutes_list, evaluator, labels) -> 
                 score(evaluator, ours_images(run, os.path.join(run, ema[-1]), labels, args.guidance), labels)
             )
             rows.append(row)
-        last = os.path.join(run, f"phema_0.05_{step:06d}.pt")
+        last = os.path.join(run, f"phema_{PROFILE}_{step:06d}.pt")
         row = {
             "side": "ours",
             "variant": "full, ancestral 100 steps",
@@ -247,7 +250,7 @@ def plot(results, path) -> None:
 
     draw.line([(pad, height - pad), (width - pad, height - pad)], fill="black")
     draw.line([(pad, pad), (pad, height - pad)], fill="black")
-    colours = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    colours = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
     for i, (key, pts) in enumerate(sorted(series.items())):
         pts, colour = sorted(pts), colours[i % len(colours)]
         draw.line([xy(*p) for p in pts], fill=colour, width=2)

@@ -16,7 +16,7 @@
 # 1,2,2 the earlier tables measured), and the fifth session's attention at 4 px too (_mult2222_att84), a 4 px
 # level of 128 channels (cosine_anneal_mult2224) and the high-noise timestep sampler (_mult2222_high_noise),
 # each with _seed1 (and _seed2 for cosine_anneal_mult2222 and its _high_noise; the latter also at 3,000 steps,
-# _high_noise_3000), run when named.
+# _high_noise_3000, and, in the sixth session, at 1,250: _high_noise_1250[_seed1,_seed2]), run when named.
 #
 # Prints one "EVAL variant weights samples: ..." line per evaluation; the results are benchmarks/demo_recipe.md.
 set -euo pipefail
@@ -74,6 +74,11 @@ declare -A VARIANTS=(
   [cosine_anneal_mult2222_seed2]="$COSINE --lr_anneal_steps 1000 $MULT2222 --seed 2"
   [cosine_anneal_mult2222_high_noise_seed2]="$COSINE --lr_anneal_steps 1000 $MULT2222 --schedule_sampler high-noise
     --seed 2"
+  [cosine_anneal_mult2222_high_noise_1250]="$COSINE --lr_anneal_steps 1250 $MULT2222 --schedule_sampler high-noise"
+  [cosine_anneal_mult2222_high_noise_1250_seed1]="$COSINE --lr_anneal_steps 1250 $MULT2222
+    --schedule_sampler high-noise --seed 1"
+  [cosine_anneal_mult2222_high_noise_1250_seed2]="$COSINE --lr_anneal_steps 1250 $MULT2222
+    --schedule_sampler high-noise --seed 2"
 )
 declare -A CONFIG=(  # the others: the demo's JSON
   [linear_anneal_betas99]="$OUT/betas_0.9_0.99.json"

@@ -59,12 +59,13 @@ from iddpm_ds.script_util import NULL_CLASS  # noqa: E402
 MODEL = (
     "--image_size 32 --num_channels 32 --num_res_blocks 1 --attention_resolutions 8 --class_cond True".split()
 )
+PROFILE = "0.1"  # the post-hoc EMA width tracked and sampled, as in the README demo
 OURS = (
     "--deepspeed_config ds_configs/cpu_bf16_auto.json --class_dropout_prob 0.1 --predict_xstart True "
-    "--noise_schedule cosine --schedule_sampler high-noise --lr 1e-3 --ema_rate 0.995 --ema_profiles 0.1 "
-    "--ema_snapshot_interval 25 --save_interval 1000000 --log_interval 100 --max_steps 1000000"
+    "--noise_schedule cosine --schedule_sampler high-noise --lr 1e-3 --ema_rate 0.995 "
+    f"--ema_profiles {PROFILE} --ema_snapshot_interval 25 --save_interval 1000000 --log_interval 100 "
+    "--max_steps 1000000"
 ).split()
-PROFILE = "0.1"  # the post-hoc EMA width sampled, as in the README demo
 INTERVAL = (0.3, 5.0)  # our guidance's noise-level interval, as in the README demo
 ABLATIONS = {
     "eps prediction": ["--predict_xstart", "False"],

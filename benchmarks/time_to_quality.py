@@ -98,10 +98,6 @@ def newest_by(files, start: float, minutes: float):
     return max(done)[1] if done else None
 
 
-def score(evaluator, images, labels) -> dict:
-    return evaluator(images, labels)
-
-
 def run_theirs(args, data, work, evaluator, labels) -> dict:
     out = os.path.join(work, "theirs")
     os.makedirs(out, exist_ok=True)
@@ -150,9 +146,7 @@ def run_theirs(args, data, work, evaluator, labels) -> dict:
                 "minutes": minutes,
                 "checkpoint": os.path.basename(path),
             }
-            row.update(
-                score(evaluator, np.concatenate(images), labels), sample_seconds=time.perf_counter() - t0
-            )
+            row.update(evaluator(np.concatenate(images), labels), sample_seconds=time.perf_counter() - t0)
             print(row, flush=True)
             rows.append(row)
     return {"rows": rows}
@@ -199,7 +193,7 @@ def run_ours(args, data, work, name, extra, minutes_list, evaluator, labels) -> 
         if path is None:
             continue
         row = {"side": "ours", "variant": name, "minutes": minutes, "checkpoint": os.path.basename(path)}
-        row.update(score(evaluator, ours_images(run, path, labels, args.guidance), labels))
+        row.update(evaluator(ours_images(run, path, labels, args.guidance), labels))
         print(row, flush=True)
         rows.append(row)
     # At the end of the full run, unless ablations are off: the fixed EMA, and improved-diffusion's sampler.
@@ -213,9 +207,7 @@ def run_ours(args, data, work, name, extra, minutes_list, evaluator, labels) -> 
                 "minutes": "end",
                 "checkpoint": ema[-1],
             }
-            row.update(
-                score(evaluator, ours_images(run, os.path.join(run, ema[-1]), labels, args.guidance), labels)
-            )
+            row.update(evaluator(ours_images(run, os.path.join(run, ema[-1]), labels, args.guidance), labels))
             rows.append(row)
         last = os.path.join(run, f"phema_{PROFILE}_{step:06d}.pt")
         row = {
@@ -224,7 +216,7 @@ def run_ours(args, data, work, name, extra, minutes_list, evaluator, labels) -> 
             "minutes": "end",
             "checkpoint": os.path.basename(last),
         }
-        row.update(score(evaluator, ours_images(run, last, labels, args.guidance, "ancestral", 100), labels))
+        row.update(evaluator(ours_images(run, last, labels, args.guidance, "ancestral", 100), labels))
         rows.append(row)
         for r in rows[-2:]:
             print(r, flush=True)

@@ -16,7 +16,9 @@
 # 1,2,2 the earlier tables measured), and the fifth session's attention at 4 px too (_mult2222_att84), a 4 px
 # level of 128 channels (cosine_anneal_mult2224) and the high-noise timestep sampler (_mult2222_high_noise),
 # each with _seed1 (and _seed2 for cosine_anneal_mult2222 and its _high_noise; the latter also at 3,000 steps,
-# _high_noise_3000, and, in the sixth session, at 1,250: _high_noise_1250[_seed1,_seed2]), run when named.
+# _high_noise_3000, and, in the sixth session, at 1,250: _high_noise_1250[_seed1,_seed2]; the seventh session's
+# fp32 runs of the high-noise recipe at 1,000 and 1,250 steps: _high_noise_fp32, _high_noise_1250_fp32), run
+# when named.
 #
 # Prints one "EVAL variant weights samples: ..." line per evaluation; the results are benchmarks/demo_recipe.md.
 set -euo pipefail
@@ -79,6 +81,9 @@ declare -A VARIANTS=(
     --schedule_sampler high-noise --seed 1"
   [cosine_anneal_mult2222_high_noise_1250_seed2]="$COSINE --lr_anneal_steps 1250 $MULT2222
     --schedule_sampler high-noise --seed 2"
+  [cosine_anneal_mult2222_high_noise_fp32]="$COSINE --lr_anneal_steps 1000 $MULT2222 --schedule_sampler high-noise"
+  [cosine_anneal_mult2222_high_noise_1250_fp32]="$COSINE --lr_anneal_steps 1250 $MULT2222
+    --schedule_sampler high-noise"
 )
 declare -A CONFIG=(  # the others: the demo's JSON
   [linear_anneal_betas99]="$OUT/betas_0.9_0.99.json"
@@ -89,6 +94,8 @@ declare -A CONFIG=(  # the others: the demo's JSON
   [cosine_anneal_batch8]="$OUT/micro_batch_4.json"
   [cosine_anneal_mult2222_batch16]="$OUT/micro_batch_8.json"
   [cosine_anneal_mult2222_batch16_seed1]="$OUT/micro_batch_8.json"
+  [cosine_anneal_mult2222_high_noise_fp32]="ds_configs/cpu.json"  # fp32 on any CPU: another trajectory
+  [cosine_anneal_mult2222_high_noise_1250_fp32]="ds_configs/cpu.json"
 )
 [ $# -gt 0 ] || set -- linear_constant linear_anneal linear_anneal_lr2e-3 linear_anneal_betas99 cosine_constant \
   cosine_anneal

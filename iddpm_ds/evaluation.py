@@ -78,18 +78,46 @@ def load_npz(path: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     return images, labels
 
 
-def load_reference(reference: str, image_size: int, limit: int = 0) -> np.ndarray:
+def load_reference(
+    reference: str, image_size: int, limit: int = 0
+) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Reference images as uint8 [N, image_size, image_size, 3]: an .npz, or any load_data source rendered
-    the way training renders it (resize + centre crop)."""
+    the way training renders it (resize + centre crop); and their labels [N], None where it has none."""
     if reference.endswith(".npz"):
-        images, _ = load_npz(reference)
-        return images[:limit] if limit else images
+        images, labels = load_npz(reference)
+        return (images[:limit], None if labels is None else labels[:limit]) if limit else (images, labels)
     from .image_datasets import open_source
     from .pixels import center_crop_arr, to_rgb
 
     source = open_source(reference)
     n = min(len(source), limit) if limit else len(source)
-    return np.stack([center_crop_arr(to_rgb(source.image(i)), image_size) for i in range(n)])
+    images = np.stack([center_crop_arr(to_rgb(source.image(i)), image_size) for i in range(n)])
+    labels = [source.label(i) for i in range(n)]
+    return images, None if None in labels else np.array(labels, dtype=np.int64)
+
+
+def draw_real(
+    n_real: int,
+    n: int,
+    seed: int,
+    real_labels: Optional[np.ndarray] = None,
+    labels: Optional[np.ndarray] = None,
+) -> Optional[np.ndarray]:
+    """Indices of n of n_real reference images for a floor, seeded: uniformly at random, or, given the
+    samples' labels [n] and the reference's [n_real], as many of each class as the labels hold. None where
+    the reference cannot match the labels (it has none, or too few images of a class)."""
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        return rng.choice(n_real, size=min(n, n_real), replace=False)
+    if real_labels is None or len(labels) == 0 or labels.min() < 0:
+        return None
+    picks = []
+    for c, count in enumerate(np.bincount(labels)):
+        pool = np.flatnonzero(real_labels == c)
+        if len(pool) < count:
+            return None
+        picks.append(rng.choice(pool, size=count, replace=False))
+    return np.concatenate(picks)
 
 
 # --------------------------------------------------------------------------- features
@@ -306,7 +334,7 @@ class Evaluator:
         self.max_reference, self.batch_size = max_reference, batch_size
         self.extractors = dict(extractors or {})
         self._reference_feats: Dict[str, Dict[str, np.ndarray]] = {}
-        self._floors: Dict[int, float] = {}
+        self._floors: Dict[Tuple, Optional[float]] = {}
         self._weights_id = ""  # which Inception weights made the reference features ('' = injected)
         if any(m in INCEPTION_METRICS for m in self.metrics) and "inception" not in self.extractors:
             weights = resolve_inception_weights(inception_weights)
@@ -320,7 +348,7 @@ class Evaluator:
         if name not in self._reference_feats:
 
             def images():
-                return load_reference(self.reference, self.image_size, self.max_reference)
+                return load_reference(self.reference, self.image_size, self.max_reference)[0]
 
             if name == "inception":
                 # A rewritten reference (a folder whose files changed), or other weights, is a new key.
@@ -338,24 +366,28 @@ class Evaluator:
                 )
         return self._reference_feats[name]
 
-    def mnist_fd_floor(self, n: int) -> float:
+    def mnist_fd_floor(self, n: int, labels: Optional[np.ndarray] = None) -> Optional[float]:
         """mnist_fd of n real images of the reference scored as samples (the mean of FLOOR_DRAWS seeded
         draws): what samples as good as the data score at this sample count, for the FD is biased upwards
-        by few samples."""
-        if n not in self._floors:
-            real = load_reference(self.reference, self.image_size, self.max_reference)
-            reference = self._reference("digits")["features"]
+        by few samples. Drawn at random; or, given the samples' labels [n], with their class counts, the
+        floor for class-conditional samples: at a few dozen images which classes were drawn moves the
+        distance as much as the images do. None where the reference cannot match the labels (draw_real)."""
+        key = (n, None if labels is None else tuple(np.sort(labels).tolist()))  # the draws use only counts
+        if key not in self._floors:
+            real, real_labels = load_reference(self.reference, self.image_size, self.max_reference)
+            picks = [draw_real(len(real), n, seed, real_labels, labels) for seed in range(FLOOR_DRAWS)]
             scores = []
-            for seed in range(FLOOR_DRAWS):
-                pick = np.random.default_rng(seed).choice(len(real), size=min(n, len(real)), replace=False)
+            for pick in picks if picks[0] is not None else []:
                 feats = extract(self.extractors["digits"], real[pick], self.batch_size, self.distributed)
-                scores.append(frechet_distance(feats["features"], reference))
-            self._floors[n] = float(np.mean(scores))
-        return self._floors[n]
+                scores.append(frechet_distance(feats["features"], self._reference("digits")["features"]))
+            self._floors[key] = float(np.mean(scores)) if scores else None
+        return self._floors[key]
 
     def __call__(self, images: np.ndarray, labels: Optional[np.ndarray] = None) -> Dict[str, float]:
         """Metrics of uint8 samples [N, H, W, 3] (labels [N] for mnist_acc); with mnist_fd, also
-        mnist_fd_floor (mnist_fd_floor()). Collective under a process group."""
+        mnist_fd_floor (mnist_fd_floor(): real images drawn at random) and, given labels the reference can
+        match, mnist_fd_floor_classes (real images of the labels' classes). Collective under a process
+        group."""
         out: Dict[str, float] = {}
         if any(m in INCEPTION_METRICS for m in self.metrics):
             feats = extract(self.extractors["inception"], images, self.batch_size, self.distributed)
@@ -372,6 +404,9 @@ class Evaluator:
             if "mnist_fd" in self.metrics:
                 out["mnist_fd"] = frechet_distance(feats["features"], self._reference("digits")["features"])
                 out["mnist_fd_floor"] = self.mnist_fd_floor(len(images))
+                matched = None if labels is None else self.mnist_fd_floor(len(images), np.asarray(labels))
+                if matched is not None:
+                    out["mnist_fd_floor_classes"] = matched
         if "colour" in self.metrics:
             out["colour"] = colour(images)
         return out

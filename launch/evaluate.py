@@ -28,7 +28,8 @@ def main() -> None:
     parser.add_argument(
         "--metrics",
         default="fid,isc,kid,prc",
-        help="comma-separated: fid,isc,kid,prc,mnist_acc,mnist_fd (beside its real-data floor),colour",
+        help="comma-separated: fid,isc,kid,prc,mnist_acc,mnist_fd (beside its real-data floors: real digits "
+        "drawn at random and, for labelled samples, of the samples' classes),colour",
     )
     parser.add_argument("--inception_weights", default="", help="a local InceptionV3 weights file")
     parser.add_argument(
@@ -67,13 +68,14 @@ def main() -> None:
         print(f"digit classifier: {100 * evaluator.classifier_accuracy:.1f}% on its held-out digits")
     print(f"{len(images)} samples from {args.samples} against {args.reference}:")
     for k, v in result.items():
-        if k == "mnist_fd_floor":
+        if k.startswith("mnist_fd_floor"):
             continue
-        floor = (
-            f" (real digits at {len(images)} samples: {result['mnist_fd_floor']:.1f})"
-            if k == "mnist_fd"
-            else ""
-        )
+        floor = ""
+        if k == "mnist_fd":
+            floor = f" (real digits at {len(images)} samples: {result['mnist_fd_floor']:.1f} drawn at random"
+            if "mnist_fd_floor_classes" in result:
+                floor += f", {result['mnist_fd_floor_classes']:.1f} of the samples' classes"
+            floor += ")"
         print(f"  {k} {v:.4f}{floor}")
     if args.out:
         with open(args.out, "w") as f:

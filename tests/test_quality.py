@@ -223,6 +223,41 @@ def test_processes_needing_the_classifier_at_once_train_it_once(tmp_path, monkey
     assert calls == [1]
 
 
+def test_floor_draws_match_the_samples_class_counts():
+    real_labels = np.repeat(np.arange(3), [5, 8, 2])
+    labels = np.array([1, 0, 1, 2, 1, 1])
+    pick = evaluation.draw_real(len(real_labels), len(labels), 0, real_labels, labels)
+    assert len(set(pick.tolist())) == len(labels)
+    assert np.bincount(real_labels[pick], minlength=3).tolist() == np.bincount(labels).tolist()
+    assert not np.array_equal(
+        pick, evaluation.draw_real(len(real_labels), len(labels), 1, real_labels, labels)
+    )
+    assert np.array_equal(pick, evaluation.draw_real(len(real_labels), len(labels), 0, real_labels, labels))
+    # Unlabelled, the draw is the random one; a reference that cannot match the labels gives none.
+    assert len(set(evaluation.draw_real(15, 6, 0).tolist())) == 6
+    assert evaluation.draw_real(15, 6, 0, None, labels) is None
+    assert evaluation.draw_real(15, 4, 0, real_labels, np.array([2, 2, 2, 0])) is None  # two 2s only
+
+
+def test_the_class_matched_floor_scores_real_images_of_the_samples_classes(tmp_path):
+    # Class 0 dark, class 1 bright: samples of class 0 only are far from the whole reference, and so are
+    # real images of class 0 alone, but not a random draw of both classes.
+    rng = np.random.default_rng(0)
+    dark, bright = rng.integers(0, 60, (100, 8, 8, 3)), rng.integers(196, 256, (100, 8, 8, 3))
+    path = tmp_path / "ref.npz"
+    np.savez(path, np.concatenate([dark, bright]).astype(np.uint8), np.repeat([0, 1], 100))
+    ev = Evaluator(["mnist_fd"], str(path), 8, extractors={"digits": MeanColour()})
+    samples = rng.integers(0, 60, (20, 8, 8, 3)).astype(np.uint8)
+    out = ev(samples, np.zeros(20, dtype=np.int64))
+    assert out["mnist_fd_floor_classes"] == pytest.approx(out["mnist_fd"], rel=0.2)
+    assert out["mnist_fd_floor"] < out["mnist_fd"] / 10
+    assert "mnist_fd_floor_classes" not in ev(samples)
+    np.savez(path, np.concatenate([dark, bright]).astype(np.uint8))  # no labels: no class-matched floor
+    assert "mnist_fd_floor_classes" not in Evaluator(
+        ["mnist_fd"], str(path), 8, extractors={"digits": MeanColour()}
+    )(samples, np.zeros(20, dtype=np.int64))
+
+
 def test_real_digits_score_as_digits_and_noise_does_not():
     digits, labels = digit_classifier.builtin_digits()
     pick = np.random.default_rng(0).permutation(len(digits))[:500]
@@ -259,6 +294,9 @@ def test_evaluate_cli_reports_digit_metrics_of_an_npz(tmp_path):
 
     result = json.loads(out.read_text())
     assert result["mnist_acc"] >= 0.95 and result["mnist_fd"] >= 0
+    # Real digits score about their own floors: the random draw's and that of real digits of their classes.
+    assert result["mnist_fd"] < 2 * result["mnist_fd_floor_classes"]
+    assert "of the samples' classes" in proc.stdout
 
 
 def test_evaluate_cli_errors_are_one_line(tmp_path):

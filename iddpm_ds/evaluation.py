@@ -109,7 +109,7 @@ def draw_real(
     rng = np.random.default_rng(seed)
     if labels is None:
         return rng.choice(n_real, size=min(n, n_real), replace=False)
-    if real_labels is None or len(labels) == 0 or labels.min() < 0:
+    if real_labels is None or labels.dtype.kind not in "iu" or len(labels) == 0 or labels.min() < 0:
         return None
     picks = []
     for c, count in enumerate(np.bincount(labels)):

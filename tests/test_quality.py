@@ -236,6 +236,7 @@ def test_floor_draws_match_the_samples_class_counts():
     # Unlabelled, the draw is the random one; a reference that cannot match the labels gives none.
     assert len(set(evaluation.draw_real(15, 6, 0).tolist())) == 6
     assert evaluation.draw_real(15, 6, 0, None, labels) is None
+    assert evaluation.draw_real(15, 6, 0, real_labels, labels.astype(np.float32)) is None
     assert evaluation.draw_real(15, 4, 0, real_labels, np.array([2, 2, 2, 0])) is None  # two 2s only
 
 

@@ -335,6 +335,7 @@ class Evaluator:
         self.extractors = dict(extractors or {})
         self._reference_feats: Dict[str, Dict[str, np.ndarray]] = {}
         self._floors: Dict[Tuple, Optional[float]] = {}
+        self._real: Optional[Tuple[np.ndarray, Optional[np.ndarray]]] = None  # the digit metrics' reference
         self._weights_id = ""  # which Inception weights made the reference features ('' = injected)
         if any(m in INCEPTION_METRICS for m in self.metrics) and "inception" not in self.extractors:
             weights = resolve_inception_weights(inception_weights)
@@ -362,9 +363,17 @@ class Evaluator:
                 )
             else:  # the digit classifier is cheap to run and may be retrained: never cached
                 self._reference_feats[name] = extract(
-                    self.extractors[name], images(), self.batch_size, self.distributed
+                    self.extractors[name], self._real_digits()[0], self.batch_size, self.distributed
                 )
         return self._reference_feats[name]
+
+    def _real_digits(self) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """The reference's images and labels for the digit metrics, loaded once: their features and every
+        floor's draws come from them (a digit reference is small; an Inception one is only read to extract
+        its features, and not kept)."""
+        if self._real is None:
+            self._real = load_reference(self.reference, self.image_size, self.max_reference)
+        return self._real
 
     def mnist_fd_floor(self, n: int, labels: Optional[np.ndarray] = None) -> Optional[float]:
         """mnist_fd of n real images of the reference scored as samples (the mean of FLOOR_DRAWS seeded
@@ -374,13 +383,15 @@ class Evaluator:
         distance as much as the images do. None where the reference cannot match the labels (draw_real)."""
         key = (n, None if labels is None else tuple(np.sort(labels).tolist()))  # the draws use only counts
         if key not in self._floors:
-            real, real_labels = load_reference(self.reference, self.image_size, self.max_reference)
+            real, real_labels = self._real_digits()
             picks = [draw_real(len(real), n, seed, real_labels, labels) for seed in range(FLOOR_DRAWS)]
-            scores = []
-            for pick in picks if picks[0] is not None else []:
-                feats = extract(self.extractors["digits"], real[pick], self.batch_size, self.distributed)
-                scores.append(frechet_distance(feats["features"], self._reference("digits")["features"]))
-            self._floors[key] = float(np.mean(scores)) if scores else None
+            self._floors[key] = None
+            if picks[0] is not None:
+                reference, scores = self._reference("digits")["features"], []
+                for pick in picks:
+                    feats = extract(self.extractors["digits"], real[pick], self.batch_size, self.distributed)
+                    scores.append(frechet_distance(feats["features"], reference))
+                self._floors[key] = float(np.mean(scores))
         return self._floors[key]
 
     def __call__(self, images: np.ndarray, labels: Optional[np.ndarray] = None) -> Dict[str, float]:
